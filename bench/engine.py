@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Engine throughput on a synthetic trace: parse-only (read + decode), full engine, memory/conn.
+
+A synthetic pcap (bulk and short TCP, UDP request/response, ICMP echo; correct checksums) is
+written once to a temp file by a hand-rolled writer, then:
+
+* parse-only: `open_trace` + `decode` for every packet (the floor of what the engine can do);
+* engine: read + decode + defrag + `ConnTracker.process` + `finish` (skipped with a note if
+  `shuntd.conn.tracker` is not there yet);
+* memory per connection: tracemalloc growth while N short TCP connections are open in the
+  tracker, divided by N.
+
+    .venv/bin/python bench/engine.py [--packets 250000] [--conns 20000] [--keep PATH]
+                                     [--mem-detail N]
+
+Last line is the summary; exit 1 if a measured figure misses its floor (engine >= 100k pkt/s and
+>= 40% of parse-only; <= 1 KiB per connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import struct
+import sys
+import tempfile
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+from shuntd.capture.pcapfile import open_trace
+from shuntd.packet import decode
+
+ENGINE_FLOOR_PPS = 100_000
+ENGINE_FLOOR_RATIO = 0.40
+MEMORY_FLOOR_BYTES = 1024
+
+_ETH_HDR = bytes.fromhex("020000000002" "020000000001") + b"\x08\x00"
+_IP = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
+_REC = struct.Struct("<IIII")
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+MSS = 1448
+
+
+def _csum(data: bytes) -> int:
+    """Internet checksum (independent of shuntd's code)."""
+    if len(data) & 1:
+        data += b"\x00"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+class _Frames:
+    """Builds Ethernet/IPv4 frames with correct IP and L4 checksums."""
+
+    def __init__(self) -> None:
+        self.ident = 0
+
+    def _ip(self, src: bytes, dst: bytes, proto: int, l4: bytes) -> bytes:
+        self.ident = (self.ident + 1) & 0xFFFF
+        hdr = _IP.pack(0x45, 0, 20 + len(l4), self.ident, 0x4000, 64, proto, 0, src, dst)
+        hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        return _ETH_HDR + hdr + l4
+
+    def tcp(self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+            flags: int, payload: bytes = b"") -> bytes:
+        seg = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 0x50, flags, 65535,
+                        0, 0) + payload
+        pseudo = src + dst + struct.pack("!BBH", 0, 6, len(seg))
+        c = _csum(pseudo + seg)
+        seg = seg[:16] + struct.pack("!H", c) + seg[18:]
+        return self._ip(src, dst, 6, seg)
+
+    def udp(self, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+        dgram = _UDP.pack(sport, dport, 8 + len(payload), 0) + payload
+        pseudo = src + dst + struct.pack("!BBH", 0, 17, len(dgram))
+        c = _csum(pseudo + dgram) or 0xFFFF
+        dgram = dgram[:6] + struct.pack("!H", c) + dgram[8:]
+        return self._ip(src, dst, 17, dgram)
+
+    def icmp(self, src: bytes, dst: bytes, itype: int, ident: int, seq: int) -> bytes:
+        msg = struct.pack("!BBHHH", itype, 0, 0, ident, seq) + b"ping-payload" * 4
+        msg = msg[:2] + struct.pack("!H", _csum(msg)) + msg[4:]
+        return self._ip(src, dst, 1, msg)
+
+
+def _addr(net: int, n: int) -> bytes:
+    return bytes((10, net, (n >> 8) & 0xFF, n & 0xFF))
+
+
+def _tcp_flow(f: _Frames, rnd: random.Random, c: bytes, s: bytes, cport: int, sport: int,
+              t: float, data_segments: int, req: bytes, out: list) -> None:
+    cs, ss = rnd.getrandbits(32), rnd.getrandbits(32)
+    gap = 0.0002
+
+    def add(frame: bytes) -> None:
+        nonlocal t
+        out.append((t, frame))
+        t += gap * (0.5 + rnd.random())
+
+    add(f.tcp(c, s, cport, sport, cs, 0, SYN))
+    add(f.tcp(s, c, sport, cport, ss, cs + 1, SYN | ACK))
+    add(f.tcp(c, s, cport, sport, cs + 1, ss + 1, ACK))
+    add(f.tcp(c, s, cport, sport, cs + 1, ss + 1, PSH | ACK, req))
+    cseq = cs + 1 + len(req)
+    sseq = ss + 1
+    body = b"B" * MSS
+    for i in range(data_segments):
+        add(f.tcp(s, c, sport, cport, sseq, cseq, ACK, body))
+        sseq += MSS
+        if i & 1:
+            add(f.tcp(c, s, cport, sport, cseq, sseq, ACK))
+    add(f.tcp(s, c, sport, cport, sseq, cseq, FIN | ACK))
+    add(f.tcp(c, s, cport, sport, cseq, sseq + 1, FIN | ACK))
+    add(f.tcp(s, c, sport, cport, sseq + 1, cseq + 1, ACK))
+
+
+def make_packets(n_packets: int, seed: int = 1) -> list[tuple[float, bytes]]:
+    """~60% bulk TCP, ~25% short TCP, ~10% UDP, ~5% ICMP (by packet count), time-sorted."""
+    rnd = random.Random(seed)
+    f = _Frames()
+    out: list[tuple[float, bytes]] = []
+    t0 = 1_700_000_000.0
+    span = 60.0
+    n = 0
+    budget = {"bulk": 0.60 * n_packets, "short": 0.25 * n_packets, "udp": 0.10 * n_packets,
+              "icmp": 0.05 * n_packets}
+    while budget["bulk"] > 0:
+        before = len(out)
+        _tcp_flow(f, rnd, _addr(1, n), _addr(2, n % 50), 20000 + n % 40000, 443,
+                  t0 + rnd.random() * span, 600, b"G" * 120, out)
+        budget["bulk"] -= len(out) - before
+        n += 1
+    while budget["short"] > 0:
+        before = len(out)
+        _tcp_flow(f, rnd, _addr(3, n % 60000), _addr(4, n % 200), 1024 + n % 60000, 80,
+                  t0 + rnd.random() * span, 1, b"GET / HTTP/1.1\r\n\r\n", out)
+        budget["short"] -= len(out) - before
+        n += 1
+    while budget["udp"] > 0:
+        c, s = _addr(5, n % 60000), _addr(6, n % 10)
+        t = t0 + rnd.random() * span
+        out.append((t, f.udp(c, s, 1024 + n % 60000, 53, b"Q" * 40)))
+        out.append((t + 0.001, f.udp(s, c, 53, 1024 + n % 60000, b"R" * 120)))
+        budget["udp"] -= 2
+        n += 1
+    while budget["icmp"] > 0:
+        c, s = _addr(7, n % 60000), _addr(8, n % 10)
+        t = t0 + rnd.random() * span
+        out.append((t, f.icmp(c, s, 8, n & 0xFFFF, 1)))
+        out.append((t + 0.0005, f.icmp(s, c, 0, n & 0xFFFF, 1)))
+        budget["icmp"] -= 2
+        n += 1
+    out.sort(key=lambda r: r[0])
+    return out
+
+
+def write_pcap(path: Path, packets: list[tuple[float, bytes]]) -> None:
+    """Fast hand-rolled pcap writer (µs, little-endian, Ethernet)."""
+    parts = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
+    for ts, frame in packets:
+        sec = int(ts)
+        usec = int(round((ts - sec) * 1e6))
+        if usec >= 1_000_000:
+            sec, usec = sec + 1, usec - 1_000_000
+        parts.append(_REC.pack(sec, usec, len(frame), len(frame)))
+        parts.append(frame)
+    path.write_bytes(b"".join(parts))
+
+
+@dataclass
+class Result:
+    packets: int
+    seconds: float
+    extra: str = ""
+
+    @property
+    def pps(self) -> float:
+        return self.packets / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_parse(trace: Path, repeat: int = 2) -> Result:
+    """Read + decode every packet; best of `repeat` runs."""
+    best: Result | None = None
+    for _ in range(repeat):
+        n = decoded = 0
+        t = time.perf_counter()
+        for ts, frame, wire_len, linktype in open_trace(trace):
+            n += 1
+            if decode(frame, linktype, ts, wire_len) is not None:
+                decoded += 1
+        r = Result(n, time.perf_counter() - t, f"decoded={decoded}")
+        if best is None or r.seconds < best.seconds:
+            best = r
+    assert best is not None
+    return best
+
+
+def _load_tracker() -> tuple[type, type, type] | str:
+    try:
+        from shuntd.conn.settings import EngineSettings
+        from shuntd.conn.tracker import ConnTracker
+        from shuntd.defrag import Defragmenter
+    except ImportError as exc:
+        return f"shuntd.conn.tracker not available ({exc})"
+    return ConnTracker, EngineSettings, Defragmenter
+
+
+def run_engine(trace: Path) -> Result | str:
+    """Full engine as `shuntd -r` runs it (`shuntd.offline.run_trace`: read + decode + defrag +
+    tracker + finish), records discarded. A string = skipped (why)."""
+    loaded = _load_tracker()
+    if isinstance(loaded, str):
+        return loaded
+    conn_tracker, engine_settings, _defrag = loaded
+    try:
+        from shuntd.offline import run_trace
+    except ImportError as exc:
+        return f"shuntd.offline not available ({exc})"
+    rows = 0
+
+    def sink(conn: object, row: tuple) -> None:
+        nonlocal rows
+        rows += 1
+
+    tracker = conn_tracker(engine_settings(), sink=sink)
+    t = time.perf_counter()
+    result = run_trace(trace, tracker)
+    seconds = time.perf_counter() - t
+    if result.error:
+        return f"engine run failed: {result.error}"
+    return Result(result.frames, seconds, f"conn_rows={rows}")
+
+
+def measure_memory_per_conn(n_conns: int, detail: int = 0) -> float | str:
+    """tracemalloc growth per open TCP connection (SYN, SYN-ACK, ACK, request each)."""
+    loaded = _load_tracker()
+    if isinstance(loaded, str):
+        return loaded
+    conn_tracker, engine_settings, _defrag = loaded
+    f = _Frames()
+    rnd = random.Random(7)
+    frames: list[tuple[float, bytes]] = []
+    t0 = 1_700_000_000.0
+    for i in range(n_conns):
+        flow: list[tuple[float, bytes]] = []
+        _tcp_flow(f, rnd, _addr(11, i % 60000), _addr(12 + i // 60000, i % 250),
+                  1024 + i % 60000, 80, t0 + i * 1e-5, 0, b"GET / HTTP/1.1\r\n\r\n", flow)
+        frames.extend(flow[:4])            # leave every connection open
+    frames.sort(key=lambda r: r[0])
+    tracker = conn_tracker(engine_settings())
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for ts, frame in frames:
+        pkt = decode(frame, 1, ts, len(frame))
+        if pkt is not None:
+            tracker.process(pkt)
+    del pkt
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    if detail:
+        for stat in tracemalloc.take_snapshot().statistics("lineno")[:detail]:
+            print(f"  {stat.size / max(1, len(tracker.conns)):7.0f} B/conn  {stat.traceback}")
+    tracemalloc.stop()
+    open_conns = len(tracker.conns)
+    if open_conns == 0:
+        return "no connections were open"
+    return (after - before) / open_conns
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packets", type=int, default=250_000)
+    ap.add_argument("--conns", type=int, default=20_000, help="connections for memory/conn")
+    ap.add_argument("--keep", type=Path, help="write the synthetic trace here and keep it")
+    ap.add_argument("--mem-detail", type=int, default=0, metavar="N",
+                    help="print the N biggest allocation sites of the memory measurement")
+    args = ap.parse_args()
+
+    t = time.perf_counter()
+    packets = make_packets(args.packets)
+    with tempfile.TemporaryDirectory(prefix=f"e1bench{os.getpid()}") as tmp:
+        trace = args.keep or Path(tmp) / "synthetic.pcap"
+        write_pcap(trace, packets)
+        size = trace.stat().st_size
+        del packets
+        print(f"trace: {trace} {size / 1e6:.1f} MB, generated in {time.perf_counter() - t:.1f} s")
+
+        parse = run_parse(trace)
+        print(f"parse-only: {parse.packets} pkts in {parse.seconds:.2f} s = "
+              f"{parse.pps:,.0f} pkt/s ({parse.extra})")
+        engine = run_engine(trace)
+    failures: list[str] = []
+    summary = [f"parse {parse.pps:,.0f} pkt/s"]
+    if isinstance(engine, str):
+        print(f"engine: skipped: {engine}")
+        summary.append("engine SKIPPED")
+    else:
+        ratio = engine.pps / parse.pps if parse.pps else 0.0
+        print(f"engine: {engine.packets} pkts in {engine.seconds:.2f} s = {engine.pps:,.0f} pkt/s"
+              f" ({ratio:.0%} of parse-only; {engine.extra})")
+        summary.append(f"engine {engine.pps:,.0f} pkt/s ({ratio:.0%} of parse)")
+        if engine.pps < ENGINE_FLOOR_PPS:
+            failures.append(f"engine < {ENGINE_FLOOR_PPS:,} pkt/s")
+        if ratio < ENGINE_FLOOR_RATIO:
+            failures.append(f"engine < {ENGINE_FLOOR_RATIO:.0%} of parse-only")
+
+    mem = measure_memory_per_conn(args.conns, args.mem_detail)
+    if isinstance(mem, str):
+        print(f"memory/conn: skipped: {mem}")
+        summary.append("mem/conn SKIPPED")
+    else:
+        print(f"memory/conn: {mem:,.0f} bytes over {args.conns} open TCP connections")
+        summary.append(f"{mem:,.0f} B/conn")
+        if mem > MEMORY_FLOOR_BYTES:
+            failures.append(f"memory/conn > {MEMORY_FLOOR_BYTES} B")
+
+    status = "FAIL: " + "; ".join(failures) if failures else "OK"
+    print(f"SUMMARY engine bench: {', '.join(summary)} -> {status}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

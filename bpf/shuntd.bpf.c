@@ -1,0 +1,538 @@
+/* shuntd.bpf.c: the XDP shunting program (compiled and loaded through bcc).
+ *
+ * Drops, in the driver, the packets of flows (map `flows`) and IP pairs (map `ip_pairs`)
+ * the daemon shunted, counting them per entry and per side; passes everything else. It
+ * takes no policy decision: it parses, looks up, counts, reports FIN/RST and lapsed
+ * leases on the ring buffer `events`, and fails open (anything it cannot parse, any
+ * entry whose lease ran out, the PASS_ALL switch -> XDP_PASS). Layouts and the rules for
+ * keys, sides, clock and bytes are in shuntd.h.
+ *
+ * Only the linear part of the frame is read, so the program is safe to load with
+ * BPF_F_XDP_HAS_FRAGS (multi-buffer / jumbo frames).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "shuntd.h"
+
+#ifndef SHUNTD_PIN_DIR
+BPF_TABLE("hash", struct flow_key, struct flow_value, flows, SHUNTD_FLOWS_MAX);
+BPF_TABLE("hash", struct pair_key, struct flow_value, ip_pairs, SHUNTD_PAIRS_MAX);
+BPF_ARRAY(config, struct shunt_config, 1);
+BPF_PERCPU_ARRAY(stats, __u64, STAT__COUNT);
+BPF_ARRAY(pair_filter, __u32, SHUNTD_PAIR_FILTER_SLOTS);
+#else
+/* Reuse (or create and pin) the state maps under SHUNTD_PIN_DIR, so entries, counters and
+ * config survive a daemon restart. events, event_layout and clock_probe are not pinned. */
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_value, flows, SHUNTD_FLOWS_MAX,
+                 SHUNTD_PIN_DIR "/flows");
+BPF_TABLE_PINNED("hash", struct pair_key, struct flow_value, ip_pairs, SHUNTD_PAIRS_MAX,
+                 SHUNTD_PIN_DIR "/ip_pairs");
+BPF_TABLE_PINNED("array", int, struct shunt_config, config, 1, SHUNTD_PIN_DIR "/config");
+BPF_TABLE_PINNED("percpu_array", int, __u64, stats, STAT__COUNT, SHUNTD_PIN_DIR "/stats");
+BPF_TABLE_PINNED("array", int, __u32, pair_filter, SHUNTD_PAIR_FILTER_SLOTS,
+                 SHUNTD_PIN_DIR "/pair_filter");
+#endif
+BPF_ARRAY(clock_probe, struct clock_sample, 1);
+BPF_RINGBUF_OUTPUT(events, SHUNTD_RING_PAGES);
+/* Never used by the program: it only makes bcc generate the ctypes type of the ring record
+ * (event_layout.Leaf) from shuntd.h, so Python has no second copy of it. */
+BPF_ARRAY(event_layout, struct shunt_event, 1);
+
+/* Map time (shuntd.h): jiffies converted with the daemon's calibration; the coarse clock
+ * until there is one. -DSHUNTD_CLOCK_COARSE / -DSHUNTD_CLOCK_FINE force
+ * bpf_ktime_get_coarse_ns() / bpf_ktime_get_ns() (the bench compares the three). */
+static __always_inline __u64 map_now(const struct shunt_config *cfg)
+{
+#if defined(SHUNTD_CLOCK_FINE)
+    return bpf_ktime_get_ns();
+#elif defined(SHUNTD_CLOCK_COARSE)
+    return bpf_ktime_get_coarse_ns();
+#else
+    if (cfg->ns_per_jiffy)
+        return bpf_jiffies64() * cfg->ns_per_jiffy + cfg->clock_offset_ns;
+    return bpf_ktime_get_coarse_ns();
+#endif
+}
+
+#define IPV6_EXT_MAX 6   /* extension headers walked before giving up on L4 */
+#define TCP_FLAG_FIN_BIT 0x01
+#define TCP_FLAG_RST_BIT 0x04
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define be16_host(x) __builtin_bswap16(x)
+#define be32_host(x) __builtin_bswap32(x)
+#define host_be32(x) __builtin_bswap32(x)
+#else
+#define be16_host(x) (x)
+#define be32_host(x) (x)
+#define host_be32(x) (x)
+#endif
+
+/* Where parsing stands: xdp-tutorial's cursor, every header bounds-checked once. */
+struct hdr_cursor {
+    void *pos;
+    void *end;
+};
+
+struct vlan_tag {
+    __be16 tci;
+    __be16 proto;
+};
+
+struct ext_hdr {
+    __u8 nexthdr;
+    __u8 hdrlen;
+};
+
+struct frag6_hdr {
+    __u8 nexthdr;
+    __u8 reserved;
+    __be16 frag_off;
+    __be32 id;
+};
+
+/* What the parse found, in the form the lookups need. */
+struct pkt_info {
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport;
+    __u16 dport;
+    __u16 vlan_outer;
+    __u16 vlan_inner;
+    __u32 ip_len;      /* IP bytes */
+    __u32 l3_hdr_len;  /* IP header + IPv6 extension headers */
+    __u32 seq;
+    __u32 ack;
+    __u16 tcp_hdr_len;
+    __u8 proto;        /* L4 protocol (after IPv6 extension headers) */
+    __u8 tcp_flags;
+    __u8 one_way;      /* ICMP one-way type: key is source-first, not canonical */
+};
+
+/* Parse outcome for L3/L4. */
+enum l4_state {
+    L4_OK = 0,         /* flow key usable */
+    L4_NONFIRST = 1,   /* non-first fragment: ip_pairs only */
+    L4_BAD = 2,        /* truncated/malformed L4 or extension chain: ip_pairs only */
+};
+
+static __always_inline void stat_add(__u32 idx, __u64 n)
+{
+    __u64 *c = stats.lookup(&idx);
+    if (c)
+        *c += n;
+}
+
+/* Ethernet + up to two VLAN tags (0x8100 / 0x88a8). Returns the ethertype (network order)
+ * or 0 if the L2 header is truncated or carries a third tag. */
+static __always_inline __be16 parse_eth(struct hdr_cursor *c, struct pkt_info *p)
+{
+    struct ethhdr *eth = c->pos;
+    if ((void *)(eth + 1) > c->end)
+        return 0;
+    c->pos = eth + 1;
+    __be16 proto = eth->h_proto;
+
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+            return proto;
+        struct vlan_tag *vt = c->pos;
+        if ((void *)(vt + 1) > c->end)
+            return 0;
+        __u16 vid = be16_host(vt->tci) & 0x0fff;
+        if (i == 0)
+            p->vlan_outer = vid;
+        else
+            p->vlan_inner = vid;
+        proto = vt->proto;
+        c->pos = vt + 1;
+    }
+    if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+        return 0;
+    return proto;
+}
+
+/* IPv4 with options. Returns <0 if the header is unusable, else an l4_state. */
+static __always_inline int parse_ipv4(struct hdr_cursor *c, struct pkt_info *p)
+{
+    struct iphdr *ip = c->pos;
+    if ((void *)(ip + 1) > c->end)
+        return -1;
+    if (ip->version != 4 || ip->ihl < 5)
+        return -1;
+    __u32 hl = ip->ihl * 4;
+    if (c->pos + hl > c->end)
+        return -1;
+    __u32 tot = be16_host(ip->tot_len);
+    if (tot < hl)
+        return -1;
+    p->src[2] = host_be32(0x0000ffff);
+    p->src[3] = ip->saddr;
+    p->dst[2] = host_be32(0x0000ffff);
+    p->dst[3] = ip->daddr;
+    p->ip_len = tot;
+    p->l3_hdr_len = hl;
+    p->proto = ip->protocol;
+    c->pos += hl;
+    if (be16_host(ip->frag_off) & 0x1fff)
+        return L4_NONFIRST;
+    return L4_OK;
+}
+
+/* IPv6 and its extension headers (hop-by-hop, routing, dest-opts, fragment), bounded. */
+static __always_inline int parse_ipv6(struct hdr_cursor *c, struct pkt_info *p)
+{
+    struct ipv6hdr *ip6 = c->pos;
+    if ((void *)(ip6 + 1) > c->end)
+        return -1;
+    if (ip6->version != 6)
+        return -1;
+    __builtin_memcpy(p->src, &ip6->saddr, 16);
+    __builtin_memcpy(p->dst, &ip6->daddr, 16);
+    p->ip_len = (__u32)be16_host(ip6->payload_len) + 40;
+    __u32 hl = 40;
+    __u8 nexthdr = ip6->nexthdr;
+    c->pos = ip6 + 1;
+
+#pragma unroll
+    for (int i = 0; i < IPV6_EXT_MAX; i++) {
+        if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+            nexthdr == IPPROTO_DSTOPTS) {
+            struct ext_hdr *eh = c->pos;
+            if ((void *)(eh + 1) > c->end)
+                goto bad;
+            __u32 len = ((__u32)eh->hdrlen + 1) * 8;
+            nexthdr = eh->nexthdr;
+            c->pos += len;
+            hl += len;
+        } else if (nexthdr == IPPROTO_FRAGMENT) {
+            struct frag6_hdr *fh = c->pos;
+            if ((void *)(fh + 1) > c->end)
+                goto bad;
+            nexthdr = fh->nexthdr;
+            c->pos = fh + 1;
+            hl += sizeof(*fh);
+            p->proto = nexthdr;
+            p->l3_hdr_len = hl;
+            if (be16_host(fh->frag_off) & 0xfff8)
+                return L4_NONFIRST;
+        } else {
+            p->proto = nexthdr;
+            p->l3_hdr_len = hl;
+            return L4_OK;
+        }
+    }
+bad:
+    p->proto = nexthdr;
+    p->l3_hdr_len = hl;
+    return L4_BAD;
+}
+
+/* Zeek's ICMP counterpart table (shuntd.h); -1 if the type is one-way. */
+#define ICMP_CASE(t, cp) case t: return cp;
+static __always_inline int icmp4_counterpart(__u8 type)
+{
+    switch (type) {
+    SHUNTD_ICMP4_PAIRED(ICMP_CASE)
+    default:
+        return -1;
+    }
+}
+
+static __always_inline int icmp6_counterpart(__u8 type)
+{
+    switch (type) {
+    SHUNTD_ICMP6_PAIRED(ICMP_CASE)
+    default:
+        return -1;
+    }
+}
+
+/* TCP, UDP, ICMP, ICMPv6 ports (ICMP types per Zeek); other protocols get ports 0. */
+static __always_inline int parse_l4(struct hdr_cursor *c, struct pkt_info *p)
+{
+    if (p->proto == IPPROTO_TCP) {
+        struct tcphdr *th = c->pos;
+        if ((void *)(th + 1) > c->end)
+            return L4_BAD;
+        if (th->doff < 5)
+            return L4_BAD;
+        p->sport = be16_host(th->source);
+        p->dport = be16_host(th->dest);
+        p->seq = be32_host(th->seq);
+        p->ack = be32_host(th->ack_seq);
+        p->tcp_flags = ((__u8 *)th)[13];
+        p->tcp_hdr_len = th->doff * 4;
+        return L4_OK;
+    }
+    if (p->proto == IPPROTO_UDP) {
+        struct udphdr *uh = c->pos;
+        if ((void *)(uh + 1) > c->end)
+            return L4_BAD;
+        p->sport = be16_host(uh->source);
+        p->dport = be16_host(uh->dest);
+        return L4_OK;
+    }
+    if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
+        __u8 *ih = c->pos;
+        if ((void *)(ih + 4) > c->end)
+            return L4_BAD;
+        __u8 type = ih[0];
+        int cp = p->proto == IPPROTO_ICMP ? icmp4_counterpart(type) : icmp6_counterpart(type);
+        p->sport = type;
+        if (cp < 0) {
+            p->dport = ih[1];
+            p->one_way = 1;
+        } else {
+            p->dport = cp;
+        }
+        return L4_OK;
+    }
+    /* Any other IP protocol: Zeek's unknown_transport key (src, 0, dst, 0, proto). */
+    return L4_OK;
+}
+
+/* memcmp order of two network-order addresses: <0, 0, >0. */
+static __always_inline int addr_cmp(const __u32 *a, const __u32 *b)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __u32 x = be32_host(a[i]);
+        __u32 y = be32_host(b[i]);
+        if (x != y)
+            return x < y ? -1 : 1;
+    }
+    return 0;
+}
+
+/* Slot of an address pair in pair_filter (rule in shuntd.h). */
+static __always_inline __u32 pair_filter_slot(const __u32 *a, const __u32 *b)
+{
+    __u32 x = a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1] ^ b[2] ^ b[3];
+    x ^= x >> 16;
+    x *= SHUNTD_PAIR_FILTER_MULT;
+    x ^= x >> 16;
+    return x & (SHUNTD_PAIR_FILTER_SLOTS - 1);
+}
+
+/* Fills the canonical flow key; returns the sender's side (1 or 2). */
+static __always_inline __u8 make_flow_key(struct flow_key *k, const struct pkt_info *p,
+                                          int acmp)
+{
+    int swap = 0;
+    if (!p->one_way)
+        swap = acmp > 0 || (acmp == 0 && p->sport > p->dport);
+    if (swap) {
+        __builtin_memcpy(k->addr1, p->dst, 16);
+        __builtin_memcpy(k->addr2, p->src, 16);
+        k->port1 = p->dport;
+        k->port2 = p->sport;
+    } else {
+        __builtin_memcpy(k->addr1, p->src, 16);
+        __builtin_memcpy(k->addr2, p->dst, 16);
+        k->port1 = p->sport;
+        k->port2 = p->dport;
+    }
+    k->proto = p->proto;
+    k->pad0 = 0;
+    k->vlan_outer = p->vlan_outer;
+    k->vlan_inner = p->vlan_inner;
+    k->pad1 = 0;
+    return swap ? 2 : 1;
+}
+
+static __always_inline void emit_event(struct xdp_md *ctx, struct flow_value *v, __u8 type,
+                                       __u8 entry, __u8 side, const struct flow_key *key,
+                                       const struct pkt_info *p)
+{
+    __u32 seq = (__u32)(__sync_fetch_and_add(&v->event_seq, 1) + 1);
+    struct shunt_event *e = events.ringbuf_reserve(sizeof(struct shunt_event));
+    if (!e) {
+        stat_add(STAT_RINGBUF_RESERVE_FAIL, 1);
+        return;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->version = SHUNTD_LAYOUT_VERSION;
+    e->type = type;
+    e->side = side;
+    e->tcp_flags = p->tcp_flags;
+    e->entry = entry;
+    e->pad0 = 0;
+    e->pad1 = 0;
+    e->ip_len = p->ip_len;
+    __u32 hdrs = p->l3_hdr_len + p->tcp_hdr_len;
+    e->payload_len = (p->proto == IPPROTO_TCP && p->ip_len > hdrs) ? p->ip_len - hdrs : 0;
+    e->seq = p->seq;
+    e->ack = p->ack;
+    e->ifindex = ctx->ingress_ifindex;
+    e->event_seq = seq;
+    __builtin_memcpy(&e->key, key, sizeof(struct flow_key));
+    e->pad2 = 0;
+    events.ringbuf_submit(e, 0);
+    stat_add(STAT_EVENTS, 1);
+}
+
+static __always_inline int pass(const struct pkt_info *p)
+{
+    stat_add(STAT_PASSED, 1);
+    stat_add(STAT_BYTES_PASSED, p->ip_len);
+    return XDP_PASS;
+}
+
+/* A packet of a shunted entry: drop and count it, unless the lease ran out (fail open). */
+static __always_inline int on_hit(struct xdp_md *ctx, const struct shunt_config *cfg,
+                                  struct flow_value *v, __u8 entry,
+                                  __u8 side, const struct flow_key *key,
+                                  const struct flow_key *flow_key, __u8 flow_side,
+                                  int tcp_close, const struct pkt_info *p)
+{
+    __u64 now = map_now(cfg);
+    if (now >= v->lease_expiry_ns) {
+        if (!(v->flags & SHUNT_F_LEASE_EVENT_SENT)) {
+            __u64 old = __sync_fetch_and_or(&v->flags, SHUNT_F_LEASE_EVENT_SENT);
+            if (!(old & SHUNT_F_LEASE_EVENT_SENT))
+                emit_event(ctx, v, SHUNT_EVENT_LEASE_EXPIRED, entry, side, key, p);
+        }
+        stat_add(STAT_LEASE_EXPIRED_PASS, 1);
+        return pass(p);
+    }
+    if (side == 1) {
+        __sync_fetch_and_add(&v->pkts1, 1);
+        __sync_fetch_and_add(&v->bytes1, p->ip_len);
+    } else {
+        __sync_fetch_and_add(&v->pkts2, 1);
+        __sync_fetch_and_add(&v->bytes2, p->ip_len);
+    }
+    if (v->last_seen_ns != now)
+        v->last_seen_ns = now;
+    if (tcp_close) {
+        __u8 type = (p->tcp_flags & TCP_FLAG_RST_BIT) ? SHUNT_EVENT_TCP_RST : SHUNT_EVENT_TCP_FIN;
+        emit_event(ctx, v, type, entry, flow_side, flow_key, p);
+    }
+    if (entry == SHUNT_ENTRY_FLOW) {
+        stat_add(STAT_DROPPED_FLOW, 1);
+        stat_add(STAT_BYTES_DROPPED_FLOW, p->ip_len);
+    } else {
+        stat_add(STAT_DROPPED_PAIR, 1);
+        stat_add(STAT_BYTES_DROPPED_PAIR, p->ip_len);
+    }
+    return XDP_DROP;
+}
+
+int xdp_shunt(struct xdp_md *ctx)
+{
+    struct hdr_cursor c = {
+        .pos = (void *)(long)ctx->data,
+        .end = (void *)(long)ctx->data_end,
+    };
+    struct pkt_info p;
+    __builtin_memset(&p, 0, sizeof(p));
+    __u32 zero = 0;
+
+    stat_add(STAT_SEEN, 1);
+    struct shunt_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return XDP_PASS;
+    if (cfg->flags & SHUNT_CFG_PASS_ALL) {
+        stat_add(STAT_PASS_ALL, 1);
+        return pass(&p);
+    }
+
+    __be16 ethertype = parse_eth(&c, &p);
+    int l4;
+    if (ethertype == bpf_htons(ETH_P_IP)) {
+        l4 = parse_ipv4(&c, &p);
+    } else if (ethertype == bpf_htons(ETH_P_IPV6)) {
+        l4 = parse_ipv6(&c, &p);
+    } else {
+        stat_add(ethertype ? STAT_NOT_IP : STAT_UNPARSEABLE, 1);
+        return pass(&p);
+    }
+    if (l4 < 0) {
+        stat_add(STAT_UNPARSEABLE, 1);
+        p.ip_len = 0;
+        return pass(&p);
+    }
+    if (l4 == L4_OK)
+        l4 = parse_l4(&c, &p);
+    if (l4 == L4_NONFIRST)
+        stat_add(STAT_FRAG_NONFIRST, 1);
+    else if (l4 == L4_BAD)
+        stat_add(STAT_L4_UNPARSEABLE, 1);
+
+    if (cfg->flags & SHUNT_CFG_IGNORE_VLANS) {
+        p.vlan_outer = 0;
+        p.vlan_inner = 0;
+    }
+
+    int acmp = addr_cmp(p.src, p.dst);
+    struct flow_key fk;
+    __u8 fside = 0;
+    if (l4 == L4_OK) {
+        fside = make_flow_key(&fk, &p, acmp);
+        struct flow_value *v = flows.lookup(&fk);
+        if (v) {
+            int close = p.proto == IPPROTO_TCP &&
+                        (p.tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT));
+            return on_hit(ctx, cfg, v, SHUNT_ENTRY_FLOW, fside, &fk, &fk, fside, close, &p);
+        }
+    } else {
+        __builtin_memset(&fk, 0, sizeof(fk));
+    }
+    if (!cfg->pairs_active)
+        return pass(&p);
+
+    __u32 slot = pair_filter_slot(p.src, p.dst);
+    __u32 *maybe = pair_filter.lookup(&slot);
+    if (!maybe || !*maybe)
+        return pass(&p);
+
+    struct pair_key pk;
+    __u8 pside = acmp > 0 ? 2 : 1;
+    if (acmp > 0) {
+        __builtin_memcpy(pk.addr1, p.dst, 16);
+        __builtin_memcpy(pk.addr2, p.src, 16);
+    } else {
+        __builtin_memcpy(pk.addr1, p.src, 16);
+        __builtin_memcpy(pk.addr2, p.dst, 16);
+    }
+    pk.vlan_outer = p.vlan_outer;
+    pk.vlan_inner = p.vlan_inner;
+    struct flow_value *pv = ip_pairs.lookup(&pk);
+    if (!pv) {
+        stat_add(STAT_PAIR_FILTER_FALSE, 1);
+        return pass(&p);
+    }
+
+    /* The record of a pair's lapsed lease carries the pair in flow_key form. */
+    struct flow_key pairk;
+    __builtin_memset(&pairk, 0, sizeof(pairk));
+    __builtin_memcpy(pairk.addr1, pk.addr1, 16);
+    __builtin_memcpy(pairk.addr2, pk.addr2, 16);
+    pairk.vlan_outer = pk.vlan_outer;
+    pairk.vlan_inner = pk.vlan_inner;
+    int close = l4 == L4_OK && p.proto == IPPROTO_TCP &&
+                (p.tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT));
+    return on_hit(ctx, cfg, pv, SHUNT_ENTRY_PAIR, pside, &pairk, &fk, fside, close, &p);
+}
+
+/* Helper program, never attached: the daemon test-runs it to sample jiffies and the kernel
+ * clocks together (program.py: calibrate_clock()). */
+int xdp_clock_probe(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct clock_sample *s = clock_probe.lookup(&zero);
+    if (s) {
+        s->coarse_ns = bpf_ktime_get_coarse_ns();
+        s->jiffies = bpf_jiffies64();
+        s->mono_ns = bpf_ktime_get_ns();
+    }
+    return XDP_PASS;
+}

@@ -1,0 +1,116 @@
+"""`Connection`: one tracked flow, endpoint-neutral underneath.
+
+The two endpoints live in `sides[0]` / `sides[1]` in the order of the flow key; which side is
+the originator is the single attribute `orig_side`. A packet's direction is computed from its
+side and `orig_side` once, before any accounting, so a flip (`flip_roles`) can never leave a
+stale direction in a per-side counter. `orig`, `resp`, `orig_h`, ... are views over that.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shuntd.conn.timers import Timer
+
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+
+
+class Connection:
+    """Per-connection state shared by every protocol (Zeek's Connection/Session)."""
+
+    __slots__ = (
+        "uid", "key", "ip_proto", "proto", "start_time", "last_time", "orig_side", "sides",
+        "history", "hist_seen", "missed_bytes", "service", "failed_services", "ext",
+        "tunnel_parents", "analyzer", "removed", "inactivity_timeout", "inactivity_timer",
+        "tracker",
+    )
+
+    def __init__(self, uid: str, key: tuple, start_time: float, orig_side: int,
+                 sides: list, analyzer: Any, tracker: Any) -> None:
+        self.uid = uid
+        self.key = key
+        self.ip_proto: int = key[0]
+        self.proto: str = PROTO_NAMES.get(key[0], "unknown_transport")
+        self.start_time = start_time
+        self.last_time = start_time
+        self.orig_side = orig_side
+        self.sides = sides            # endpoint objects, index = side in the flow key
+        self.history = ""
+        self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
+        self.missed_bytes = 0
+        self.service: list[str] = []  # appended by service detection, confirmation order
+        self.failed_services: list[str] = []
+        self.ext: dict | None = None  # storage for higher layers; the engine never reads it
+        self.tunnel_parents: set[str] | None = None
+        self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
+        self.removed = False
+        self.inactivity_timeout = 0.0
+        self.inactivity_timer: Timer | None = None
+        self.tracker = tracker
+
+    # --- orig/resp views -------------------------------------------------------------------
+    @property
+    def orig(self) -> Any:
+        return self.sides[self.orig_side]
+
+    @property
+    def resp(self) -> Any:
+        return self.sides[self.orig_side ^ 1]
+
+    @property
+    def orig_h(self) -> bytes:
+        return self.key[1 + 2 * self.orig_side]
+
+    @property
+    def orig_p(self) -> int:
+        return self.key[2 + 2 * self.orig_side]
+
+    @property
+    def resp_h(self) -> bytes:
+        return self.key[3 - 2 * self.orig_side]
+
+    @property
+    def resp_p(self) -> int:
+        return self.key[4 - 2 * self.orig_side]
+
+    def is_orig(self, src: bytes, sport: int) -> bool:
+        return src == self.orig_h and sport == self.orig_p
+
+    @property
+    def duration(self) -> float | None:
+        """Zeek sets duration only when strictly positive."""
+        d = self.last_time - self.start_time
+        return d if d > 0 else None
+
+    @property
+    def conn_state(self) -> str:
+        return self.analyzer.conn_state(self)
+
+    # --- history ---------------------------------------------------------------------------
+    def check_history(self, mask: int, code: str) -> bool:
+        """Add `code` once per mask bit; True if it had been seen already (Zeek's semantics)."""
+        if self.hist_seen & mask:
+            return True
+        self.hist_seen |= mask
+        self.history += code
+        return False
+
+    def add_history(self, code: str) -> None:
+        self.history += code
+
+    def mark_limit_reached(self) -> None:
+        """Zeek's CheckHistory(0x400, 'X'): an analyzer hit a limit (always upper case)."""
+        self.check_history(0x400, "X")
+
+    # --- flipping --------------------------------------------------------------------------
+    def flip_roles(self, add_caret: bool = True) -> None:
+        """Swap orig and resp (Zeek's Connection::FlipRoles); history gets '^'."""
+        self.orig_side ^= 1
+        self.analyzer.flipped(self)
+        if add_caret:
+            self.history += "^"
+        self.tracker.hooks.connection_flipped(self)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.uid} {self.proto} {self.history!r}>"

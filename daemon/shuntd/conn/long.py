@@ -1,0 +1,116 @@
+"""conn_long.log: records of connections still open past set durations (spec §9).
+
+Semantics of corelight/zeek-long-connections: on new_connection a poll is scheduled after
+`durations[0]`; when it runs (offline: at the first packet after that time, before the packet
+is processed) it compares the connection's duration (last packet time - start) with
+`durations[offset]`; if reached, the conn.log record as of now (live conn_state, duration,
+sizes) is written to conn_long. The offset then advances whether or not a row was written,
+and the next poll comes `durations[offset] - duration` later; after the last one, polling stops
+unless `repeat_last_duration`. The final conn.log record is still written at removal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .polling import ConnPolling
+
+STATE_KEY = "long_conn_offset"
+
+DEFAULT_DURATIONS: tuple[float, ...] = (600.0, 1800.0, 3600.0, 43200.0, 86400.0, 259200.0)
+
+
+@dataclasses.dataclass
+class LongConnSettings:
+    """LongConnection:: options."""
+
+    durations: tuple[float, ...] = DEFAULT_DURATIONS
+    repeat_last_duration: bool = False
+    # special_cases: subnet -> durations; orig_h is looked up first, then resp_h.
+    special_cases: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.durations = _checked(self.durations)
+        self.special_cases = {k: _checked(v) for k, v in self.special_cases.items()}
+
+
+def _checked(durations: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(d) for d in durations)
+    if not values or any(d <= 0 for d in values) or list(values) != sorted(values):
+        raise ValueError(f"long-connection durations must be positive and ascending: {values}")
+    return values
+
+
+def parse_durations(text: str) -> tuple[float, ...]:
+    """'10min,30min,1h,12h,24h,3d' or plain seconds -> seconds (for the command line)."""
+    units = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hr": 3600.0,
+             "hrs": 3600.0, "d": 86400.0, "day": 86400.0, "days": 86400.0}
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        num = item.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = item[len(num):] or "s"
+        if unit not in units:
+            raise ValueError(f"bad duration {item!r}: unit must be one of {sorted(units)}")
+        try:
+            out.append(float(num) * units[unit])
+        except ValueError:
+            raise ValueError(f"bad duration {item!r}") from None
+    return _checked(out)
+
+
+class LongConnections:
+    """Writes conn_long rows via `write_row(record(conn))`; `found(conn)` is told too."""
+
+    __slots__ = ("settings", "polling", "record", "write_row", "found", "_special")
+
+    def __init__(self, settings: LongConnSettings, polling: ConnPolling,
+                 record: Callable[[Any], tuple], write_row: Callable[[tuple], None],
+                 found: Callable[[Any], None] | None = None) -> None:
+        self.settings = settings
+        self.polling = polling
+        self.record = record
+        self.write_row = write_row
+        self.found = found
+        self._special = [(ipaddress.ip_network(net, strict=False), d)
+                         for net, d in settings.special_cases.items()]
+
+    def new_connection(self, conn: Any) -> None:
+        durations = self._durations(conn)
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        ext[STATE_KEY] = 0
+        self.polling.watch(conn, self._callback, 1, durations[0])
+
+    def _durations(self, conn: Any) -> tuple[float, ...]:
+        if self._special:
+            for addr in (conn.orig_h, conn.resp_h):
+                ip = ipaddress.ip_address(bytes(addr) if not isinstance(addr, str) else addr)
+                for net, durations in self._special:
+                    if ip.version == net.version and ip in net:
+                        return durations
+        return self.settings.durations
+
+    def _callback(self, conn: Any, cnt: int) -> float:
+        durations = self._durations(conn)
+        offset = conn.ext[STATE_KEY]
+        duration = conn.last_time - conn.start_time
+        if offset >= len(durations):          # repeating the last duration
+            offset = len(durations) - 1
+        if duration >= durations[offset]:
+            self.write_row(self.record(conn))
+            if self.found is not None:
+                self.found(conn)
+        offset += 1
+        conn.ext[STATE_KEY] = offset
+        if offset < len(durations):
+            return durations[offset] - duration
+        if self.settings.repeat_last_duration:
+            return durations[-1]
+        return -1.0

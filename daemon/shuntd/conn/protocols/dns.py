@@ -1,0 +1,105 @@
+"""DNS over UDP (one message per datagram) and TCP (2-byte length prefix), spec §6.2 / §3.4.
+
+Confirmed by the first message whose header, questions and answers parse. A message that does
+not parse is not a violation (Zeek's DNS interpreter just drops it), so parsing keeps trying
+for a bounded number of messages. The first message decides Zeek's application-layer flip: a
+response (QR=1) sent by the originator asks for the roles to be swapped (`flip_wanted`).
+"""
+
+from __future__ import annotations
+
+from .base import Analyzer
+
+MAX_TRIES = 20       # unparsable messages tolerated before giving up on the connection
+
+
+def _skip_name(msg: bytes, pos: int) -> int:
+    """Offset after a (possibly compressed) domain name; -1 if malformed."""
+    n = len(msg)
+    labels = 0
+    while True:
+        if pos >= n:
+            return -1
+        length = msg[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > n:
+                return -1
+            return pos + 2
+        if length & 0xC0:
+            return -1        # 0x40/0x80 label types are obsolete
+        pos += 1 + length
+        labels += 1
+        if labels > 127:
+            return -1
+
+
+def parse_message(msg: bytes) -> bool:
+    """True if the header, the questions and the answer records parse."""
+    if len(msg) < 12:
+        return False
+    qdcount = int.from_bytes(msg[4:6], "big")
+    ancount = int.from_bytes(msg[6:8], "big")
+    pos = 12
+    for _ in range(qdcount):
+        pos = _skip_name(msg, pos)
+        if pos < 0 or pos + 4 > len(msg):
+            return False
+        pos += 4
+    for _ in range(ancount):
+        pos = _skip_name(msg, pos)
+        if pos < 0 or pos + 10 > len(msg):
+            return False
+        rdlength = int.from_bytes(msg[pos + 8 : pos + 10], "big")
+        pos += 10 + rdlength
+        if pos > len(msg):
+            return False
+    return True
+
+
+class DnsAnalyzer(Analyzer):
+    """DNS message recognition; `tcp` selects the length-prefixed framing."""
+
+    __slots__ = ("tcp", "_bufs", "_first", "_tries", "flip_wanted")
+    name = "dns"
+
+    def __init__(self, tcp: bool = False) -> None:
+        super().__init__()
+        self.tcp = tcp
+        self._bufs = (bytearray(), bytearray())
+        self._first = True
+        self._tries = 0
+        self.flip_wanted = False
+
+    def deliver(self, is_orig: bool, data: bytes) -> None:
+        if self.done:
+            return
+        if not self.tcp:
+            self._message(is_orig, data)
+            return
+        buf = self._bufs[0 if is_orig else 1]
+        buf += data
+        while len(buf) >= 2 and not self.done:
+            mlen = int.from_bytes(buf[0:2], "big")
+            if len(buf) < 2 + mlen:
+                return
+            msg = bytes(buf[2 : 2 + mlen])
+            del buf[: 2 + mlen]
+            self._message(is_orig, msg)
+
+    def _message(self, is_orig: bool, msg: bytes) -> None:
+        if len(msg) < 12:
+            self._tries += 1
+        else:
+            if self._first:
+                self._first = False
+                if msg[2] & 0x80 and is_orig:
+                    self.flip_wanted = True
+            if parse_message(msg):
+                self.confirmed = True
+                self.done = True
+                return
+            self._tries += 1
+        if self._tries >= MAX_TRIES:
+            self.done = True

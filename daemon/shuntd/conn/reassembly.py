@@ -1,0 +1,231 @@
+"""Per-direction TCP reassembly as Zeek's TCP_Reassembler does it (for gaps and delivery).
+
+Sequence numbers here are relative to the endpoint's start (the first data byte is 1). Data
+is delivered in order to `hooks.tcp_deliver`; acknowledged holes become content gaps
+(`missed_bytes`, history `G`/`g` when both endpoints are clean; spec §1.9). Blocks stay
+buffered until acknowledged, because Zeek's close/EOF logic looks at them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import TYPE_CHECKING
+
+from shuntd.conn.tcpstate import CLOSED, ESTABLISHED, RESET
+
+if TYPE_CHECKING:
+    from shuntd.conn.tcp import TCPEndpoint
+
+M64 = (1 << 64) - 1
+
+
+def _is_clean(ep: TCPEndpoint) -> bool:
+    return ep.state == ESTABLISHED or (ep.state == CLOSED and ep.prev_state == ESTABLISHED)
+
+
+class Reassembler:
+    """Blocks `[seq, upper, data]` sorted and non-overlapping; `lrs` = next seq to deliver."""
+
+    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "skip", "did_eof", "had_gap", "size")
+
+    def __init__(self, ep: TCPEndpoint) -> None:
+        self.ep = ep
+        self.lrs = 1
+        self.trim_seq = 1
+        self.blocks: list[list] = []
+        self.skip = False
+        self.did_eof = False
+        self.had_gap = False
+        self.size = 0          # bytes buffered in blocks
+
+    # --- data in -----------------------------------------------------------------------------
+    def data_sent(self, seq: int, data: bytes) -> None:
+        if self.skip:
+            return
+        self._new_block(seq, data)
+        ep = self.ep
+        an = ep.analyzer
+        settings = an.settings
+        blocks = self.blocks
+        limit = settings.tcp_max_above_hole_without_any_acks
+        if limit and blocks and ep.no_data_acked() and blocks[-1][1] - self.lrs > limit:
+            self._clear()
+        limit = settings.tcp_excessive_data_without_further_acks
+        if limit and self.size > limit:
+            self._clear()
+
+    def _clear(self) -> None:
+        self.blocks = []
+        self.size = 0
+        self.skip = True
+
+    def _new_block(self, seq: int, data: bytes) -> None:
+        n = len(data)
+        if n == 0:
+            return
+        upper = seq + n
+        if upper <= self.trim_seq:
+            return
+        if seq < self.trim_seq:
+            data = data[self.trim_seq - seq:]
+            seq = self.trim_seq
+        blocks = self.blocks
+        if not blocks or blocks[-1][1] <= seq:
+            self.size += upper - seq
+            if seq == self.lrs:
+                # In-order data at the delivery point: deliver it straight away.
+                blocks.append([seq, upper, None])
+                self.lrs = upper
+                an = self.ep.analyzer
+                if an.want_stream:
+                    conn = an.conn
+                    an.hooks.tcp_deliver(conn, self.ep.side == conn.orig_side, data)
+                self._trim_if_unacked()
+                return
+            blocks.append([seq, upper, data])
+            if seq <= self.lrs < upper:
+                self._block_inserted()
+            return
+        else:
+            pieces = []
+            cur = seq
+            i = bisect_right(blocks, [seq, M64 + 1]) - 1
+            if i < 0:
+                i = 0
+            for b in blocks[i:]:
+                if b[0] >= upper:
+                    break
+                if b[1] <= cur:
+                    continue
+                if b[0] > cur:
+                    pieces.append([cur, b[0], data[cur - seq:b[0] - seq]])
+                cur = b[1]
+                if cur >= upper:
+                    break
+            if cur < upper:
+                pieces.append([cur, upper, data[cur - seq:]])
+            if not pieces:
+                return
+            for p in pieces:
+                self.size += p[1] - p[0]
+            blocks.extend(pieces)
+            blocks.sort(key=lambda b: b[0])
+            # Zeek's BlockInserted delivers only when the first new block covers the
+            # delivery point.
+            if pieces[0][0] <= self.lrs < pieces[0][1]:
+                self._block_inserted()
+
+    def _block_inserted(self) -> None:
+        self._deliver_contiguous()
+        self._trim_if_unacked()
+
+    def _trim_if_unacked(self) -> None:
+        """Nothing acked yet but more than tcp_max_initial_window sent: stop holding data."""
+        ep = self.ep
+        if ep.no_data_acked():
+            limit = ep.analyzer.settings.tcp_max_initial_window
+            if limit and ep.size > limit:
+                self.trim_to_seq(self.lrs)
+
+    def _deliver_contiguous(self) -> None:
+        ep = self.ep
+        an = ep.analyzer
+        conn = an.conn
+        hooks = an.hooks
+        for b in self.blocks:
+            if b[0] > self.lrs:
+                break
+            if b[0] == self.lrs:
+                self.lrs = b[1]
+                data = b[2]
+                if data is not None:
+                    b[2] = None
+                    if an.want_stream:
+                        hooks.tcp_deliver(conn, ep.side == conn.orig_side, data)
+
+    # --- acks ----------------------------------------------------------------------------------
+    def ack_received(self, seq: int) -> None:
+        ep = self.ep
+        if ep.FIN_cnt > 0 and seq >= ep.FIN_seq:
+            seq = ep.FIN_seq - 1
+        if seq <= self.trim_seq:
+            return
+        self.trim_to_seq(seq)
+        self.check_eof()
+
+    def trim_to_seq(self, seq: int) -> None:
+        if seq > self.lrs:
+            self._undelivered(seq)
+        blocks = self.blocks
+        n = 0
+        for b in blocks:
+            if b[1] > seq:
+                break
+            self.size -= b[1] - b[0]
+            n += 1
+        if n:
+            del blocks[:n]
+        if seq > self.trim_seq:
+            self.trim_seq = seq
+
+    def _undelivered(self, up_to_seq: int) -> None:
+        ep = self.ep
+        an = ep.analyzer
+        if up_to_seq <= 2 and an.is_partial:
+            # Partial connection: the faked SYN octet / keep-alive artefact (Zeek ignores it).
+            return
+        if not self.skip:
+            restart = True
+            while restart:
+                restart = False
+                for b in self.blocks:
+                    if b[0] < self.lrs:
+                        continue
+                    if b[0] >= up_to_seq:
+                        break
+                    gap_len = b[0] - self.lrs
+                    if gap_len > 0:
+                        self._gap(gap_len)
+                    self.lrs = b[0]
+                    self._block_inserted()
+                    restart = True
+                    break
+            if up_to_seq > self.lrs:
+                self._gap(up_to_seq - self.lrs)
+        if up_to_seq > self.lrs:
+            self.lrs = up_to_seq
+
+    def _gap(self, length: int) -> None:
+        ep = self.ep
+        an = ep.analyzer
+        conn = an.conn
+        clean = _is_clean(ep) and _is_clean(ep.peer)
+        is_orig = ep.side == conn.orig_side
+        if clean:
+            ep.gap_letter(conn)
+        if clean or an.settings.report_gaps_for_partial:
+            conn.missed_bytes += length
+            an.hooks.content_gap(conn, is_orig, length)
+        self.had_gap = True
+
+    # --- end of data ---------------------------------------------------------------------------
+    def data_pending(self) -> bool:
+        if self.skip:
+            return False
+        ep = self.ep
+        delivered = ep.start_seq + self.lrs
+        last = (ep.seq_wraps << 32) | ep.last_seq
+        if last < delivered:
+            return False
+        if delivered != last - 1 and delivered != last:
+            return True
+        if ep.state != RESET and ep.peer.reasm.blocks:
+            return True
+        return False
+
+    def check_eof(self) -> None:
+        ep = self.ep
+        if (not self.did_eof and (ep.FIN_cnt > 0 or ep.state == CLOSED or ep.state == RESET)
+                and not self.data_pending()):
+            self.did_eof = True
+            ep.analyzer.endpoint_eof(ep)

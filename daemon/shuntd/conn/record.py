@@ -1,0 +1,85 @@
+"""The conn.log record: Zeek's `Conn::Info` schema and how a `Connection` fills it (spec §1)."""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shuntd.conn.connection import Connection
+    from shuntd.conn.site import LocalNets
+
+# (name, Zeek type) in Zeek's default #fields order.
+CONN_FIELDS: list[tuple[str, str]] = [
+    ("ts", "time"),                   # start_time: first packet of the connection
+    ("uid", "string"),                # 'C' + base62 of 96 random bits
+    ("id.orig_h", "addr"),            # post-flip originator address
+    ("id.orig_p", "port"),            # ICMP: type of the first packet
+    ("id.resp_h", "addr"),
+    ("id.resp_p", "port"),            # ICMP: counterpart type or code
+    ("proto", "enum"),                # tcp / udp / icmp / unknown_transport
+    ("service", "string"),            # confirmed analyzers, confirmation order, lower case
+    ("duration", "interval"),         # last_time - start_time, only if > 0
+    ("orig_bytes", "count"),          # payload bytes (TCP: from sequence numbers)
+    ("resp_bytes", "count"),
+    ("conn_state", "string"),         # one of the 13 states of §1.7
+    ("local_orig", "bool"),           # orig_h in Site::local_nets
+    ("local_resp", "bool"),
+    ("missed_bytes", "count"),        # content gaps
+    ("history", "string"),            # state letters (orig upper case, resp lower case)
+    ("orig_pkts", "count"),           # ConnSize: packets
+    ("orig_ip_bytes", "count"),       # ConnSize: IP-level bytes
+    ("resp_pkts", "count"),
+    ("resp_ip_bytes", "count"),
+    ("tunnel_parents", "set[string]"),  # uids of enclosing tunnels (unset without tunnels)
+    ("ip_proto", "count"),            # IP protocol number
+]
+
+
+def addr_text(addr: bytes) -> str:
+    """Zeek's text form (IPv4 dotted quad; IPv6 compressed, IPv4-mapped as ::ffff:a.b.c.d)."""
+    if len(addr) == 4:
+        return socket.inet_ntop(socket.AF_INET, addr)
+    return socket.inet_ntop(socket.AF_INET6, addr)
+
+
+def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
+    """Values in CONN_FIELDS order (None = unset), computed as Zeek's set_conn(c, T)."""
+    orig = conn.orig
+    resp = conn.resp
+    duration = conn.duration
+    if duration is not None:
+        orig_bytes: int | None = orig.size
+        resp_bytes: int | None = resp.size
+    else:
+        orig_bytes = resp_bytes = None
+    if local_nets is not None and not local_nets.empty:
+        local_orig: bool | None = local_nets.contains(conn.orig_h)
+        local_resp: bool | None = local_nets.contains(conn.resp_h)
+    else:
+        local_orig = local_resp = None
+    service = ",".join(conn.service).lower() if conn.service else None
+    return (
+        conn.start_time,
+        conn.uid,
+        addr_text(conn.orig_h),
+        conn.orig_p,
+        addr_text(conn.resp_h),
+        conn.resp_p,
+        conn.proto,
+        service,
+        duration,
+        orig_bytes,
+        resp_bytes,
+        conn.conn_state,
+        local_orig,
+        local_resp,
+        conn.missed_bytes,
+        conn.history or None,
+        orig.num_pkts,
+        orig.num_bytes_ip,
+        resp.num_pkts,
+        resp.num_bytes_ip,
+        set(conn.tunnel_parents) if conn.tunnel_parents else None,
+        conn.ip_proto,
+    )

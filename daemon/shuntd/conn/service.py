@@ -1,0 +1,418 @@
+"""Service detection: which analysers a connection gets and when `service` names appear (§6).
+
+Mirrors Zeek's analyzer tree for the protocols shuntd knows (ssl, dtls, http, dns, ssh, quic):
+1. by port: every analyser registered for the (post-first-flip) responder port is attached
+   when the connection is created;
+2. by content (DPD): a PIA buffers the first `dpd_buffer_size` bytes / `dpd_max_packets`
+   chunks of each direction and matches Zeek's `dpd.sig` signatures anchored at the start;
+   a match attaches the analyser and replays the buffered data to it;
+3. only an analyser's confirmation appends its name to `conn.service` (confirmation order);
+   a violation detaches it; a violation after confirmation, within the first
+   `ignore_violations_after` bytes, removes the name again (or appends `-name` when
+   `track_removed_services` is set), as `dpd.zeek` does (§6.4).
+An HTTP CONNECT answered 2xx opens an inner layer (signatures only) over the tunnelled bytes.
+
+Per-connection state lives in `conn.ext["service"]`; nothing here does I/O or knows policies:
+results go to a `ServiceSink` (the event dispatcher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from typing import Any, Protocol
+
+from .protocols.base import Analyzer
+from .protocols.dns import DnsAnalyzer
+from .protocols.dtls import DtlsAnalyzer
+from .protocols.http import HttpAnalyzer
+from .protocols.quic import QuicAnalyzer
+from .protocols.ssh import SshAnalyzer
+from .protocols.tls import TlsAnalyzer
+
+STATE_KEY = "service"
+
+# Analysers that ignore TCP connections picked up midstream (Zeek: `TCP()->IsPartial()`
+# checks in HTTP.cc, SSL.cc, SSH.cc). "Midstream" here = no SYN or SYN-ACK from either side
+# in the history so far: that matches every corpus baseline (SYN-ACK-first flips such as
+# history-flip/local-flip are analysed, data-only `D`/`Dr` connections are not), where a
+# literal reading of Zeek's is_partial bit would drop the former.
+SKIP_PARTIAL = frozenset({"http", "ssl", "ssh"})
+_SYN_LETTERS = frozenset("SHsh")
+
+
+def _midstream(conn: Any, state: ConnServices) -> bool:
+    if state.saw_syn:
+        return False
+    if _SYN_LETTERS.isdisjoint(conn.history):
+        return True
+    state.saw_syn = True
+    return False
+
+TCP_PORTS: dict[str, frozenset[int]] = {
+    "ssl": frozenset({443, 465, 563, 585, 614, 636, 989, 990, 992, 993, 995, 5223}),
+    "http": frozenset({80, 81, 631, 1080, 3128, 8000, 8080, 8888}),
+    "dns": frozenset({53}),
+    "ssh": frozenset({22}),
+}
+UDP_PORTS: dict[str, frozenset[int]] = {
+    "dns": frozenset({53, 137, 5353, 5355}),
+    "dtls": frozenset({443}),
+    "quic": frozenset({443, 853, 784}),
+}
+
+_HTTP_METHODS = (
+    b"OPTIONS|GET|HEAD|POST|PUT|DELETE|ACL|BASELINE-CONTROL|BIND|CHECKIN|CHECKOUT|CONNECT|COPY|"
+    b"LABEL|LINK|LOCK|MERGE|MKACTIVITY|MKCALENDAR|MKCOL|MKREDIRECTREF|MOVE|ORDERPATCH|PATCH|"
+    b"PROPFIND|PROPPATCH|REBIND|REPORT|SEARCH|TRACE|UNBIND|UNCHECKOUT|UNLINK|UNLOCK|UPDATE|"
+    b"VERSION-CONTROL|BCOPY|BDELETE|BMOVE|BPROPFIND|BPROPPATCH|NOTIFY|POLL|SUBSCRIBE|"
+    b"UNSUBSCRIBE|X-MS-ENUMATTS|MKWORKSPACE|RPC_IN_DATA|RPC_OUT_DATA"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """One `dpd.sig` entry: payload regex anchored at the start of one direction's data."""
+
+    name: str
+    analyzer: str
+    pattern: re.Pattern[bytes]
+    direction: str                  # "orig", "resp" or "any"
+    requires_reverse: str | None = None   # another signature that must match the other side
+    enables: bool = True
+
+
+def _sig(name: str, analyzer: str, regex: bytes, direction: str,
+         requires_reverse: str | None = None, enables: bool = True) -> Signature:
+    return Signature(name, analyzer, re.compile(regex, re.DOTALL), direction,
+                     requires_reverse, enables)
+
+
+TCP_SIGNATURES: tuple[Signature, ...] = (
+    _sig("dpd_tls_client", "ssl",
+         rb"(?:\x16\x03[\x00-\x03]..\x01...\x03[\x00-\x03]|...?\x01[\x00\x03][\x00-\x04])",
+         "orig"),
+    _sig("dpd_tls_server", "ssl",
+         rb"(?:\x15\x03[\x00-\x03]....)?\x16\x03[\x00-\x03]..\x02...(?:\x03[\x00-\x04]|\x7f[\x00-\x50])",
+         "resp"),
+    _sig("dpd_http_client", "http", rb"[\t\n\v\f\r ]*(?:" + _HTTP_METHODS + rb")", "orig"),
+    _sig("dpd_http_server", "http", rb"[hH][tT][tT][pP]/[0-9]", "resp"),
+    _sig("dpd_ssh_server", "ssh", rb"[sS][sS][hH]-", "resp", enables=False),
+    _sig("dpd_ssh_client", "ssh", rb"[sS][sS][hH]-[12]\.", "orig",
+         requires_reverse="dpd_ssh_server"),
+)
+UDP_SIGNATURES: tuple[Signature, ...] = (
+    _sig("dpd_dtls_client", "dtls",
+         rb"\x16\xfe[\xff\xfd]\x00{7}...\x01.{11}\xfe[\xff\xfd]", "orig"),
+    _sig("dpd_quic_initial", "quic", rb"[\xc0-\xcf]\x00\x00\x00\x01", "any"),
+    _sig("dpd_quic_v2_initial", "quic", rb"[\xd0-\xdf]\x6b\x33\x43\xcf", "any"),
+)
+
+
+def make_analyzer(name: str, tcp: bool) -> Analyzer:
+    if name == "ssl":
+        return TlsAnalyzer()
+    if name == "http":
+        return HttpAnalyzer()
+    if name == "dns":
+        return DnsAnalyzer(tcp=tcp)
+    if name == "ssh":
+        return SshAnalyzer()
+    if name == "dtls":
+        return DtlsAnalyzer()
+    if name == "quic":
+        return QuicAnalyzer()
+    raise ValueError(f"unknown analyser {name!r}")
+
+
+@dataclasses.dataclass
+class ServiceSettings:
+    """Zeek's DPD options (names follow Zeek's globals)."""
+
+    dpd_buffer_size: int = 1024
+    dpd_max_packets: int = 100
+    ignore_violations_after: int = 10240           # DPD::ignore_violations_after
+    track_removed_services: bool = False           # DPD::track_removed_services_in_connection
+    # Conn::analyzer_inactivity_timeouts (FTP too in Zeek; shuntd has no FTP analyser).
+    analyzer_inactivity_timeouts: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"ssh": 3600.0})
+    disabled: frozenset[str] = frozenset()         # analysers never attached
+
+
+class ServiceSink(Protocol):
+    """Where detection results go (implemented by the event dispatcher)."""
+
+    def service_confirmed(self, conn: Any, name: str) -> None: ...
+    def service_violation(self, conn: Any, name: str, reason: str) -> None: ...
+    def ssl_established(self, conn: Any) -> None: ...
+    def flip_roles(self, conn: Any) -> None: ...
+    def set_inactivity_timeout(self, conn: Any, seconds: float) -> None: ...
+
+
+class _Layer:
+    """Attached analysers plus the PIA still looking for signatures over the same bytes."""
+
+    __slots__ = ("analyzers", "chunks", "prefix_orig", "prefix_resp", "count_orig",
+                 "count_resp", "matched", "candidates", "done_orig", "done_resp")
+
+    def __init__(self, candidates: list[Signature]) -> None:
+        self.analyzers: list[Analyzer] = []
+        self.chunks: list[tuple[bool, bytes]] = []
+        self.prefix_orig = bytearray()
+        self.prefix_resp = bytearray()
+        self.count_orig = 0
+        self.count_resp = 0
+        self.matched: set[str] = set()
+        self.candidates = candidates   # empty list = PIA finished
+        self.done_orig = False         # that direction is past the DPD limits
+        self.done_resp = False
+
+
+class ConnServices:
+    """Service-detection state of one connection."""
+
+    __slots__ = ("tcp", "layers", "failed", "established", "active", "saw_syn")
+
+    def __init__(self, tcp: bool) -> None:
+        self.tcp = tcp
+        self.layers: list[_Layer] = []
+        self.failed: list[str] = []          # analysers that confirmed and then failed
+        self.established = False
+        self.active = True                   # False once nothing can change any more
+        self.saw_syn = False                 # a SYN/SYN-ACK is in the history (not midstream)
+
+
+class ServiceDetection:
+    """Attaches analysers to connections and turns their verdicts into `service` entries."""
+
+    __slots__ = ("settings", "sink")
+
+    def __init__(self, sink: ServiceSink, settings: ServiceSettings | None = None) -> None:
+        self.settings = settings or ServiceSettings()
+        self.sink = sink
+
+    # -- engine entry points -------------------------------------------------------------
+
+    def new_connection(self, conn: Any) -> ConnServices | None:
+        proto = conn.proto
+        if proto == "tcp":
+            ports, sigs, tcp = TCP_PORTS, TCP_SIGNATURES, True
+        elif proto == "udp":
+            ports, sigs, tcp = UDP_PORTS, UDP_SIGNATURES, False
+        else:
+            return None
+        disabled = self.settings.disabled
+        state = ConnServices(tcp)
+        resp_p = conn.resp_p
+        attached = [name for name, plist in ports.items()
+                    if resp_p in plist and name not in disabled]
+        layer = _Layer([s for s in sigs if s.analyzer not in attached
+                        and s.analyzer not in disabled])
+        for name in attached:
+            layer.analyzers.append(make_analyzer(name, tcp))
+        state.layers.append(layer)
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        ext[STATE_KEY] = state
+        return state
+
+    def udp_payload(self, conn: Any, is_orig: bool, payload: Any) -> None:
+        """One UDP datagram, before ConnSize counts it (so a DNS flip attributes like Zeek)."""
+        state = self._state(conn)
+        if state is None or not state.active:
+            return
+        self._deliver(conn, state, is_orig, bytes(payload))
+
+    def tcp_deliver(self, conn: Any, is_orig: bool, data: bytes) -> None:
+        state = self._state(conn)
+        if state is None or not state.active or not data:
+            return
+        self._deliver(conn, state, is_orig, data)
+
+    def content_gap(self, conn: Any, is_orig: bool, nbytes: int) -> None:
+        state = self._state(conn)
+        if state is None or not state.active:
+            return
+        for layer in state.layers:
+            for an in layer.analyzers:
+                an.gap(is_orig, nbytes)
+            # Zeek's PIA stops matching a direction once it has a hole.
+            self._pia_direction_done(layer, is_orig)
+        self._sweep(conn, state)
+
+    def services_failed(self, conn: Any) -> list[str]:
+        state = self._state(conn)
+        return list(state.failed) if state is not None else []
+
+    # -- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _state(conn: Any) -> ConnServices | None:
+        ext = conn.ext
+        return ext.get(STATE_KEY) if ext else None
+
+    def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
+        partial = state.tcp and _midstream(conn, state)
+        for layer in list(state.layers):
+            for an in list(layer.analyzers):
+                if partial and an.name in SKIP_PARTIAL:
+                    continue
+                an.deliver(is_orig, data)
+                self._verdict(conn, state, an)
+            if layer.candidates:
+                self._pia(conn, state, layer, is_orig, data)
+        self._sweep(conn, state)
+
+    def _pia(self, conn: Any, state: ConnServices, layer: _Layer, is_orig: bool,
+             data: bytes) -> None:
+        settings = self.settings
+        if is_orig:
+            prefix, layer.count_orig = layer.prefix_orig, layer.count_orig + 1
+            count = layer.count_orig
+        else:
+            prefix, layer.count_resp = layer.prefix_resp, layer.count_resp + 1
+            count = layer.count_resp
+        if (len(prefix) >= settings.dpd_buffer_size or count > settings.dpd_max_packets
+                or (layer.done_orig if is_orig else layer.done_resp)):
+            self._pia_direction_done(layer, is_orig)
+            return
+        layer.chunks.append((is_orig, data))
+        if state.tcp:
+            prefix += data[: settings.dpd_buffer_size - len(prefix)]
+            subject: bytes | bytearray = prefix
+        else:
+            prefix += data[: max(0, settings.dpd_buffer_size - len(prefix))]
+            subject = data
+        direction = "orig" if is_orig else "resp"
+        newly: list[str] = []
+        for sig in list(layer.candidates):
+            if sig.direction != "any" and sig.direction != direction:
+                continue
+            if sig.name in layer.matched or not sig.pattern.match(subject):
+                continue
+            layer.matched.add(sig.name)
+            newly.append(sig.name)
+        # A signature waiting for its reverse side fires when that side matches (any order).
+        for sig in list(layer.candidates):
+            if sig.name not in layer.matched or not sig.enables:
+                continue
+            if sig.requires_reverse and sig.requires_reverse not in layer.matched:
+                continue
+            if sig.name not in newly and sig.requires_reverse not in newly:
+                continue
+            self._attach(conn, state, layer, sig.analyzer)
+
+    def _attach(self, conn: Any, state: ConnServices, layer: _Layer, name: str) -> None:
+        if any(an.name == name for an in layer.analyzers):
+            return
+        layer.candidates = [s for s in layer.candidates if s.analyzer != name]
+        an = make_analyzer(name, state.tcp)
+        layer.analyzers.append(an)
+        if state.tcp and name in SKIP_PARTIAL and _midstream(conn, state):
+            return
+        for chunk_orig, chunk in layer.chunks:
+            if an.done:
+                break
+            an.deliver(chunk_orig, chunk)
+            self._verdict(conn, state, an)
+
+    @staticmethod
+    def _pia_direction_done(layer: _Layer, is_orig: bool) -> None:
+        """Stop matching one direction; signatures already matched keep waiting for their
+        reverse side until both directions are done (dpd_match_only_beginning)."""
+        if is_orig:
+            layer.done_orig = True
+        else:
+            layer.done_resp = True
+        if layer.done_orig and layer.done_resp:
+            layer.candidates = []
+            return
+        direction = "orig" if is_orig else "resp"
+        layer.candidates = [s for s in layer.candidates
+                            if s.name in layer.matched
+                            or (s.direction != direction and s.direction != "any")]
+
+    def _verdict(self, conn: Any, state: ConnServices, an: Analyzer) -> None:
+        """Turn an analyser's flags into service entries and events."""
+        sink = self.sink
+        if an.confirmed and not an.reported:
+            an.reported = True
+            self._confirm(conn, an.name)
+        inner = getattr(an, "inner", None)
+        if inner and inner not in conn.service:
+            self._confirm(conn, inner)
+        if isinstance(an, DnsAnalyzer) and an.flip_wanted:
+            an.flip_wanted = False
+            if not _is_multicast(conn.resp_h):
+                sink.flip_roles(conn)
+        if getattr(an, "established", False) and not state.established:
+            state.established = True
+            sink.ssl_established(conn)
+        tunnel = getattr(an, "tunnel", None)
+        if tunnel is not None:
+            an.tunnel = None  # type: ignore[attr-defined]
+            self._open_tunnel(conn, state, tunnel)
+        if an.violation is not None:
+            reason, an.violation = an.violation, None
+            self._violation(conn, state, an.name, reason, an.confirmed)
+
+    def _confirm(self, conn: Any, name: str) -> None:
+        if name in conn.service:
+            return
+        conn.service.append(name)
+        timeout = self.settings.analyzer_inactivity_timeouts.get(name)
+        if timeout:
+            self.sink.set_inactivity_timeout(conn, timeout)
+        self.sink.service_confirmed(conn, name)
+
+    def _violation(self, conn: Any, state: ConnServices, name: str, reason: str,
+                   confirmed: bool) -> None:
+        self.sink.service_violation(conn, name, reason)
+        if not confirmed or name not in conn.service:
+            return
+        limit = self.settings.ignore_violations_after
+        if limit > 0 and conn.orig.size + conn.resp.size > limit:
+            return
+        if self.settings.track_removed_services:
+            conn.service.append("-" + name)
+        else:
+            conn.service.remove(name)
+        state.failed.append(name)
+        failed = getattr(conn, "failed_services", None)
+        if failed is not None:
+            failed.append(name)
+
+    def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
+        layer = _Layer(list(TCP_SIGNATURES))
+        state.layers.append(layer)
+        orig, resp = data
+        if orig:
+            self._pia(conn, state, layer, True, orig)
+        if resp:
+            self._pia(conn, state, layer, False, resp)
+
+    @staticmethod
+    def _sweep(conn: Any, state: ConnServices) -> None:
+        """Drop finished analysers; a connection with nothing left costs nothing more."""
+        busy = False
+        for layer in state.layers:
+            if any(an.done for an in layer.analyzers):
+                layer.analyzers = [an for an in layer.analyzers if not an.done]
+            if not layer.candidates:
+                layer.chunks = []
+            if layer.analyzers or layer.candidates:
+                busy = True
+        if not busy:
+            state.active = False
+
+
+def _is_multicast(addr: Any) -> bool:
+    try:
+        if isinstance(addr, bytes | bytearray):
+            return ipaddress.ip_address(bytes(addr)).is_multicast
+        return ipaddress.ip_address(addr).is_multicast
+    except ValueError:
+        return False
+

@@ -1,0 +1,667 @@
+"""The TCP analyzer: endpoint states, sequence bookkeeping, history letters, closing and the
+TCP-specific timers, following Zeek's TCPSessionAdapter::Process (spec §§1.5-1.10, 2, 5.3).
+
+Per packet (already checksum- and header-validated by the tracker) `process()` runs Zeek's
+steps in Zeek's order. Sequence arithmetic is 32-bit with explicit wrap counters; relative
+sequence numbers are 64-bit, as in Zeek.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shuntd.conn.reassembly import Reassembler
+from shuntd.conn.size import EndpointCounters
+from shuntd.conn.tcpstate import (
+    CLOSED,
+    ESTABLISHED,
+    HANDSHAKE_STATES,
+    INACTIVE,
+    PARTIAL,
+    RESET,
+    SYN_ACK_SENT,
+    SYN_SENT,
+)
+
+if TYPE_CHECKING:
+    from shuntd.conn.connection import Connection
+    from shuntd.conn.timers import Timer
+    from shuntd.packet import Packet
+
+M32 = 0xFFFFFFFF
+M64 = (1 << 64) - 1
+TOO_LARGE_SEQ_DELTA = 1048576
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+ACK = 0x10
+
+# History masks (TCP_Endpoint::HistoryMasks); resp uses mask << 16.
+HIST_SYN_PKT = 0x1
+HIST_FIN_PKT = 0x2
+HIST_RST_PKT = 0x4
+HIST_FIN_RST_PKT = 0x8
+HIST_DATA_PKT = 0x10
+HIST_ACK_PKT = 0x20
+HIST_MULTI_FLAG_PKT = 0x40
+
+_ZEROS = bytes(65536)  # stand-in payload when nobody consumes the stream (lengths only)
+_ZEROS_VIEW = memoryview(_ZEROS)
+
+ORIG_BIT = 1
+RESP_BIT = 2
+
+
+def seq_delta(a: int, b: int) -> int:
+    """int32(a - b)."""
+    d = (a - b) & M32
+    return d - 0x100000000 if d & 0x80000000 else d
+
+
+class TCPEndpoint(EndpointCounters):
+    """One host's half of a TCP connection (Zeek's TCP_Endpoint)."""
+
+    __slots__ = (
+        "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
+        "seq_wraps", "ack_wraps", "FIN_cnt", "RST_cnt", "FIN_seq", "did_close",
+        "start_time", "last_time", "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
+        "chk_cnt", "chk_thresh", "rxmt_cnt", "rxmt_thresh", "win0_cnt", "win0_thresh",
+        "gap_cnt", "gap_thresh", "reasm",
+    )
+
+    def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
+        super().__init__()
+        self.side = side
+        self.analyzer = analyzer
+        self.peer: TCPEndpoint = self  # set by the analyzer
+        self.state = INACTIVE
+        self.prev_state = INACTIVE
+        self.start_seq = 0
+        self.last_seq = 0
+        self.ack_seq = 0
+        self.seq_wraps = 0
+        self.ack_wraps = 0
+        self.FIN_cnt = 0
+        self.RST_cnt = 0
+        self.FIN_seq = 0
+        self.did_close = False
+        self.start_time = 0.0
+        self.last_time = 0.0
+        self.hist_last_SYN = 0
+        self.hist_last_FIN = 0
+        self.hist_last_RST = 0
+        self.chk_cnt = self.rxmt_cnt = self.win0_cnt = self.gap_cnt = 0
+        self.chk_thresh = self.rxmt_thresh = self.win0_thresh = self.gap_thresh = 1
+        self.reasm = Reassembler(self)
+
+    # --- sequence space ------------------------------------------------------------------------
+    def update_last_seq_value(self, seq: int) -> None:
+        if seq < self.last_seq:
+            self.seq_wraps += 1
+        self.last_seq = seq
+
+    def update_ack_seq_value(self, seq: int) -> None:
+        if seq < self.ack_seq:
+            self.ack_wraps += 1
+        self.ack_seq = seq
+
+    def no_data_acked(self) -> bool:
+        ack = (self.ack_wraps << 32) | self.ack_seq
+        return ack == self.start_seq or ack == self.start_seq + 1
+
+    @property
+    def size(self) -> int:
+        """Bytes sent, from sequence numbers (TCP_Endpoint::Size, spec §1.6)."""
+        if (self.prev_state == SYN_SENT and self.state == RESET
+                and self.peer.state == INACTIVE and not self.no_data_acked()):
+            return 0
+        last64 = (self.seq_wraps << 32) | self.last_seq
+        ack64 = (self.ack_wraps << 32) | self.ack_seq
+        size = ((last64 if last64 > ack64 else ack64) - self.start_seq) & M64
+        if size != 0:
+            size -= 1
+        if self.FIN_cnt > 0 and size != 0:
+            size -= 1
+        return size
+
+    # --- states --------------------------------------------------------------------------------
+    def set_state(self, new_state: int) -> None:
+        if new_state != self.state:
+            if (new_state not in HANDSHAKE_STATES and self.state in HANDSHAKE_STATES
+                    and self.peer.state in HANDSHAKE_STATES):
+                an = self.analyzer
+                an.tracker.set_inactivity_timeout(an.conn, an.settings.tcp_inactivity_timeout)
+            self.prev_state = self.state
+            self.state = new_state
+
+    # --- history -------------------------------------------------------------------------------
+    def check_history(self, conn: Connection, mask: int, code: str) -> bool:
+        """Once-only letter for this endpoint's current role; True if already seen."""
+        if conn.history == "H" and (mask == HIST_ACK_PKT or mask == HIST_DATA_PKT):
+            # A SYN-ACK that elicits ACK/data: flip and rewrite the history (spec §3.3).
+            conn.flip_roles(add_caret=False)
+            conn.history = "^h"
+        if self.side != conn.orig_side:
+            mask <<= 16
+            code = code.lower()
+        return conn.check_history(mask, code)
+
+    def add_history(self, conn: Connection, code: str) -> None:
+        conn.history += code if self.side == conn.orig_side else code.lower()
+
+    def _scaled(self, conn: Connection, code: str, cnt: str, thresh: str) -> None:
+        n = getattr(self, cnt) + 1
+        setattr(self, cnt, n)
+        t = getattr(self, thresh)
+        if n == t:
+            conn.history += code if self.side == conn.orig_side else code.lower()
+            if t < 0xFFFFFFFF // 10:
+                setattr(self, thresh, t * 10)
+
+    def checksum_error(self, conn: Connection) -> None:
+        self._scaled(conn, "C", "chk_cnt", "chk_thresh")
+
+    def did_rxmit(self, conn: Connection) -> None:
+        self._scaled(conn, "T", "rxmt_cnt", "rxmt_thresh")
+
+    def zero_window(self, conn: Connection) -> None:
+        self._scaled(conn, "W", "win0_cnt", "win0_thresh")
+
+    def gap_letter(self, conn: Connection) -> None:
+        self._scaled(conn, "G", "gap_cnt", "gap_thresh")
+
+
+class TCPAnalyzer:
+    """Zeek's TCPSessionAdapter for one connection."""
+
+    __slots__ = (
+        "conn", "tracker", "settings", "hooks", "is_active", "seen_first_ACK",
+        "first_packet_seen", "is_partial", "close_deferred", "deferred_gen_event",
+        "timers", "established_pending", "want_stream",
+    )
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+        self.settings = tracker.settings
+        self.hooks = tracker.hooks
+        self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
+        self.is_active = True
+        self.seen_first_ACK = False
+        self.first_packet_seen = 0
+        self.is_partial = False
+        self.close_deferred = False
+        self.deferred_gen_event = False
+        self.timers: list[Timer] = []
+        self.established_pending = False
+        self.want_stream = tracker.want_stream
+
+    def make_endpoints(self) -> list[TCPEndpoint]:
+        a = TCPEndpoint(0, self)
+        b = TCPEndpoint(1, self)
+        a.peer = b
+        b.peer = a
+        return [a, b]
+
+    def attach(self, conn: Connection) -> None:
+        """Called once the connection exists: Zeek's adapter-creation ExpireTimer."""
+        self.conn = conn
+        self._add_timer(self.tracker.network_time + self.settings.tcp_SYN_timeout,
+                        self._expire_timer)
+
+    # --- timers --------------------------------------------------------------------------------
+    def _add_timer(self, when: float, cb, at_termination: bool = False) -> None:
+        self.timers.append(self.tracker.timers.schedule(when, cb, at_termination))
+
+    def cancel_timers(self) -> None:
+        for t in self.timers:
+            t.cancel()
+        self.timers = []
+
+    def _expire_timer(self, t: float) -> None:
+        conn = self.conn
+        if conn.removed or not self.is_active:
+            return
+        orig = conn.orig
+        resp = conn.resp
+        if conn.last_time + self.settings.tcp_connection_linger < t:
+            if orig.did_close or resp.did_close:
+                if ((orig.did_close and resp.did_close) or orig.state == RESET
+                        or resp.state == RESET or orig.state == INACTIVE
+                        or resp.state == INACTIVE):
+                    self.is_active = False
+                    self.tracker.remove(conn)
+                    return
+            if resp.state == INACTIVE and orig.state == INACTIVE:
+                self.tracker.remove(conn)
+                return
+        self._add_timer(t + self.settings.tcp_session_timer, self._expire_timer)
+
+    def _attempt_timer(self, t: float) -> None:
+        conn = self.conn
+        if conn.removed or not self.is_active:
+            return
+        if conn.orig.state in (SYN_SENT, SYN_ACK_SENT) and conn.resp.state == INACTIVE:
+            self.is_active = False
+            self.tracker.remove(conn)
+
+    def _delete_timer(self, t: float) -> None:
+        if not self.conn.removed:
+            self.tracker.remove(self.conn)
+
+    # --- flips ---------------------------------------------------------------------------------
+    def flipped(self, conn: Connection) -> None:
+        fps = self.first_packet_seen
+        self.first_packet_seen = ((RESP_BIT if fps & ORIG_BIT else 0)
+                                  | (ORIG_BIT if fps & RESP_BIT else 0))
+        self.is_partial = False
+
+    # --- per packet ----------------------------------------------------------------------------
+    def is_reuse(self, pkt: Packet) -> bool:
+        """TCPSessionAdapter::IsReuse (spec §2.8)."""
+        flags = pkt.tcp_flags
+        if pkt.tcp_hdr_len < 20 or not flags & SYN:
+            return False
+        conn = self.conn
+        orig = conn.orig
+        resp = conn.resp
+        conn_orig = orig
+        if flags & ACK:
+            if orig.state != INACTIVE:
+                return False
+            conn_orig = resp
+        if not (orig.did_close or resp.did_close):
+            seq = pkt.seq
+            if seq == conn_orig.start_seq:
+                return False
+            if (not flags & ACK and conn_orig.state == SYN_ACK_SENT and resp.state == INACTIVE
+                    and seq == resp.start_seq):
+                return False
+        return True
+
+    def bad_checksum(self, conn: Connection, side: int) -> None:
+        conn.sides[side].checksum_error(conn)
+
+    def process(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
+        t = pkt.ts
+        flags = pkt.tcp_flags
+        f_syn = flags & SYN
+        f_fin = flags & FIN
+        f_rst = flags & RST
+        f_ack = flags & ACK
+        base_seq = pkt.seq
+        ack_seq = pkt.ack
+        endpoint: TCPEndpoint = conn.sides[side]
+        peer = endpoint.peer
+        length = pkt.payload_len
+
+        # SetPartialStatus
+        if is_orig:
+            if not self.first_packet_seen & ORIG_BIT:
+                self.is_partial = (not f_syn) or bool(f_ack)
+        elif not self.first_packet_seen & RESP_BIT and not self.is_partial:
+            self.is_partial = not f_syn
+
+        seg_len = length
+        if f_syn:
+            seg_len += 1
+        if f_fin:
+            seg_len += 1
+        if f_rst:
+            seg_len -= length
+        seq_one_past = (base_seq + seg_len) & M32
+
+        # init_endpoint
+        st = endpoint.state
+        if st == INACTIVE:
+            if f_syn:
+                endpoint.ack_seq = base_seq
+                endpoint.start_seq = base_seq
+                endpoint.last_seq = seq_one_past
+            else:
+                endpoint.ack_seq = endpoint.start_seq = (base_seq - 1) & M32
+                endpoint.last_seq = base_seq
+            endpoint.start_time = t
+        elif st == SYN_SENT or st == SYN_ACK_SENT:
+            if f_syn and base_seq != endpoint.start_seq:
+                endpoint.start_seq = endpoint.ack_seq = base_seq
+                endpoint.last_seq = seq_one_past
+        elif st == ESTABLISHED or st == PARTIAL:
+            if f_syn:
+                endpoint.start_seq = endpoint.ack_seq = base_seq
+                endpoint.last_seq = seq_one_past
+        elif st == RESET:
+            if f_syn and endpoint.prev_state == INACTIVE:
+                endpoint.start_seq = endpoint.ack_seq = base_seq
+                endpoint.last_seq = seq_one_past
+
+        if endpoint.seq_wraps == 0 and base_seq >= endpoint.last_seq:
+            # Fast path of get_relative_seq: no wraps and no wrap in this packet.
+            d = (base_seq - endpoint.last_seq) & M32
+            if d & 0x80000000:
+                rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq,
+                                                            endpoint.last_seq, 0)
+            else:
+                d = (base_seq - endpoint.start_seq) & M32
+                if d & 0x80000000:
+                    rel_seq, seq_underflow = (d - 0x100000000) & M64, True
+                else:
+                    rel_seq, seq_underflow = d, False
+        else:
+            rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, endpoint.last_seq,
+                                                        endpoint.seq_wraps)
+
+        if flags & 0x07:
+            self._update_history(conn, flags, endpoint, rel_seq, length)
+        elif length or f_ack:
+            # Fast path for the common A/D letters: nothing to do once the letter was seen
+            # (unless the history is exactly "H", which triggers the second-packet flip).
+            mask = HIST_DATA_PKT if length else HIST_ACK_PKT
+            if endpoint.side != conn.orig_side:
+                mask <<= 16
+            if not conn.hist_seen & mask or conn.history == "H":
+                self._update_history(conn, flags, endpoint, rel_seq, length)
+
+        # update_window: only the zero-window letter matters for the log.
+        if (pkt.window == 0 and not f_rst and peer.state != CLOSED
+                and endpoint.state != RESET):
+            endpoint.zero_window(conn)
+
+        if not endpoint.did_close or not peer.did_close:
+            conn.last_time = t
+
+        if f_fin:
+            endpoint.FIN_cnt += 1
+            endpoint.FIN_seq = (rel_seq + seg_len) & M64
+        if f_rst:
+            endpoint.RST_cnt += 1
+
+        rel_ack = 0
+        if f_ack:
+            if (is_orig and not self.seen_first_ACK
+                    and (endpoint.state == ESTABLISHED or endpoint.state == SYN_SENT)):
+                self.seen_first_ACK = True
+            if peer.state == INACTIVE:
+                rel_ack = 1
+                v = (ack_seq - 1) & M32
+                peer.start_seq = peer.ack_seq = peer.last_seq = v
+            else:
+                rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, peer.ack_seq,
+                                                            peer.ack_wraps)
+                if ack_underflow:
+                    rel_ack = 0
+                elif not f_rst:
+                    delta_ack = (ack_seq - peer.ack_seq) & M32
+                    if delta_ack & 0x80000000:
+                        delta_ack -= 0x100000000
+                    if ack_seq == 0 and delta_ack > TOO_LARGE_SEQ_DELTA:
+                        pass
+                    elif delta_ack > 0:
+                        peer.update_ack_seq_value(ack_seq)
+
+        # update_last_seq
+        delta_last = (seq_one_past - endpoint.last_seq) & M32
+        if delta_last & 0x80000000:
+            delta_last -= 0x100000000
+        if (f_syn or f_rst) and (delta_last > TOO_LARGE_SEQ_DELTA
+                                 or delta_last < -TOO_LARGE_SEQ_DELTA):
+            pass
+        elif f_fin and endpoint.last_seq == (endpoint.start_seq + 1) & M32:
+            endpoint.update_last_seq_value(seq_one_past)
+        elif endpoint.state == RESET:
+            pass
+        elif delta_last > 0:
+            endpoint.update_last_seq_value(seq_one_past)
+        elif length > 0:
+            endpoint.did_rxmit(conn)
+        endpoint.last_time = t
+
+        do_close, gen_event = self._update_state_machine(
+            endpoint, peer, base_seq, ack_seq, length, delta_last, is_orig, flags)
+
+        if f_ack:
+            peer.reasm.ack_received(rel_ack)
+
+        # CheckPIA_FirstPacket
+        if is_orig:
+            self.first_packet_seen |= ORIG_BIT
+        else:
+            self.first_packet_seen |= RESP_BIT
+
+        if length > 0 and not f_rst and not seq_underflow:
+            payload = pkt.payload
+            if len(payload) >= length:
+                rel_data_seq = rel_seq + 1 if f_syn else rel_seq
+                if self.want_stream:
+                    data: bytes | memoryview = bytes(payload[:length])
+                elif length <= len(_ZEROS):
+                    data = _ZEROS_VIEW[:length]   # only lengths matter: no copy of the frame
+                else:
+                    data = bytes(length)
+                endpoint.reasm.data_sent(rel_data_seq, data)
+
+        endpoint.reasm.check_eof()
+
+        if do_close:
+            self._connection_closed(endpoint, peer, gen_event)
+
+    @staticmethod
+    def _relative_seq(ep: TCPEndpoint, cur: int, last: int, wraps: int) -> tuple[int, bool]:
+        """get_relative_seq: (uint64 relative seq, underflow)."""
+        d = (cur - last) & M32
+        if d & 0x80000000:
+            if wraps and cur > last:
+                wraps -= 1
+        elif d:
+            if cur < last:
+                wraps += 1
+        if wraps == 0:
+            d = (cur - ep.start_seq) & M32
+            if d & 0x80000000:
+                return (d - 0x100000000) & M64, True
+            return d, False
+        return (((wraps << 32) | cur) - ep.start_seq) & M64, False
+
+    @staticmethod
+    def _update_history(conn: Connection, flags: int, ep: TCPEndpoint, rel_seq: int,
+                        length: int) -> None:
+        f_syn = flags & SYN
+        f_fin = flags & FIN
+        f_rst = flags & RST
+        bits = (1 if f_syn else 0) + (1 if f_fin else 0) + (1 if f_rst else 0)
+        if bits > 1:
+            if f_fin and f_rst:
+                ep.check_history(conn, HIST_FIN_RST_PKT, "I")
+            else:
+                ep.check_history(conn, HIST_MULTI_FLAG_PKT, "Q")
+        elif bits == 1:
+            if f_syn:
+                code = "H" if flags & ACK else "S"
+                if ep.check_history(conn, HIST_SYN_PKT, code) and rel_seq != ep.hist_last_SYN:
+                    ep.add_history(conn, code)
+                ep.hist_last_SYN = rel_seq
+            if f_fin:
+                end = (rel_seq + length) & M64
+                if ep.check_history(conn, HIST_FIN_PKT, "F") and end != ep.hist_last_FIN:
+                    ep.add_history(conn, "F")
+                ep.hist_last_FIN = end
+            if f_rst:
+                if ep.check_history(conn, HIST_RST_PKT, "R") and rel_seq != ep.hist_last_RST:
+                    ep.add_history(conn, "R")
+                ep.hist_last_RST = rel_seq
+        else:
+            if length:
+                ep.check_history(conn, HIST_DATA_PKT, "D")
+            elif flags & ACK:
+                ep.check_history(conn, HIST_ACK_PKT, "A")
+
+    # --- state machine -------------------------------------------------------------------------
+    def _update_state_machine(self, ep: TCPEndpoint, peer: TCPEndpoint, base_seq: int,
+                              ack_seq: int, length: int, delta_last: int, is_orig: bool,
+                              flags: int) -> tuple[bool, bool]:
+        st = ep.state
+        if st == INACTIVE:
+            return self._inactive(ep, peer, base_seq, length, is_orig, flags)
+        if st == SYN_SENT or st == SYN_ACK_SENT:
+            do_close = gen_event = False
+            if flags & FIN:
+                ep.set_state(CLOSED)
+                do_close = gen_event = True
+            if flags & RST:
+                ep.set_state(RESET)
+                self.is_active = False      # ConnectionReset
+                do_close = True
+            return do_close, gen_event
+        if st == ESTABLISHED or st == PARTIAL:
+            do_close = gen_event = False
+            if flags & SYN:
+                if st == PARTIAL and peer.state == INACTIVE and not flags & ACK:
+                    ep.set_state(SYN_SENT)
+            if flags & FIN and not flags & RST:
+                ep.set_state(CLOSED)
+                if peer.state == RESET and peer.prev_state == CLOSED:
+                    peer.set_state(CLOSED)
+                do_close = gen_event = True
+            if flags & RST:
+                ep.set_state(RESET)
+                do_close = True
+                if peer.state != RESET or peer.prev_state != ESTABLISHED:
+                    self.is_active = False  # ConnectionReset
+            return do_close, gen_event
+        if st == CLOSED:
+            do_close = False
+            if flags & RST and ep.peer.state != CLOSED:
+                ep.set_state(RESET)
+                if not ep.did_close:
+                    do_close = True
+                # ResetTimer only exists when a script handles connection_reset (none here).
+            return do_close, False
+        return False, False  # RESET: weirds only
+
+    def _inactive(self, ep: TCPEndpoint, peer: TCPEndpoint, base_seq: int, length: int,
+                  is_orig: bool, flags: int) -> tuple[bool, bool]:
+        do_close = gen_event = False
+        conn = self.conn
+        if flags & SYN:
+            if is_orig:
+                ep.set_state(SYN_ACK_SENT if flags & ACK else SYN_SENT)
+                if self.settings.tcp_attempt_delay:
+                    self._add_timer(self.tracker.current_ts + self.settings.tcp_attempt_delay,
+                                    self._attempt_timer, at_termination=True)
+            else:
+                if flags & ACK:
+                    pass  # bad_SYN_ack weird only
+                elif peer.state == SYN_ACK_SENT and base_seq == ep.start_seq:
+                    # SYN/SYN-ACK reversal: flip and establish (spec §3.3).
+                    self.is_partial = False
+                    conn.flip_roles()
+                    peer.set_state(ESTABLISHED)
+                    self.first_packet_seen |= ORIG_BIT
+                if peer.state == SYN_SENT:
+                    peer.set_state(ESTABLISHED)
+                ep.set_state(ESTABLISHED)
+                if peer.state != PARTIAL:
+                    self.established_pending = True
+        if flags & FIN:
+            ep.set_state(CLOSED)
+            do_close = gen_event = True
+        if flags & RST:
+            ep.set_state(RESET)
+            is_reject = False
+            if is_orig:
+                if peer.state == ESTABLISHED:
+                    is_reject = True
+            elif peer.state == SYN_SENT or peer.state == SYN_ACK_SENT:
+                is_reject = True
+            do_close = True
+            gen_event = not is_reject
+        if ep.state == INACTIVE:
+            if not is_orig and length == 0 and conn.orig.state == SYN_SENT:
+                pass
+            elif flags & ACK and peer.state == ESTABLISHED:
+                ep.set_state(ESTABLISHED)
+                self.is_partial = False
+                self.first_packet_seen |= ORIG_BIT if is_orig else RESP_BIT
+            else:
+                ep.set_state(PARTIAL)
+        return do_close, gen_event
+
+    # --- closing -------------------------------------------------------------------------------
+    def _connection_closed(self, ep: TCPEndpoint, peer: TCPEndpoint, gen_event: bool) -> None:
+        if ep.reasm.data_pending():
+            self.close_deferred = True
+            if not self.deferred_gen_event:
+                self.deferred_gen_event = gen_event
+            return
+        self.close_deferred = False
+        if ep.did_close:
+            return
+        ep.did_close = True
+        complete = ep.state == RESET or peer.did_close or peer.state == INACTIVE
+        conn = self.conn
+        if complete:
+            if ep.prev_state != INACTIVE or peer.state != INACTIVE:
+                if self.deferred_gen_event:
+                    gen_event = True
+                    self.deferred_gen_event = False
+                if gen_event:
+                    self.is_active = False  # ConnectionFinished
+            self.cancel_timers()
+            delay = self.settings.tcp_close_delay
+            self._add_timer(conn.last_time + delay if delay else conn.last_time,
+                            self._delete_timer)
+        elif ep.prev_state != INACTIVE:
+            self._add_timer(conn.last_time + self.settings.tcp_session_timer,
+                            self._expire_timer)
+
+    def endpoint_eof(self, ep: TCPEndpoint) -> None:
+        if self.close_deferred:
+            self._connection_closed(ep, ep.peer, self.deferred_gen_event)
+            self.close_deferred = False
+
+    # --- summary -------------------------------------------------------------------------------
+    @staticmethod
+    def conn_state(conn: Connection) -> str:
+        """conn_state() of base/protocols/conn/main.zeek for TCP (spec §1.7)."""
+        o = conn.orig
+        r = conn.resp
+        os_ = o.state
+        rs = r.state
+        o_inactive = os_ == INACTIVE or os_ == PARTIAL
+        r_inactive = rs == INACTIVE or rs == PARTIAL
+        if rs == RESET:
+            if os_ == SYN_SENT or os_ == SYN_ACK_SENT or (
+                    os_ == RESET and o.size == 0 and r.size == 0):
+                return "REJ"
+            if o_inactive:
+                return "RSTRH"
+            return "RSTR"
+        if os_ == RESET:
+            if r_inactive:
+                return "RSTOS0" if _rstos0_history(conn.history) else "OTH"
+            return "RSTO"
+        if os_ == CLOSED and rs == CLOSED:
+            return "SF"
+        if os_ == CLOSED:
+            return "SH" if r_inactive else "S2"
+        if rs == CLOSED:
+            return "SHR" if o_inactive else "S3"
+        if os_ == SYN_SENT and rs == INACTIVE:
+            return "S0"
+        if os_ == ESTABLISHED and rs == ESTABLISHED:
+            return "S1"
+        return "OTH"
+
+
+def _rstos0_history(h: str) -> bool:
+    """History matches /^\\^?S[^HAFGIQ]*R.*$/."""
+    if h.startswith("^"):
+        h = h[1:]
+    if not h.startswith("S"):
+        return False
+    for ch in h[1:]:
+        if ch == "R":
+            return True
+        if ch in "HAFGIQ":
+            return False
+    return False

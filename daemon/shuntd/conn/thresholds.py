@@ -1,0 +1,153 @@
+"""ConnThreshold: bytes/packets per direction and duration thresholds (spec §7).
+
+Zeek semantics kept: "bytes" are IP-level bytes (ConnSize's num_bytes_ip), crossing tests are
+`>=` for bytes/packets and strictly `>` for duration (`network_time - start_time`), a threshold
+already crossed when set fires at once, only the smallest pending threshold per kind/direction
+is checked, and after it fires the next smallest is installed (and checked) immediately.
+Generic packet thresholds fire when `orig_pkts + resp_pkts == n`, each once, ascending.
+State per connection lives in `conn.ext["thresholds"]` and exists only if one was set.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+STATE_KEY = "thresholds"
+
+BYTES = "bytes"
+PACKETS = "packets"
+DURATION = "duration"
+
+# fire(kind, conn, threshold, is_orig); kind is BYTES / PACKETS / DURATION
+FireCallback = Callable[[str, Any, float, bool], None]
+GenericCallback = Callable[[Any, int], None]
+
+
+class ConnThresholds:
+    """Pending thresholds of one connection, each list kept sorted ascending."""
+
+    __slots__ = ("bytes_orig", "bytes_resp", "pkts_orig", "pkts_resp", "duration",
+                 "generic_next")
+
+    def __init__(self) -> None:
+        self.bytes_orig: list[int] = []
+        self.bytes_resp: list[int] = []
+        self.pkts_orig: list[int] = []
+        self.pkts_resp: list[int] = []
+        self.duration: list[float] = []
+        self.generic_next = 0          # index of the next generic packet threshold
+
+
+class ThresholdManager:
+    """Sets, checks and fires thresholds; `fire` receives every crossing."""
+
+    __slots__ = ("fire", "fire_generic", "generic")
+
+    def __init__(self, fire: FireCallback, fire_generic: GenericCallback | None = None,
+                 generic_packet_thresholds: Sequence[int] = ()) -> None:
+        self.fire = fire
+        self.fire_generic = fire_generic
+        self.generic = sorted(set(int(n) for n in generic_packet_thresholds))
+
+    # -- API for policies --------------------------------------------------------------
+
+    def set_bytes_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
+        """IP-level bytes sent by that direction; False for 0 (rejected, like Zeek)."""
+        if threshold <= 0:
+            return False
+        st = self._state(conn)
+        bisect.insort(st.bytes_orig if is_orig else st.bytes_resp, int(threshold))
+        self._check_direction(conn, st, is_orig, None)
+        return True
+
+    def set_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
+        if threshold <= 0:
+            return False
+        st = self._state(conn)
+        bisect.insort(st.pkts_orig if is_orig else st.pkts_resp, int(threshold))
+        self._check_direction(conn, st, is_orig, None)
+        return True
+
+    def set_duration_threshold(self, conn: Any, seconds: float, now: float | None = None) -> bool:
+        """Fires on the first counted packet with `now - start_time > seconds`; a threshold
+        already exceeded at `now` (default: the connection's last packet) fires at once."""
+        if seconds <= 0:
+            return False
+        st = self._state(conn)
+        bisect.insort(st.duration, float(seconds))
+        self._check_duration(conn, st, conn.last_time if now is None else now)
+        return True
+
+    def delete_bytes_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
+        return self._delete(conn, "bytes_orig" if is_orig else "bytes_resp", threshold)
+
+    def delete_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
+        return self._delete(conn, "pkts_orig" if is_orig else "pkts_resp", threshold)
+
+    def delete_duration_threshold(self, conn: Any, seconds: float) -> bool:
+        return self._delete(conn, "duration", seconds)
+
+    # -- engine entry point ----------------------------------------------------------------
+
+    def packet(self, conn: Any, is_orig: bool, now: float) -> None:
+        """After a packet was counted for `is_orig` at network time `now`."""
+        ext = conn.ext
+        st = ext.get(STATE_KEY) if ext else None
+        if st is not None:
+            self._check_direction(conn, st, is_orig, now)
+            if st.duration:
+                self._check_duration(conn, st, now)
+        if self.generic:
+            self._check_generic(conn)
+
+    # -- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _state(conn: Any) -> ConnThresholds:
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        st = ext.get(STATE_KEY)
+        if st is None:
+            st = ext[STATE_KEY] = ConnThresholds()
+        return st
+
+    def _check_direction(self, conn: Any, st: ConnThresholds, is_orig: bool,
+                         now: float | None) -> None:
+        endpoint = conn.orig if is_orig else conn.resp
+        pending = st.bytes_orig if is_orig else st.bytes_resp
+        while pending and endpoint.num_bytes_ip >= pending[0]:
+            self.fire(BYTES, conn, pending.pop(0), is_orig)
+        pending = st.pkts_orig if is_orig else st.pkts_resp
+        while pending and endpoint.num_pkts >= pending[0]:
+            self.fire(PACKETS, conn, pending.pop(0), is_orig)
+
+    def _check_duration(self, conn: Any, st: ConnThresholds, now: float) -> None:
+        pending = st.duration
+        while pending and now - conn.start_time > pending[0]:
+            # Zeek reports duration crossings with is_orig of the packet; no direction here.
+            self.fire(DURATION, conn, pending.pop(0), True)
+
+    def _check_generic(self, conn: Any) -> None:
+        st = self._state(conn) if conn.ext is None or STATE_KEY not in conn.ext \
+            else conn.ext[STATE_KEY]
+        total = conn.orig.num_pkts + conn.resp.num_pkts
+        generic = self.generic
+        while st.generic_next < len(generic) and generic[st.generic_next] <= total:
+            n = generic[st.generic_next]
+            st.generic_next += 1
+            if n == total and self.fire_generic is not None:
+                self.fire_generic(conn, n)
+
+    def _delete(self, conn: Any, attr: str, value: float) -> bool:
+        ext = conn.ext
+        st = ext.get(STATE_KEY) if ext else None
+        if st is None:
+            return False
+        pending = getattr(st, attr)
+        if value in pending:
+            pending.remove(value)
+            return True
+        return False

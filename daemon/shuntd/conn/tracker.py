@@ -1,0 +1,287 @@
+"""ConnTracker: packets -> connections, timers in network time, removal -> records.
+
+Mirrors Zeek's session manager + IPBasedAnalyzer (spec §0.3 step 5, §3.2, §5): lookup by an
+endpoint-neutral key, first-packet flip decision, TCP reuse, per-protocol analysis, ConnSize,
+inactivity and TCP timers, and the termination order of §5.5. Records leave through `sink`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from shuntd.conn.connection import Connection
+from shuntd.conn.hooks import EngineHooks
+from shuntd.conn.icmp import ICMPAnalyzer
+from shuntd.conn.key import icmp_ports, make_key
+from shuntd.conn.record import conn_record
+from shuntd.conn.settings import EngineSettings
+from shuntd.conn.site import LocalNets
+from shuntd.conn.tcp import ACK, SYN, TCPAnalyzer
+from shuntd.conn.tcpstate import INACTIVE
+from shuntd.conn.timers import TimerManager
+from shuntd.conn.udp import UDPAnalyzer
+from shuntd.conn.uid import UidGenerator
+from shuntd.packet import Packet
+
+BROADCAST4 = b"\xff\xff\xff\xff"
+_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+RecordSink = Callable[[Connection, tuple], None]
+
+
+def _discard(conn: Connection, row: tuple) -> None:
+    """Default sink: records are only passed to `hooks.connection_logged`."""
+
+
+def session_key_bytes(conn: Connection) -> bytes:
+    """Zeek's raw session key, the termination order under a fixed seed (spec §5.5)."""
+    proto, a, pa, b, pb = conn.key
+    if len(a) == 4:
+        a = _MAPPED_PREFIX + a
+        b = _MAPPED_PREFIX + b
+    return a + b + pa.to_bytes(2, "big") + pb.to_bytes(2, "big") + proto.to_bytes(2, "little")
+
+
+class TrackerStats:
+    """Counters of packets the tracker did not turn into connection activity."""
+
+    __slots__ = ("packets", "fragments", "truncated_header", "bad_tcp_header", "connections")
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.fragments = 0
+        self.truncated_header = 0
+        self.bad_tcp_header = 0
+        self.connections = 0
+
+
+class ConnTracker:
+    """Connection table and engine clock. Feed `process(pkt)`, end with `finish()`."""
+
+    def __init__(self, settings: EngineSettings | None = None,
+                 hooks: EngineHooks | None = None, sink: RecordSink | None = None,
+                 uid_seed: int | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.hooks = hooks or EngineHooks()
+        self.sink = sink or _discard
+        self.timers = TimerManager(self.settings.max_timer_expires)
+        self.conns: dict[tuple, Connection] = {}
+        self.network_time = 0.0
+        self.current_ts = 0.0
+        self.stats = TrackerStats()
+        self.uids = UidGenerator(uid_seed)
+        self.local_nets = LocalNets(self.settings.local_nets,
+                                    self.settings.private_address_space_is_local)
+        s = self.settings
+        self._likely_tcp = s.likely_tcp_ports
+        self._likely_udp = s.likely_udp_ports
+        self._ignore_checksums = s.ignore_checksums
+        # Copy TCP payload for the stream only if somebody listens (saves a copy per packet).
+        self.want_stream = type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
+        self._want_tick = type(self.hooks).tick is not EngineHooks.tick
+        self._want_packet = type(self.hooks).packet is not EngineHooks.packet
+
+    # --- clock ---------------------------------------------------------------------------------
+    def advance(self, ts: float) -> None:
+        """Move network time to `ts` (never backwards) and fire due timers."""
+        if ts > self.network_time:
+            self.network_time = ts
+        self.timers.advance(self.network_time)
+        self.hooks.tick(self.network_time)
+
+    # --- packets -------------------------------------------------------------------------------
+    def process(self, pkt: Packet) -> Connection | None:
+        """Account one decoded, defragmented packet; returns its connection if any."""
+        self.stats.packets += 1
+        ts = self.current_ts = pkt.ts
+        if ts > self.network_time:
+            # The timer manager's clock moves with every packet: timers scheduled while this
+            # packet is handled (polls, thresholds) count from now, not from the last expiry.
+            self.network_time = self.timers.now = ts
+        heap = self.timers.heap  # peek inline: most packets have no due timer
+        if heap and heap[0][0] <= self.network_time:
+            self.timers.advance(self.network_time)
+        if self._want_tick:
+            self.hooks.tick(self.network_time)
+        if pkt.frag:
+            self.stats.fragments += 1
+            return None
+        if not pkt.l4_ok:
+            self.stats.truncated_header += 1
+            return None
+        proto = pkt.proto
+        if proto == 6 or proto == 17:
+            src = pkt.src
+            dst = pkt.dst
+            if src < dst or (src == dst and pkt.sport <= pkt.dport):
+                key = (proto, src, pkt.sport, dst, pkt.dport)
+                side = 0
+            else:
+                key = (proto, dst, pkt.dport, src, pkt.sport)
+                side = 1
+        elif proto == 1 or proto == 58:
+            sp, dp, one_way = icmp_ports(proto, pkt.sport, pkt.dport)
+            key, side = make_key(proto, pkt.src, sp, pkt.dst, dp, one_way)
+        else:
+            key, side = make_key(proto, pkt.src, 0, pkt.dst, 0)
+
+        conn = self.conns.get(key)
+        if conn is None:
+            conn = self._new_connection(pkt, key, side)
+        elif proto == 6 and conn.analyzer.is_reuse(pkt):
+            self.remove(conn)
+            conn = self._new_connection(pkt, key, side)
+
+        is_orig = side == conn.orig_side
+        if proto == 6:
+            self._tcp(conn, pkt, side, is_orig)
+        elif proto == 17:
+            self._udp(conn, pkt, side, is_orig)
+        elif proto == 1 or proto == 58:
+            self._icmp(conn, pkt, side, is_orig)
+        else:
+            conn.last_time = pkt.ts
+            conn.sides[side].count(pkt.ip_len)
+            self.hooks.packet(conn, pkt, is_orig)
+        return conn
+
+    def _tcp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
+        if not pkt.tcp_hdr_ok:
+            self.stats.bad_tcp_header += 1
+            return
+        an: TCPAnalyzer = conn.analyzer
+        if pkt.checksum_ok is False and not self._ignore_checksums:
+            an.bad_checksum(conn, side)
+            return
+        an.process(conn, pkt, side, is_orig)
+        ep = conn.sides[side]
+        ep.num_pkts += 1
+        ep.num_bytes_ip += pkt.ip_len
+        if an.established_pending:
+            an.established_pending = False
+            self._established(conn)
+        if self._want_packet:
+            self.hooks.packet(conn, pkt, side == conn.orig_side)
+
+    def _udp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
+        an: UDPAnalyzer = conn.analyzer
+        if pkt.checksum_ok is False and not self._ignore_checksums:
+            an.bad_checksum(conn, side)
+            return
+        conn.last_time = pkt.ts
+        an.account(conn, side, is_orig, pkt.udp_len)
+        self.hooks.udp_payload(conn, is_orig, pkt.payload)
+        # ConnSize counts with the direction the packet had before any app-layer flip.
+        conn.sides[conn.orig_side if is_orig else conn.orig_side ^ 1].count(pkt.ip_len)
+        self.hooks.packet(conn, pkt, side == conn.orig_side)
+
+    def _icmp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
+        if pkt.checksum_ok is False and not self._ignore_checksums:
+            return
+        conn.last_time = pkt.ts
+        ICMPAnalyzer.account(conn, side, pkt.l4_len)
+        if 8 + len(pkt.payload) >= pkt.l4_len:
+            conn.sides[side].count(pkt.ip_len)
+        self.hooks.packet(conn, pkt, is_orig)
+
+    def _established(self, conn: Connection) -> None:
+        """connection_established handlers: port inactivity timeouts, then the hook."""
+        port = conn.resp_p
+        if (conn.orig.state == INACTIVE and port not in self._likely_tcp
+                and conn.orig_p in self._likely_tcp):
+            port = conn.orig_p
+        timeout = self.settings.port_inactivity_timeouts.get(port)
+        if timeout is not None:
+            self.set_inactivity_timeout(conn, timeout)
+        self.hooks.connection_established(conn)
+
+    # --- connections ---------------------------------------------------------------------------
+    def _new_connection(self, pkt: Packet, key: tuple, side: int) -> Connection:
+        proto = key[0]
+        s = self.settings
+        flip = False
+        if proto == 6:
+            analyzer: object = TCPAnalyzer(self)
+            flags = pkt.tcp_flags
+            if not flags & SYN or flags & ACK:
+                likely = self._likely_tcp
+                if pkt.sport in likely:
+                    if pkt.dport in likely:
+                        flip = not flags & SYN and pkt.sport < pkt.dport
+                    else:
+                        flip = True
+            timeout = s.udp_inactivity_timeout  # TCP starts with the UDP value (spec §5.2)
+        elif proto == 17:
+            analyzer = UDPAnalyzer()
+            likely = self._likely_udp
+            flip = pkt.sport in likely and pkt.dport not in likely
+            timeout = s.udp_inactivity_timeout
+        elif proto == 1 or proto == 58:
+            analyzer = ICMPAnalyzer()
+            timeout = s.icmp_inactivity_timeout
+        else:
+            analyzer = ICMPAnalyzer()
+            timeout = s.unknown_ip_inactivity_timeout
+        if flip and pkt.dst == BROADCAST4:
+            flip = False
+        sides = analyzer.make_endpoints()  # type: ignore[attr-defined]
+        conn = Connection(self.uids.next(), key, pkt.ts, side, sides, analyzer, self)
+        self.conns[key] = conn
+        self.stats.connections += 1
+        if flip:
+            conn.flip_roles()
+        analyzer.attach(conn)  # type: ignore[attr-defined]
+        self.set_inactivity_timeout(conn, timeout)
+        self.hooks.new_connection(conn)
+        return conn
+
+    def set_inactivity_timeout(self, conn: Connection, timeout: float) -> None:
+        """Session::SetInactivityTimeout: re-arm at last_time + timeout (0 = never)."""
+        if timeout == conn.inactivity_timeout:
+            return
+        if conn.inactivity_timer is not None:
+            conn.inactivity_timer.cancel()
+            conn.inactivity_timer = None
+        if timeout > 0:
+            conn.inactivity_timer = self.timers.schedule(
+                conn.last_time + timeout, self._inactivity_timer, arg=conn)
+        conn.inactivity_timeout = timeout
+
+    def _inactivity_timer(self, conn: Connection, t: float) -> None:
+        if conn.removed:
+            return
+        conn.inactivity_timer = None
+        timeout = conn.inactivity_timeout
+        if conn.last_time + timeout <= t:
+            if self.hooks.connection_timing_out(conn):
+                conn.inactivity_timer = self.timers.schedule(
+                    t + timeout, self._inactivity_timer, arg=conn)
+                return
+            self.remove(conn)
+        else:
+            conn.inactivity_timer = self.timers.schedule(
+                conn.last_time + timeout, self._inactivity_timer, arg=conn)
+
+    def remove(self, conn: Connection) -> None:
+        """Finish a connection: state_remove hook, record, sink (exactly once)."""
+        if conn.removed:
+            return
+        conn.removed = True
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        if conn.inactivity_timer is not None:
+            conn.inactivity_timer.cancel()
+            conn.inactivity_timer = None
+        if isinstance(conn.analyzer, TCPAnalyzer):
+            conn.analyzer.cancel_timers()
+        self.hooks.connection_state_remove(conn)
+        row = conn_record(conn, self.local_nets)
+        self.hooks.connection_logged(conn, row)
+        self.sink(conn, row)
+
+    def finish(self) -> None:
+        """End of input (spec §5.5): expire termination timers, then drain in key order."""
+        self.timers.now = max(self.timers.now, self.network_time)
+        self.timers.expire_all()
+        for conn in sorted(self.conns.values(), key=session_key_bytes):
+            self.remove(conn)

@@ -1,0 +1,90 @@
+"""UDP flows (spec §4.2): bytes from the UDP length field, `D`/`d`, ACTIVE endpoints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shuntd.conn.size import EndpointCounters
+
+if TYPE_CHECKING:
+    from shuntd.conn.connection import Connection
+
+# Session history masks for UDP (role-based bits, never swapped).
+HIST_ORIG_DATA_PKT = 0x1
+HIST_RESP_DATA_PKT = 0x2
+
+
+class UDPEndpoint(EndpointCounters):
+    """One side of a UDP flow. `nbytes` is role-bound (Zeek's request_len/reply_len): an
+    application-layer flip swaps it back so it stays with the role (spec §3.4)."""
+
+    __slots__ = ("nbytes", "chk_cnt", "chk_thresh")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes: int | None = None   # None = no valid packet yet
+        self.chk_cnt = 0
+        self.chk_thresh = 1
+
+    @property
+    def state(self) -> int:
+        """UDP_ACTIVE (1) once a valid packet was seen (and the sum is not negative)."""
+        return 1 if self.nbytes is not None and self.nbytes >= 0 else 0
+
+    @property
+    def size(self) -> int:
+        return self.nbytes if self.nbytes is not None and self.nbytes > 0 else 0
+
+
+class UDPAnalyzer:
+    """Zeek's UDP session adapter for one connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: Connection = None  # type: ignore[assignment]
+
+    @staticmethod
+    def make_endpoints() -> list[UDPEndpoint]:
+        return [UDPEndpoint(), UDPEndpoint()]
+
+    def attach(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def flipped(self, conn: Connection) -> None:
+        a, b = conn.sides
+        a.nbytes, b.nbytes = b.nbytes, a.nbytes
+        a.chk_cnt, b.chk_cnt = b.chk_cnt, a.chk_cnt
+        a.chk_thresh, b.chk_thresh = b.chk_thresh, a.chk_thresh
+
+    def bad_checksum(self, conn: Connection, side: int) -> None:
+        """`C`/`c`, logarithmic (role-bound counters)."""
+        ep = conn.sides[side]
+        ep.chk_cnt += 1
+        if ep.chk_cnt == ep.chk_thresh:
+            conn.history += "C" if side == conn.orig_side else "c"
+            if ep.chk_thresh < 0xFFFFFFFF // 10:
+                ep.chk_thresh *= 10
+
+    @staticmethod
+    def account(conn: Connection, side: int, is_orig: bool, udp_len: int) -> None:
+        """History letter and role-bound byte count of one valid datagram."""
+        if is_orig:
+            conn.check_history(HIST_ORIG_DATA_PKT, "D")
+        else:
+            conn.check_history(HIST_RESP_DATA_PKT, "d")
+        ep = conn.sides[side]
+        n = udp_len - 8
+        ep.nbytes = n if ep.nbytes is None else ep.nbytes + n
+
+    @staticmethod
+    def conn_state(conn: Connection) -> str:
+        o = conn.orig.state
+        r = conn.resp.state
+        if o and r:
+            return "SF"
+        if o:
+            return "S0"
+        if r:
+            return "SHR"
+        return "OTH"

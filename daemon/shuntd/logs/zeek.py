@@ -1,0 +1,432 @@
+"""Zeek log writers: ASCII/TSV exactly like Zeek's default writer, and JSON (`use_json=T`).
+
+Every formatting rule of our logs lives here (spec zeek-conn.md §8): header lines, escaping,
+`-` / `(empty)`, `%.6f` times and intervals, RapidJSON number text, flattened field names.
+
+Values are passed as one tuple in schema order: None = unset, sets as set/list/tuple
+(an empty one prints `(empty)`), floats for time/interval/double, bools, ints, str. Address
+fields take text, or packed bytes (4 or 16) which are formatted like Zeek does.
+
+A record is formatted completely before anything is written, and the file only ever
+receives whole lines (one `os.write` of complete lines), so a crash never leaves half a line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEPARATOR = "\t"
+SET_SEPARATOR = ","
+EMPTY_FIELD = "(empty)"
+UNSET_FIELD = "-"
+OPEN_CLOSE_FORMAT = "%Y-%m-%d-%H-%M-%S"
+
+_SET_TYPE_PREFIXES = ("set[", "vector[")
+_TIME_TYPES = frozenset(("time", "interval"))
+_COUNT_TYPES = frozenset(("count", "int", "port"))
+
+
+@dataclass(frozen=True)
+class LogSchema:
+    """One log stream: its `#path` and its `(name, zeek_type)` columns, in `#fields` order."""
+
+    path: str
+    fields: list[tuple[str, str]]
+    names: tuple[str, ...] = field(init=False)
+    types: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.path or "/" in self.path or self.path.startswith("."):
+            raise ValueError(f"bad log path {self.path!r}")
+        names = tuple(n for n, _t in self.fields)
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate field names in log {self.path!r}")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "types", tuple(t for _n, t in self.fields))
+
+
+# ---- value rendering shared by both formats ------------------------------------------------
+
+def addr_text(packed: bytes) -> str:
+    """Packed IPv4/IPv6 address as Zeek prints it (IPv4-mapped IPv6 prints as IPv4)."""
+    if len(packed) == 4:
+        return socket.inet_ntoa(bytes(packed))
+    if len(packed) != 16:
+        raise ValueError(f"address must be 4 or 16 bytes, not {len(packed)}")
+    if packed[:12] == b"\x00" * 10 + b"\xff\xff":
+        return socket.inet_ntoa(bytes(packed[12:]))
+    return _ntop6(packed)
+
+
+def _ntop6(src: bytes) -> str:
+    """Zeek's `zeek_inet_ntop6` (BSD inet_ntop with IPv4-translated forms), rule for rule."""
+    words = [(src[i] << 8) | src[i + 1] for i in range(0, 16, 2)]
+    best_base, best_len = -1, 0
+    cur_base, cur_len = -1, 0
+    for i, w in enumerate(words):
+        if w == 0:
+            if cur_base == -1:
+                cur_base, cur_len = i, 1
+            else:
+                cur_len += 1
+        elif cur_base != -1:
+            if best_base == -1 or cur_len > best_len:
+                best_base, best_len = cur_base, cur_len
+            cur_base = -1
+    if cur_base != -1 and (best_base == -1 or cur_len > best_len):
+        best_base, best_len = cur_base, cur_len
+    if best_base != -1 and best_len < 2:
+        best_base = -1
+    out: list[str] = []
+    for i in range(8):
+        if best_base != -1 and best_base <= i < best_base + best_len:
+            if i == best_base:
+                out.append(":")
+            continue
+        if i != 0:
+            out.append(":")
+        if i == 6 and best_base == 0 and (
+            best_len == 6
+            or (best_len == 7 and words[7] != 1)
+            or (best_len == 5 and words[5] == 0xFFFF)
+            or (best_len == 4 and words[4] == 0xFFFF and words[5] == 0)
+        ):
+            out.append(socket.inet_ntoa(bytes(src[12:])))
+            break
+        out.append(f"{words[i]:x}")
+    if best_base != -1 and best_base + best_len == 8:
+        out.append(":")
+    return "".join(out)
+
+
+def _escape_bytes_run(s: str) -> str:
+    """Slow path of `escape_text`: per character, Zeek's `get_escaped_string` + UTF-8 rule."""
+    out: list[str] = []
+    for ch in s:
+        o = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o < 0x80:
+            out.append(f"\\x{o:02x}")
+        elif 0xDC80 <= o <= 0xDCFF:   # undecodable byte carried by surrogateescape
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:   # lone surrogate: not valid UTF-8, escape its bytes
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
+        else:
+            out.append(ch)            # valid multi-byte UTF-8 is written raw
+    return "".join(out)
+
+
+def escape_text(value: str | bytes, in_set: bool = False) -> str:
+    """A string/enum value as Zeek's ASCII writer prints it (not for header lines)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", "surrogateescape")
+    if not value:
+        return EMPTY_FIELD
+    if value.isascii() and value.isprintable() and "\\" not in value:
+        s = value
+    else:
+        s = _escape_bytes_run(value)
+    if in_set and SET_SEPARATOR in s:
+        s = s.replace(SET_SEPARATOR, "\\x2c")
+    if s == UNSET_FIELD:
+        return "\\x2d"
+    if s == EMPTY_FIELD:
+        return "\\x28empty)"
+    return s
+
+
+def double_text(x: float) -> str:
+    """Zeek's `double` in ASCII logs: fixed, at most 6 decimals, trailing zeros dropped."""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    s = format(x, ".6f").rstrip("0")
+    return s + "0" if s.endswith(".") else s
+
+
+def json_number(x: float) -> str:
+    """RapidJSON `Writer::Double` text: shortest digits, fixed unless very large/small."""
+    if math.isnan(x) or math.isinf(x):
+        return "null"
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    sign = "-" if x < 0 else ""
+    r = repr(abs(x))
+    mant, _, exp_s = r.partition("e")
+    exp = int(exp_s) if exp_s else 0
+    int_part, _, frac_part = mant.partition(".")
+    if frac_part == "0":
+        frac_part = ""
+    digits = (int_part + frac_part).lstrip("0")
+    # value = int(int_part + frac_part) * 10**(exp - len(frac_part))
+    k = exp - len(frac_part)
+    stripped = digits.rstrip("0")
+    k += len(digits) - len(stripped)
+    digits = stripped
+    length = len(digits)
+    kk = length + k  # value = 0.d1d2... * 10**kk
+    if 0 <= k and kk <= 21:
+        body = digits + "0" * k + ".0"
+    elif 0 < kk <= 21:
+        body = digits[:kk] + "." + digits[kk:]
+    elif -6 < kk <= 0:
+        body = "0." + "0" * (-kk) + digits
+    elif length == 1:
+        body = f"{digits}e{kk - 1}"
+    else:
+        body = f"{digits[0]}.{digits[1:]}e{kk - 1}"
+    return sign + body
+
+
+def _json_string(value: str | bytes) -> str:
+    """JSON string with Zeek's HEX escape policy (bad bytes become the text `\\xNN`)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", "surrogateescape")
+    if value.isascii() and value.isprintable() and "\\" not in value:
+        return json.dumps(value)
+    parts: list[str] = []
+    for ch in value:
+        o = ord(ch)
+        if ch in "\b\f\n\r\t" or o >= 0x20 and o != 0x7F and not 0xD800 <= o <= 0xDFFF:
+            parts.append(ch)
+        elif 0xDC80 <= o <= 0xDCFF:
+            parts.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            parts.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
+        else:
+            parts.append(f"\\x{o:02x}")
+    return json.dumps("".join(parts), ensure_ascii=False)
+
+
+def _header_escape(value: str) -> str:
+    """Header values: only whitespace/non-printable bytes are escaped."""
+    return "".join(ch if ch.isprintable() and not ch.isspace() else f"\\x{ord(ch):02x}"
+                   for ch in value)
+
+
+# ---- writers ---------------------------------------------------------------------------------
+
+class LogWriter:
+    """One open log file. Created on the first `write` (Zeek writes no file for no records)."""
+
+    def __init__(self, directory: str | Path, schema: LogSchema, fmt: str = "tsv",
+                 buffered: bool = False, json_include_unset: bool = False) -> None:
+        if fmt not in ("tsv", "json"):
+            raise ValueError(f"log format must be 'tsv' or 'json', not {fmt!r}")
+        self.schema = schema
+        self.fmt = fmt
+        self.path = Path(directory) / f"{schema.path}.log"
+        self.buffered = buffered
+        self.json_include_unset = json_include_unset
+        self.records = 0
+        self._fd: int | None = None
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._closed = False
+        self._render = self._tsv_line if fmt == "tsv" else self._json_line
+        self._kinds = tuple(_kind(t) for t in schema.types)
+        self._json_keys = tuple(json.dumps(n) + ":" for n in schema.names)
+
+    # -- public -----------------------------------------------------------------------------
+    def write(self, values: Sequence[Any]) -> None:
+        """Format one record (values in schema order) and append it as one whole line."""
+        if self._closed:
+            raise ValueError(f"{self.path}: write after close")
+        if len(values) != len(self._kinds):
+            raise ValueError(
+                f"{self.schema.path}: {len(values)} values for {len(self._kinds)} fields"
+            )
+        try:
+            line = self._render(values)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(self._bad_value(values, exc)) from None
+        if self._fd is None:
+            self._open()
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        self.records += 1
+        if not self.buffered or self._pending_bytes >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending and self._fd is not None:
+            data = "".join(self._pending).encode("utf-8", "surrogateescape")
+            self._pending.clear()
+            self._pending_bytes = 0
+            _write_all(self._fd, data)
+
+    def close(self) -> None:
+        """Flush and write `#close` (TSV); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._fd is None:
+            return
+        if self.fmt == "tsv":
+            self._pending.append(f"#close{SEPARATOR}{time.strftime(OPEN_CLOSE_FORMAT)}\n")
+        self.flush()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+    def _bad_value(self, values: Sequence[Any], exc: Exception) -> str:
+        """Name the field whose value cannot be rendered (for a clear error message)."""
+        for name, ztype, kind, v in zip(self.schema.names, self.schema.types, self._kinds,
+                                        values, strict=True):
+            try:
+                if v is not None:
+                    _tsv_value(kind, v)
+                    _json_value(kind, v)
+            except (TypeError, ValueError, OverflowError):
+                return f"{self.schema.path}: field {name!r} ({ztype}): cannot log {v!r}"
+        return f"{self.schema.path}: cannot log record: {exc}"
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        if self.fmt == "tsv":
+            self._pending.append(self.header())
+
+    def header(self, open_time: float | None = None) -> str:
+        """The header lines exactly as Zeek writes them."""
+        sep = SEPARATOR
+        stamp = time.strftime(OPEN_CLOSE_FORMAT, time.localtime(open_time))
+        sep_escaped = "".join(f"\\x{b:02x}" for b in sep.encode())
+        lines = [
+            f"#separator {sep_escaped}",
+            f"#set_separator{sep}{_header_escape(SET_SEPARATOR)}",
+            f"#empty_field{sep}{_header_escape(EMPTY_FIELD)}",
+            f"#unset_field{sep}{_header_escape(UNSET_FIELD)}",
+            f"#path{sep}{_header_escape(self.schema.path)}",
+            f"#open{sep}{stamp}",
+            "#fields" + sep + sep.join(self.schema.names),
+            "#types" + sep + sep.join(self.schema.types),
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _tsv_line(self, values: Sequence[Any]) -> str:
+        out: list[str] = []
+        for kind, v in zip(self._kinds, values, strict=True):
+            out.append(_tsv_value(kind, v))
+        line = SEPARATOR.join(out)
+        if line.startswith("#"):
+            line = "\\x23" + line[1:]
+        return line + "\n"
+
+    def _json_line(self, values: Sequence[Any]) -> str:
+        parts: list[str] = []
+        for key, kind, v in zip(self._json_keys, self._kinds, values, strict=True):
+            if v is None:
+                if self.json_include_unset:
+                    parts.append(key + "null")
+                continue
+            parts.append(key + _json_value(kind, v))
+        return "{" + ",".join(parts) + "}\n"
+
+
+def _kind(zeek_type: str) -> str:
+    """Collapse a Zeek type name into the rendering rule it follows."""
+    if zeek_type.startswith(_SET_TYPE_PREFIXES):
+        return "set:" + _kind(zeek_type[zeek_type.index("[") + 1:-1])
+    if zeek_type in _TIME_TYPES:
+        return "time"
+    if zeek_type in _COUNT_TYPES:
+        return "count"
+    if zeek_type in ("bool", "double", "addr", "subnet"):
+        return zeek_type
+    return "string"   # string, enum, and anything else printed as text
+
+
+def _tsv_value(kind: str, v: Any) -> str:
+    if v is None:
+        return UNSET_FIELD
+    if kind == "string":
+        return escape_text(v)
+    if kind == "count":
+        return str(int(v))
+    if kind == "time":
+        return format(float(v), ".6f")
+    if kind == "bool":
+        return "T" if v else "F"
+    if kind == "addr":
+        return addr_text(v) if isinstance(v, (bytes, bytearray)) else escape_text(v)
+    if kind == "double":
+        return double_text(float(v))
+    if kind.startswith("set:"):
+        elems = _set_elements(v)
+        if not elems:
+            return EMPTY_FIELD
+        inner = kind[4:]
+        return SET_SEPARATOR.join(_tsv_set_element(inner, e) for e in elems)
+    return escape_text(str(v))
+
+
+def _tsv_set_element(kind: str, e: Any) -> str:
+    if kind == "string":
+        return escape_text(e, in_set=True)
+    if kind == "addr" and isinstance(e, (bytes, bytearray)):
+        return addr_text(e)
+    if kind in ("addr", "subnet"):
+        return escape_text(str(e), in_set=True)
+    return _tsv_value(kind, e)
+
+
+def _json_value(kind: str, v: Any) -> str:
+    if kind == "string":
+        return _json_string(v)
+    if kind == "count":
+        return str(int(v))
+    if kind == "time" or kind == "double":
+        return json_number(float(v))
+    if kind == "bool":
+        return "true" if v else "false"
+    if kind == "addr":
+        return _json_string(addr_text(v) if isinstance(v, (bytes, bytearray)) else v)
+    if kind.startswith("set:"):
+        inner = kind[4:]
+        return "[" + ",".join(_json_value(inner, e) for e in _set_elements(v)) + "]"
+    return _json_string(str(v))
+
+
+def _set_elements(v: Any) -> list[Any]:
+    if isinstance(v, (set, frozenset)):
+        return sorted(v, key=str)
+    if isinstance(v, (str, bytes)):
+        return [v]
+    if isinstance(v, Iterable):
+        return list(v)
+    return [v]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def open_log(directory: str | Path, schema: LogSchema, fmt: str = "tsv",
+             buffered: bool = False, json_include_unset: bool = False) -> LogWriter:
+    """Writer for `<directory>/<schema.path>.log`; the file appears with the first record.
+
+    `buffered=False` (default) writes each record as it comes (live daemon: logs are read
+    while we run); `buffered=True` batches whole lines up to 64 KiB (offline runs).
+    """
+    return LogWriter(directory, schema, fmt, buffered, json_include_unset)

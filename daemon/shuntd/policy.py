@@ -1,0 +1,84 @@
+"""The actions a policy may call: `shunt`, `shunt_ip_pair`, `unshunt` and thresholds.
+
+A policy is a plain Python file with functions named after the engine's events; it imports
+only this module. The actions act on whatever runs the engine (the live daemon's shunt table,
+or the offline engine), which installs an `Actions` implementation for the duration of each
+event dispatch. Calling an action outside an event handler raises `PolicyError` instead of
+silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+
+class PolicyError(RuntimeError):
+    """An action was called where no engine is listening (outside an event handler)."""
+
+
+class Actions(Protocol):
+    """What the engine behind a policy must offer. Results are strings such as `ok`, `exists`,
+    `full`, `error`, so a policy can log them without importing anything else."""
+
+    def shunt(self, conn: Any, trigger: str) -> str: ...
+
+    def shunt_ip_pair(
+        self, addr1: str, addr2: str, trigger: str, duration: float | None
+    ) -> str: ...
+
+    def unshunt(self, conn: Any) -> bool: ...
+
+    def set_bytes_threshold(self, conn: Any, nbytes: int, is_orig: bool) -> bool: ...
+
+    def set_packets_threshold(self, conn: Any, npackets: int) -> bool: ...
+
+
+_ACTIONS: contextvars.ContextVar[Actions] = contextvars.ContextVar("shuntd_policy_actions")
+
+
+@contextmanager
+def acting(actions: Actions) -> Iterator[None]:
+    """Make `actions` the target of the module-level functions below (used by the dispatcher)."""
+    token = _ACTIONS.set(actions)
+    try:
+        yield
+    finally:
+        _ACTIONS.reset(token)
+
+
+def _actions() -> Actions:
+    try:
+        return _ACTIONS.get()
+    except LookupError:
+        raise PolicyError("policy actions can only be called from an event handler") from None
+
+
+def shunt(conn: Any, trigger: str) -> str:
+    """Stop analysing `conn`: XDP drops and counts its packets from now on."""
+    return _actions().shunt(conn, trigger)
+
+
+def shunt_ip_pair(addr1: str, addr2: str, trigger: str, duration: float | None = None) -> str:
+    """Shunt every packet between two addresses (any protocol, any port), for `duration`
+    seconds or until removed."""
+    return _actions().shunt_ip_pair(addr1, addr2, trigger, duration)
+
+
+def unshunt(conn: Any) -> bool:
+    """Analyse `conn` again; its shunted counters so far stay with the connection."""
+    return _actions().unshunt(conn)
+
+
+def set_bytes_threshold(conn: Any, nbytes: int, is_orig: bool) -> bool:
+    """Raise `bytes_threshold_crossed(conn, threshold, is_orig)` once the direction's IP bytes
+    reach `nbytes` (Zeek's ConnThreshold semantics)."""
+    return _actions().set_bytes_threshold(conn, nbytes, is_orig)
+
+
+def set_packets_threshold(conn: Any, npackets: int) -> bool:
+    """Raise `packets_threshold_crossed(conn, threshold)` once both directions together have
+    sent `npackets` packets."""
+    return _actions().set_packets_threshold(conn, npackets)

@@ -1,0 +1,145 @@
+"""ConnThreshold and ConnPolling against the spec text (zeek-conn.md §7), through the tracker.
+
+Every TCP packet of TcpScript has 20+20 header bytes, so IP bytes = 40 + payload (spec §10).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from conn_packets import T0, TcpScript, run_packets
+from shuntd.events import EventDispatcher
+
+
+def _session() -> list:
+    """C S @0; S SA @0.1; C A @0.2; C D100 @1.0; S D50 @1.1; C A @1.2; C FA @1.3; S FA @1.4"""
+    s = TcpScript()
+    s.send("C", "S", at=0.0).send("S", "SA", at=0.1).send("C", "A", at=0.2)
+    s.send("C", "D100", at=1.0).send("S", "D50", at=1.1).send("C", "A", at=1.2)
+    s.send("C", "FA", at=1.3).send("S", "FA", at=1.4)
+    return s.packets
+
+
+def _crossings(setup) -> list[tuple]:
+    d = EventDispatcher()
+    seen: list[tuple] = []
+    for kind in ("bytes", "packets", "duration"):
+        d.add_handler(f"{kind}_threshold_crossed",
+                      lambda c, thr, is_orig, k=kind: seen.append(
+                          (k, thr, is_orig, round(c.last_time - T0, 3))))
+    d.add_handler("generic_packet_threshold_crossed",
+                  lambda c, n: seen.append(("generic", n, None, round(c.last_time - T0, 3))))
+    d.add_handler("new_connection", lambda c: setup(d, c))
+    run_packets(_session(), hooks=d)
+    return seen
+
+
+def test_bytes_threshold_is_ip_bytes_and_inclusive() -> None:
+    # orig IP bytes: 40 @0, 80 @0.2, 220 @1.0 -> 80 fires at the ACK (>=), 120 at the data.
+    def setup(d, c):
+        assert d.set_bytes_threshold(c, 120, True)
+        assert d.set_bytes_threshold(c, 80, True)
+        assert d.set_bytes_threshold(c, 90, False)     # resp: 40 @0.1, 130 @1.1
+    assert _crossings(setup) == [("bytes", 80, True, 0.2), ("bytes", 120, True, 1.0),
+                                 ("bytes", 90, False, 1.1)]
+
+
+def test_one_packet_crossing_two_thresholds_fires_both_ascending() -> None:
+    def setup(d, c):
+        d.set_bytes_threshold(c, 200, True)
+        d.set_bytes_threshold(c, 100, True)
+    assert _crossings(setup) == [("bytes", 100, True, 1.0), ("bytes", 200, True, 1.0)]
+
+
+def test_packets_threshold_per_direction() -> None:
+    def setup(d, c):
+        d.set_packets_threshold(c, 1, False)      # the SYN-ACK
+        d.set_packets_threshold(c, 3, True)       # C S, C A, C D100
+    assert _crossings(setup) == [("packets", 1, False, 0.1), ("packets", 3, True, 1.0)]
+
+
+def test_threshold_already_crossed_fires_immediately() -> None:
+    d = EventDispatcher()
+    seen: list[str] = []
+    d.add_handler("bytes_threshold_crossed", lambda c, thr, o: seen.append(f"fired {thr}"))
+
+    def established(c):
+        seen.append("before set")
+        d.set_bytes_threshold(c, 40, True)        # orig already sent 40 (the SYN)
+        seen.append("after set")
+
+    d.add_handler("connection_established", established)
+    run_packets(_session(), hooks=d)
+    assert seen == ["before set", "fired 40", "after set"]
+
+
+def test_zero_threshold_rejected() -> None:
+    def setup(d, c):
+        assert not d.set_bytes_threshold(c, 0, True)
+        assert not d.set_packets_threshold(c, 0, False)
+        assert not d.set_duration_threshold(c, 0)
+    assert _crossings(setup) == []
+
+
+def test_duration_threshold_is_strict_and_needs_a_packet() -> None:
+    # 1.0 s: the packet at exactly 1.0 does not cross (not >), the one at 1.1 does.
+    def setup(d, c):
+        d.set_duration_threshold(c, 1.0)
+    assert _crossings(setup) == [("duration", 1.0, True, 1.1)]
+
+
+def test_generic_packet_thresholds_on_equality() -> None:
+    d = EventDispatcher(generic_packet_thresholds=[4, 2])
+    seen: list[tuple] = []
+    d.add_handler("generic_packet_threshold_crossed",
+                  lambda c, n: seen.append((n, round(c.last_time - T0, 3))))
+    run_packets(_session(), hooks=d)
+    assert seen == [(2, 0.1), (4, 1.0)]
+
+
+# -- ConnPolling ---------------------------------------------------------------------------
+
+def test_polling_in_network_time_until_negative() -> None:
+    d = EventDispatcher()
+    calls: list[tuple] = []
+
+    def poll(conn, cnt):
+        calls.append((cnt, round(conn.tracker.timers.now - T0, 3)))
+        return 0.5 if cnt < 3 else -1
+
+    d.add_handler("new_connection", lambda c: d.watch(c, poll, 1, 0.4))
+    # due at 0.4 -> runs at the first packet at/after it (1.0); then 1.0+0.5=1.5 -> none
+    # before the trace ends (1.4) -> run once at termination, no re-arm.
+    run_packets(_session(), hooks=d)
+    assert calls == [(1, 1.0), (2, 1.4)]
+
+
+def test_polling_stops_for_removed_connection() -> None:
+    d = EventDispatcher()
+    calls: list[int] = []
+    d.add_handler("new_connection", lambda c: d.watch(c, lambda conn, cnt: calls.append(cnt)
+                                                      or 1.0, 1, 60.0))
+    packets = _session()
+    # a later packet of another connection, 100 s after the close: the first connection is
+    # removed (close delay 5 s) before its poll is due at 60 s.
+    late = TcpScript(c=("10.0.0.3", 40001))
+    late.send("C", "S", at=100.0).send("S", "SA", at=100.1).send("C", "A", at=100.2)
+    rows = run_packets(packets + late.packets, hooks=d)
+    assert len(rows) == 2
+    assert calls == [1]          # only the second (still open) connection's poll, run at
+    #                              termination; the first was gone when its poll came due
+
+
+def test_raising_poll_stops_quietly(caplog) -> None:
+    d = EventDispatcher()
+    calls: list[int] = []
+
+    def poll(conn, cnt):
+        calls.append(cnt)
+        raise ValueError("poll bug")
+
+    d.add_handler("new_connection", lambda c: d.watch(c, poll, 1, 0.1))
+    with caplog.at_level(logging.ERROR):
+        rows = run_packets(_session(), hooks=d)
+    assert calls == [1] and len(rows) == 1
+    assert any("poll bug" in (r.exc_text or "") for r in caplog.records)
