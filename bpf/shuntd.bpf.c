@@ -78,7 +78,22 @@ static __always_inline __u64 map_now(const struct shunt_config *cfg)
 struct hdr_cursor {
     void *pos;
     void *end;
+    void *start;       /* frame start, for the wire-length check of the IP length */
+    struct xdp_md *ctx;
 };
+
+/* F1: Zeek drops a packet whose wire length is below its IP length (truncated_IP_len)
+ * before any connection exists: such a frame is unparseable, never counted into a flow. */
+static __always_inline int beyond_wire(struct hdr_cursor *c, __u32 ip_len)
+{
+    __u32 l3_off = (__u32)(c->pos - c->start);
+    __u32 linear = (__u32)(c->end - c->start);
+    if (ip_len <= linear - l3_off)
+        return 0;   /* the usual case: the whole packet is in the linear part, no helper call */
+    /* Multi-buffer (jumbo) frames carry the rest in fragments: ask for the whole length. */
+    __u32 wire_len = (__u32)bpf_xdp_get_buff_len(c->ctx);
+    return l3_off > wire_len || ip_len > wire_len - l3_off;
+}
 
 struct vlan_tag {
     __be16 tci;
@@ -171,7 +186,7 @@ static __always_inline int parse_ipv4(struct hdr_cursor *c, struct pkt_info *p)
     if (c->pos + hl > c->end)
         return -1;
     __u32 tot = be16_host(ip->tot_len);
-    if (tot < hl)
+    if (tot < hl || beyond_wire(c, tot))
         return -1;
     p->src[2] = host_be32(0x0000ffff);
     p->src[3] = ip->saddr;
@@ -197,6 +212,8 @@ static __always_inline int parse_ipv6(struct hdr_cursor *c, struct pkt_info *p)
     __builtin_memcpy(p->src, &ip6->saddr, 16);
     __builtin_memcpy(p->dst, &ip6->daddr, 16);
     p->ip_len = (__u32)be16_host(ip6->payload_len) + 40;
+    if (beyond_wire(c, p->ip_len))
+        return -1;
     __u32 hl = 40;
     __u8 nexthdr = ip6->nexthdr;
     c->pos = ip6 + 1;
@@ -260,8 +277,8 @@ static __always_inline int parse_l4(struct hdr_cursor *c, struct pkt_info *p)
 {
     if (p->proto == IPPROTO_TCP) {
         struct tcphdr *th = c->pos;
-        if ((void *)(th + 1) > c->end)
-            return L4_BAD;
+        if ((void *)(th + 1) > c->end || p->ip_len < p->l3_hdr_len + sizeof(*th))
+            return L4_BAD;   /* F1: the IP length must hold the header, not just padding */
         if (th->doff < 5)
             return L4_BAD;
         p->sport = be16_host(th->source);
@@ -274,7 +291,7 @@ static __always_inline int parse_l4(struct hdr_cursor *c, struct pkt_info *p)
     }
     if (p->proto == IPPROTO_UDP) {
         struct udphdr *uh = c->pos;
-        if ((void *)(uh + 1) > c->end)
+        if ((void *)(uh + 1) > c->end || p->ip_len < p->l3_hdr_len + sizeof(*uh))
             return L4_BAD;
         p->sport = be16_host(uh->source);
         p->dport = be16_host(uh->dest);
@@ -282,7 +299,8 @@ static __always_inline int parse_l4(struct hdr_cursor *c, struct pkt_info *p)
     }
     if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
         __u8 *ih = c->pos;
-        if ((void *)(ih + 4) > c->end)
+        /* F1: Zeek needs the whole 8-byte ICMP header (truncated_header, no connection) */
+        if ((void *)(ih + 8) > c->end || p->ip_len < p->l3_hdr_len + 8)
             return L4_BAD;
         __u8 type = ih[0];
         int cp = p->proto == IPPROTO_ICMP ? icmp4_counterpart(type) : icmp6_counterpart(type);
@@ -431,6 +449,8 @@ int xdp_shunt(struct xdp_md *ctx)
     struct hdr_cursor c = {
         .pos = (void *)(long)ctx->data,
         .end = (void *)(long)ctx->data_end,
+        .start = (void *)(long)ctx->data,
+        .ctx = ctx,
     };
     struct pkt_info p;
     __builtin_memset(&p, 0, sizeof(p));

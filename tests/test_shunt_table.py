@@ -158,10 +158,11 @@ def test_fin_and_rst_events_carry_sequence_numbers(prog, table, ring):
 def test_lapsed_lease_passes_reports_and_renew_restores(prog, table, ring):
     from shuntd.datapath.ring import LeaseExpiredEvent
 
-    table.shunt_flow(A, 7000, B, 7001, 17, lease_seconds=0.05)
+    # Map time has tick (jiffies) resolution; a lease well above a few ticks is exact enough.
+    table.shunt_flow(A, 7000, B, 7001, 17, lease_seconds=0.5)
     frame = udp(A, 7000, B, 7001, b"l")
     assert prog.test_run(frame).retval == XDP_DROP
-    time.sleep(0.1)
+    time.sleep(0.6)
     assert prog.test_run(frame).retval == XDP_PASS
     assert prog.test_run(frame).retval == XDP_PASS
     events = ring.poll(100)

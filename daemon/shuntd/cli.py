@@ -112,7 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shuntd", description=__doc__.splitlines()[0])
-    p.add_argument("-r", "--read", metavar="TRACE", required=True,
+    p.add_argument("-r", "--read", metavar="TRACE", default=None,  # L1: or --iface
                    help="read packets from a pcap/pcapng file (offline mode)")
     p.add_argument("--log-dir", default=".", metavar="DIR", help="where conn.log goes (.)")
     p.add_argument("--log-format", choices=("tsv", "json"), default="tsv")
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     # -- E3 (events): conn_long.log / contents extraction flags --
     from shuntd.eventopts import add_event_arguments
     add_event_arguments(p)
+    # -- L1 (live daemon): --iface, --policy, --lease, ... --
+    from shuntd.daemon import add_live_arguments
+    add_live_arguments(p)
+    # -- O1 (config): --config, --check-config, --print-default-config --
+    from shuntd.config import add_config_arguments
+    add_config_arguments(p)
     return p
 
 
@@ -136,7 +142,12 @@ def run_offline(args: argparse.Namespace) -> int:
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
     trace = Path(args.read)
-    if not trace.is_file():
+    try:  # F1: a path we may not even stat (no search permission) is an error, not a traceback
+        trace_is_file = trace.is_file()
+    except OSError as exc:
+        print(f"shuntd: cannot read trace {trace}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if not trace_is_file:
         print(f"shuntd: cannot read trace {trace}: no such file", file=sys.stderr)
         return 2
     log_dir = Path(args.log_dir)
@@ -160,7 +171,13 @@ def run_offline(args: argparse.Namespace) -> int:
     def sink(_conn: object, row: tuple) -> None:
         writer.write(row)
 
-    tracker = ConnTracker(settings, hooks=hooks, sink=sink)
+    try:  # F1: settings the engine rejects (e.g. --local-nets 10.0.0.0/33): one line, exit 2
+        tracker = ConnTracker(settings, hooks=hooks, sink=sink)
+    except ValueError as exc:
+        writer.close()
+        events.close()
+        print(f"shuntd: {exc}", file=sys.stderr)
+        return 2
     try:
         result = run_trace(trace, tracker)
     finally:
@@ -173,8 +190,34 @@ def run_offline(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # -- O1 (config): the TOML file fills parser defaults; the command line overrides it --
+    from shuntd import config
+    parser = build_parser()
     try:
+        effective = config.parse_with_config(parser, argv)
+    except config.ConfigError as exc:
+        print(f"shuntd: {exc}", file=sys.stderr)
+        return 2
+    args = effective.args
+    if args.print_default_config:
+        print(config.example_config(parser), end="")
+        return 0
+    if args.check_config:
+        print(config.render_effective(parser, effective))
+        return 0
+    args.policy_options = effective.config.policy_options  # -> policyfile.load_all(options=)
+    # -- end O1 --
+    try:
+        # -- L1 (live daemon): `--iface` runs the daemon, `-r` the offline engine --
+        if args.iface is not None and args.read is not None:
+            print("shuntd: give either -r TRACE or --iface IFACE, not both", file=sys.stderr)
+            return 2
+        if args.iface is not None:
+            from shuntd.daemon import run
+            return run(args)
+        if args.read is None:
+            print("shuntd: give -r TRACE (offline) or --iface IFACE (live)", file=sys.stderr)
+            return 2
         return run_offline(args)
     except KeyboardInterrupt:
         return 130

@@ -74,6 +74,11 @@ class Connection:
     def resp_p(self) -> int:
         return self.key[4 - 2 * self.orig_side]
 
+    # -- L1 (live daemon): Zeek's `c$id` as text, for policies ---------------------------
+    @property
+    def id(self) -> ConnId:
+        return ConnId(self)
+
     def is_orig(self, src: bytes, sport: int) -> bool:
         return src == self.orig_h and sport == self.orig_p
 
@@ -114,3 +119,17 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.uid} {self.proto} {self.history!r}>"
+
+
+class ConnId:
+    """`conn.id` view (L1): orig_h/resp_h as text addresses, ports as ints, like Zeek's conn_id."""
+
+    __slots__ = ("orig_h", "orig_p", "resp_h", "resp_p")
+
+    def __init__(self, conn: Connection) -> None:
+        from shuntd.conn.record import addr_text
+
+        self.orig_h = addr_text(conn.orig_h)
+        self.orig_p = conn.orig_p
+        self.resp_h = addr_text(conn.resp_h)
+        self.resp_p = conn.resp_p

@@ -42,13 +42,27 @@ class Reassembler:
     def data_sent(self, seq: int, data: bytes) -> None:
         if self.skip:
             return
-        self._new_block(seq, data)
+        blocks = self.blocks
         ep = self.ep
         an = ep.analyzer
+        n = len(data)
+        if n and seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
+            # Fast path of _new_block: in-order data at the delivery point (the common case).
+            upper = seq + n
+            self.size += n
+            blocks.append([seq, upper, None])
+            self.lrs = upper
+            if an.want_stream:
+                conn = an.conn
+                an.hooks.tcp_deliver(conn, ep.side == conn.orig_side, data)
+            acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
+            if acked == ep.start_seq or acked == ep.start_seq + 1:
+                self._trim_if_unacked()
+        else:
+            self._new_block(seq, data)
         settings = an.settings
-        blocks = self.blocks
         limit = settings.tcp_max_above_hole_without_any_acks
-        if limit and blocks and ep.no_data_acked() and blocks[-1][1] - self.lrs > limit:
+        if limit and blocks and blocks[-1][1] - self.lrs > limit and ep.no_data_acked():
             self._clear()
         limit = settings.tcp_excessive_data_without_further_acks
         if limit and self.size > limit:
@@ -219,7 +233,8 @@ class Reassembler:
             return False
         if delivered != last - 1 and delivered != last:
             return True
-        if ep.state != RESET and ep.peer.reasm.blocks:
+        peer_reasm = ep.peer.reasm  # None = nothing buffered
+        if ep.state != RESET and peer_reasm is not None and peer_reasm.blocks:
             return True
         return False
 

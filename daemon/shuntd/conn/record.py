@@ -83,3 +83,13 @@ def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
         set(conn.tunnel_parents) if conn.tunnel_parents else None,
         conn.ip_proto,
     )
+
+# -- L1 (live daemon): extra conn.log columns after Zeek's, only when shunting is possible --
+SHUNT_CONN_FIELDS: list[tuple[str, str]] = [
+    ("is_shunted", "bool"),
+    ("shunt_trigger", "string"),
+    ("orig_shunted_pkts", "count"),   # packets XDP dropped (not in orig_pkts)
+    ("orig_shunted_bytes", "count"),  # their IP bytes (not in orig_ip_bytes)
+    ("resp_shunted_pkts", "count"),
+    ("resp_shunted_bytes", "count"),
+]

@@ -66,8 +66,7 @@ class TCPEndpoint(EndpointCounters):
         "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
         "seq_wraps", "ack_wraps", "FIN_cnt", "RST_cnt", "FIN_seq", "did_close",
         "start_time", "last_time", "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
-        "chk_cnt", "chk_thresh", "rxmt_cnt", "rxmt_thresh", "win0_cnt", "win0_thresh",
-        "gap_cnt", "gap_thresh", "reasm",
+        "scaled", "reasm",
     )
 
     def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
@@ -91,9 +90,17 @@ class TCPEndpoint(EndpointCounters):
         self.hist_last_SYN = 0
         self.hist_last_FIN = 0
         self.hist_last_RST = 0
-        self.chk_cnt = self.rxmt_cnt = self.win0_cnt = self.gap_cnt = 0
-        self.chk_thresh = self.rxmt_thresh = self.win0_thresh = self.gap_thresh = 1
-        self.reasm = Reassembler(self)
+        # Counters of the C/T/W/G letters, [count, threshold] per letter; made on first use
+        # because most connections never need them (saves 8 slots per endpoint).
+        self.scaled: dict[str, list[int]] | None = None
+        # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
+        self.reasm: Reassembler | None = None
+
+    def reassembler(self) -> Reassembler:
+        reasm = self.reasm
+        if reasm is None:
+            reasm = self.reasm = Reassembler(self)
+        return reasm
 
     # --- sequence space ------------------------------------------------------------------------
     def update_last_seq_value(self, seq: int) -> None:
@@ -150,26 +157,32 @@ class TCPEndpoint(EndpointCounters):
     def add_history(self, conn: Connection, code: str) -> None:
         conn.history += code if self.side == conn.orig_side else code.lower()
 
-    def _scaled(self, conn: Connection, code: str, cnt: str, thresh: str) -> None:
-        n = getattr(self, cnt) + 1
-        setattr(self, cnt, n)
-        t = getattr(self, thresh)
+    def _scaled(self, conn: Connection, code: str) -> None:
+        """Zeek's ScaledHistoryEntry: the letter at 1, 10, 100, ... occurrences."""
+        scaled = self.scaled
+        if scaled is None:
+            scaled = self.scaled = {}
+        counter = scaled.get(code)
+        if counter is None:
+            counter = scaled[code] = [0, 1]
+        n = counter[0] = counter[0] + 1
+        t = counter[1]
         if n == t:
             conn.history += code if self.side == conn.orig_side else code.lower()
             if t < 0xFFFFFFFF // 10:
-                setattr(self, thresh, t * 10)
+                counter[1] = t * 10
 
     def checksum_error(self, conn: Connection) -> None:
-        self._scaled(conn, "C", "chk_cnt", "chk_thresh")
+        self._scaled(conn, "C")
 
     def did_rxmit(self, conn: Connection) -> None:
-        self._scaled(conn, "T", "rxmt_cnt", "rxmt_thresh")
+        self._scaled(conn, "T")
 
     def zero_window(self, conn: Connection) -> None:
-        self._scaled(conn, "W", "win0_cnt", "win0_thresh")
+        self._scaled(conn, "W")
 
     def gap_letter(self, conn: Connection) -> None:
-        self._scaled(conn, "G", "gap_cnt", "gap_thresh")
+        self._scaled(conn, "G")
 
 
 class TCPAnalyzer:
@@ -214,8 +227,9 @@ class TCPAnalyzer:
         self.timers.append(self.tracker.timers.schedule(when, cb, at_termination))
 
     def cancel_timers(self) -> None:
+        cancel = self.tracker.timers.cancel
         for t in self.timers:
-            t.cancel()
+            cancel(t)
         self.timers = []
 
     def _expire_timer(self, t: float) -> None:
@@ -386,41 +400,65 @@ class TCPAnalyzer:
                 v = (ack_seq - 1) & M32
                 peer.start_seq = peer.ack_seq = peer.last_seq = v
             else:
-                rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, peer.ack_seq,
-                                                            peer.ack_wraps)
+                peer_ack = peer.ack_seq
+                if peer.ack_wraps == 0 and ack_seq >= peer_ack:
+                    # Fast path of get_relative_seq (no wraps, none in this packet).
+                    d = (ack_seq - peer.start_seq) & M32
+                    if d & 0x80000000:
+                        rel_ack, ack_underflow = (d - 0x100000000) & M64, True
+                    else:
+                        rel_ack, ack_underflow = d, False
+                else:
+                    rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, peer_ack,
+                                                                peer.ack_wraps)
                 if ack_underflow:
                     rel_ack = 0
                 elif not f_rst:
-                    delta_ack = (ack_seq - peer.ack_seq) & M32
+                    delta_ack = (ack_seq - peer_ack) & M32
                     if delta_ack & 0x80000000:
                         delta_ack -= 0x100000000
                     if ack_seq == 0 and delta_ack > TOO_LARGE_SEQ_DELTA:
                         pass
                     elif delta_ack > 0:
-                        peer.update_ack_seq_value(ack_seq)
+                        if ack_seq < peer_ack:       # TCP_Endpoint::UpdateAckSeq
+                            peer.ack_wraps += 1
+                        peer.ack_seq = ack_seq
 
         # update_last_seq
-        delta_last = (seq_one_past - endpoint.last_seq) & M32
+        last_seq = endpoint.last_seq
+        delta_last = (seq_one_past - last_seq) & M32
         if delta_last & 0x80000000:
             delta_last -= 0x100000000
+        st = endpoint.state
         if (f_syn or f_rst) and (delta_last > TOO_LARGE_SEQ_DELTA
                                  or delta_last < -TOO_LARGE_SEQ_DELTA):
             pass
-        elif f_fin and endpoint.last_seq == (endpoint.start_seq + 1) & M32:
-            endpoint.update_last_seq_value(seq_one_past)
-        elif endpoint.state == RESET:
+        elif (f_fin and last_seq == (endpoint.start_seq + 1) & M32) or (
+                st != RESET and delta_last > 0):
+            if seq_one_past < last_seq:              # TCP_Endpoint::UpdateSeq
+                endpoint.seq_wraps += 1
+            endpoint.last_seq = seq_one_past
+        elif st == RESET:
             pass
-        elif delta_last > 0:
-            endpoint.update_last_seq_value(seq_one_past)
         elif length > 0:
             endpoint.did_rxmit(conn)
         endpoint.last_time = t
 
-        do_close, gen_event = self._update_state_machine(
-            endpoint, peer, base_seq, ack_seq, length, delta_last, is_orig, flags)
+        if st == INACTIVE or flags & 0x07:
+            do_close, gen_event = self._update_state_machine(
+                endpoint, peer, base_seq, ack_seq, length, delta_last, is_orig, flags)
+        else:
+            # Without SYN/FIN/RST only an INACTIVE endpoint changes state.
+            do_close = gen_event = False
 
         if f_ack:
-            peer.reasm.ack_received(rel_ack)
+            reasm = peer.reasm
+            # A new reassembler's trim point is 1: only an ack beyond it does anything.
+            if reasm is None:
+                if rel_ack > 1:
+                    peer.reassembler().ack_received(rel_ack)
+            elif rel_ack > reasm.trim_seq:
+                reasm.ack_received(rel_ack)
 
         # CheckPIA_FirstPacket
         if is_orig:
@@ -438,9 +476,12 @@ class TCPAnalyzer:
                     data = _ZEROS_VIEW[:length]   # only lengths matter: no copy of the frame
                 else:
                     data = bytes(length)
-                endpoint.reasm.data_sent(rel_data_seq, data)
+                endpoint.reassembler().data_sent(rel_data_seq, data)
 
-        endpoint.reasm.check_eof()
+        reasm = endpoint.reasm
+        if (reasm is None or not reasm.did_eof) and (
+                endpoint.FIN_cnt > 0 or endpoint.state == CLOSED or endpoint.state == RESET):
+            endpoint.reassembler().check_eof()
 
         if do_close:
             self._connection_closed(endpoint, peer, gen_event)
@@ -588,7 +629,7 @@ class TCPAnalyzer:
 
     # --- closing -------------------------------------------------------------------------------
     def _connection_closed(self, ep: TCPEndpoint, peer: TCPEndpoint, gen_event: bool) -> None:
-        if ep.reasm.data_pending():
+        if ep.reassembler().data_pending():
             self.close_deferred = True
             if not self.deferred_gen_event:
                 self.deferred_gen_event = gen_event

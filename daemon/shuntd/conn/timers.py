@@ -4,6 +4,14 @@ Offline, time only moves when a packet arrives: `advance(now)` fires every timer
 before `now` (at most `max_expires` per call; the rest fire on later calls, like Zeek's
 max_timer_expires). At end of input `expire_all()` dispatches each pending timer once; only
 timers scheduled with `at_termination=True` act then (Zeek's do_expire).
+
+Every connection owns a few timers, so a timer is kept small and cheap to make: the heap entry
+*is* the handle, a list `[when, seq, callback, arg, at_termination]` (one object instead of a
+tuple plus a handle object). The heap orders entries by (when, seq); `seq` is unique, so the
+other fields are never compared. Cancelled entries stay in the heap until popped, unless
+`TimerManager.cancel()` sees that they have become a large share of it: then the heap is
+rebuilt without them (same firing order, since (when, seq) orders entries totally). Every
+TCP connection cancels at least one timer, so without this the heap keeps dead weight.
 """
 
 from __future__ import annotations
@@ -11,41 +19,58 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
+_WHEN, _SEQ, _CALLBACK, _ARG, _AT_TERMINATION = range(5)
+_COMPACT_MIN = 1024  # below this many cancelled entries, never bother rebuilding
 
-class Timer:
-    """Handle of one scheduled callback; `cancel()` makes it a no-op."""
 
-    __slots__ = ("when", "callback", "at_termination", "cancelled", "arg")
+class Timer(list):
+    """Handle of one scheduled callback (also its heap entry); `cancel()` makes it a no-op."""
 
-    def __init__(self, when: float, callback: Callable[..., None],
-                 at_termination: bool, arg: object = None) -> None:
-        self.when = when
-        self.callback = callback
-        self.at_termination = at_termination
-        self.cancelled = False
-        self.arg = arg  # if not None the callback is called as callback(arg, now)
+    __slots__ = ()
+
+    @property
+    def when(self) -> float:
+        return self[_WHEN]
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancelled or fired (no longer pending)."""
+        return self[_CALLBACK] is None
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self[_CALLBACK] = None
 
 
 class TimerManager:
     """Priority queue of `Timer`s keyed by expiry time (ties fire in scheduling order)."""
 
-    __slots__ = ("heap", "_counter", "max_expires", "now")
+    __slots__ = ("heap", "_counter", "max_expires", "now", "_cancelled")
 
     def __init__(self, max_expires: int = 300) -> None:
-        self.heap: list[tuple[float, int, Timer]] = []
+        self.heap: list[Timer] = []
         self._counter = 0
         self.max_expires = max_expires
         self.now = 0.0
+        self._cancelled = 0   # cancelled entries (an estimate) still in the heap
+
+    def cancel(self, timer: Timer) -> None:
+        """Cancel `timer` and drop cancelled entries once they are 1/8 of the heap."""
+        if timer[_CALLBACK] is None:
+            return
+        timer[_CALLBACK] = None
+        self._cancelled += 1
+        heap = self.heap
+        if self._cancelled > _COMPACT_MIN and self._cancelled * 8 > len(heap):
+            heap[:] = [t for t in heap if t[_CALLBACK] is not None]
+            heapq.heapify(heap)
+            self._cancelled = 0
 
     def schedule(self, when: float, callback: Callable[..., None],
                  at_termination: bool = False, arg: object = None) -> Timer:
         """Call `callback(now)` (or `callback(arg, now)` when `arg` is given) at `when`."""
-        timer = Timer(when, callback, at_termination, arg)
         self._counter += 1
-        heapq.heappush(self.heap, (when, self._counter, timer))
+        timer = Timer((when, self._counter, callback, arg, at_termination))
+        heapq.heappush(self.heap, timer)
         return timer
 
     def __len__(self) -> int:
@@ -56,28 +81,32 @@ class TimerManager:
         if now > self.now:
             self.now = now
         heap = self.heap
+        pop = heapq.heappop
         fired = 0
         while heap and heap[0][0] <= now and fired < self.max_expires:
-            timer = heapq.heappop(heap)[2]
-            if timer.cancelled:
+            timer = pop(heap)
+            callback = timer[_CALLBACK]
+            if callback is None:
                 continue
+            timer[_CALLBACK] = None   # no longer pending: a later cancel() is a no-op
+            arg = timer[_ARG]
             fired += 1
-            if timer.arg is None:
-                timer.callback(now)
+            if arg is None:
+                callback(now)
             else:
-                timer.callback(timer.arg, now)
+                callback(arg, now)
         return fired
 
     def expire_all(self) -> None:
         """Termination: dispatch everything once; only `at_termination` timers act."""
         pending = sorted(self.heap)
         self.heap = []
-        for _when, _n, timer in pending:
+        for _when, _seq, callback, arg, at_termination in pending:
             # Timers scheduled by these callbacks are dropped: the run is ending.
-            if timer.cancelled or not timer.at_termination:
+            if callback is None or not at_termination:
                 continue
-            if timer.arg is None:
-                timer.callback(self.now)
+            if arg is None:
+                callback(self.now)
             else:
-                timer.callback(timer.arg, self.now)
+                callback(arg, self.now)
         self.heap = []

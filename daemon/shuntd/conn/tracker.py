@@ -128,13 +128,29 @@ class ConnTracker:
         conn = self.conns.get(key)
         if conn is None:
             conn = self._new_connection(pkt, key, side)
-        elif proto == 6 and conn.analyzer.is_reuse(pkt):
+        elif proto == 6 and pkt.tcp_flags & SYN and conn.analyzer.is_reuse(pkt):
             self.remove(conn)
             conn = self._new_connection(pkt, key, side)
 
         is_orig = side == conn.orig_side
         if proto == 6:
-            self._tcp(conn, pkt, side, is_orig)
+            # TCP inline: this is the per-packet hot path.
+            if not pkt.tcp_hdr_ok:
+                self.stats.bad_tcp_header += 1
+                return conn
+            an = conn.analyzer
+            if pkt.checksum_ok is False and not self._ignore_checksums:
+                an.bad_checksum(conn, side)
+                return conn
+            an.process(conn, pkt, side, is_orig)
+            ep = conn.sides[side]
+            ep.num_pkts += 1
+            ep.num_bytes_ip += pkt.ip_len
+            if an.established_pending:
+                an.established_pending = False
+                self._established(conn)
+            if self._want_packet:
+                self.hooks.packet(conn, pkt, side == conn.orig_side)
         elif proto == 17:
             self._udp(conn, pkt, side, is_orig)
         elif proto == 1 or proto == 58:
@@ -144,24 +160,6 @@ class ConnTracker:
             conn.sides[side].count(pkt.ip_len)
             self.hooks.packet(conn, pkt, is_orig)
         return conn
-
-    def _tcp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
-        if not pkt.tcp_hdr_ok:
-            self.stats.bad_tcp_header += 1
-            return
-        an: TCPAnalyzer = conn.analyzer
-        if pkt.checksum_ok is False and not self._ignore_checksums:
-            an.bad_checksum(conn, side)
-            return
-        an.process(conn, pkt, side, is_orig)
-        ep = conn.sides[side]
-        ep.num_pkts += 1
-        ep.num_bytes_ip += pkt.ip_len
-        if an.established_pending:
-            an.established_pending = False
-            self._established(conn)
-        if self._want_packet:
-            self.hooks.packet(conn, pkt, side == conn.orig_side)
 
     def _udp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
         an: UDPAnalyzer = conn.analyzer
@@ -240,7 +238,7 @@ class ConnTracker:
         if timeout == conn.inactivity_timeout:
             return
         if conn.inactivity_timer is not None:
-            conn.inactivity_timer.cancel()
+            self.timers.cancel(conn.inactivity_timer)
             conn.inactivity_timer = None
         if timeout > 0:
             conn.inactivity_timer = self.timers.schedule(
@@ -270,7 +268,7 @@ class ConnTracker:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         if conn.inactivity_timer is not None:
-            conn.inactivity_timer.cancel()
+            self.timers.cancel(conn.inactivity_timer)
             conn.inactivity_timer = None
         if isinstance(conn.analyzer, TCPAnalyzer):
             conn.analyzer.cancel_timers()
