@@ -20,7 +20,8 @@ from pathlib import Path
 
 TLS_PORT = 443
 BULK_PORT = 9000
-TLS_REPLY = 200_000
+TLS_REPLY = 1_000_000
+SERVER_THINK = 0.3  # seconds before the reply: time for the sensor to shunt the session
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
@@ -43,6 +44,7 @@ def serve(args: argparse.Namespace) -> None:
         conn, _addr = tls.accept()
         with ctx.wrap_socket(conn, server_side=True) as s:
             s.recv(1024)
+            time.sleep(SERVER_THINK)
             s.sendall(b"x" * TLS_REPLY)
             s.unwrap()
     if args.bulk_mb:

@@ -75,7 +75,7 @@ class Daemon:
         self.err = open(self.err_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(PYTHON), "-m", "shuntd.cli", "--iface", pair.host, "--log-dir", str(log_dir),
-             *extra], stdout=subprocess.DEVNULL, stderr=self.err)
+             "--metrics-addr", "none", *extra], stdout=subprocess.DEVNULL, stderr=self.err)
         lab.on_close(self.kill)
         deadline = time.monotonic() + 30
         while "running on" not in self.stderr():
@@ -228,3 +228,37 @@ def test_raising_policy_is_disabled_and_sighup_reloads(lab: Lab, tmp_path: Path)
     rows = {x["id.orig_p"]: x for x in d.log("conn")}
     assert rows["43000"]["is_shunted"] == "F"
     assert rows["43001"]["is_shunted"] == "T" and rows["43001"]["conn_state"] == "SF"
+
+
+def test_prometheus_scrapes_shunted_packets_of_a_live_daemon(lab: Lab, tmp_path: Path):
+    """A real Prometheus server scrapes a running shuntd; its query API returns the number of
+    packets XDP shunted: every frame sent after the handshake (the policy shunts at
+    connection_established, and the test waits before sending the rest)."""
+    import pytest
+    from prom import PrometheusServer, free_port, have_prometheus, promtool_check_metrics
+
+    if not have_prometheus():
+        pytest.skip("prometheus not installed")
+    pair = lab.veth_to_netns()
+    lab.pin_dir(pair.host)
+    port = free_port()
+    pol = policy_file(tmp_path, SHUNT_AT_ESTABLISHED)
+    d = Daemon(lab, pair, tmp_path / "metrics", "--policy", str(pol),
+               "--metrics-addr", f"127.0.0.1:{port}")
+    with PrometheusServer([f"127.0.0.1:{port}"], scrape_interval="1s") as prom:
+        prom.wait_for_target_up()
+        first = handshake(pair, 41000)
+        lab.send_frames(pair, first)
+        time.sleep(0.7)
+        second = rest(pair, 41000)
+        lab.send_frames(pair, second)
+        prom.wait_for_value('shuntd_xdp_shunted_packets_total{table="flows"}', len(second))
+        prom.wait_for_value('shuntd_shunt_inserts_total{result="ok",trigger="test"}', 1)
+        prom.wait_for_value('shuntd_shunt_table_entries{table="flows"}', 1)
+        info = prom.query('shuntd_info')
+        assert info and info[0][0]["interface"] == pair.host
+        import urllib.request
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        lint = promtool_check_metrics(exposition)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert d.stop() == 0, d.stderr()

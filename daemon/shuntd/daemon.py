@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -48,6 +50,33 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                    help="capture ring blocks of 1 MiB (64)")
     g.add_argument("--flows-max", type=int, default=None, metavar="N",
                    help="size of the flow shunt map (compile-time default)")
+    g.add_argument("--metrics-addr", type=_metrics_addr, default="127.0.0.1:9450",
+                   metavar="HOST:PORT", help="serve Prometheus metrics here; `none` turns "
+                   "them off (127.0.0.1:9450)")
+
+
+def _metrics_addr(text: str) -> str:
+    from shuntd.metrics import MetricsAddrError, parse_metrics_addr
+
+    try:
+        parse_metrics_addr(text)
+    except MetricsAddrError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), addr)
+    except OSError as exc:
+        log.warning("sd_notify(%s) failed: %s", state, exc)
 
 
 class _Flags:
@@ -117,6 +146,14 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from shuntd.defrag import Defragmenter
     from shuntd.eventopts import dispatcher_from_args
     from shuntd.logs.zeek import LogSchema, open_log
+    from shuntd.metrics import (
+        Metrics,
+        MetricSources,
+        MetricsServer,
+        capture_sources,
+        datapath_sources,
+        serve_metrics,
+    )
     from shuntd.packet import decode
     from shuntd.policyfile import PolicyLoadError
     from shuntd.shunting import SHUNT_LOG_FIELDS, ShuntManager, shunt_conn_values
@@ -140,6 +177,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         print(f"shuntd: {exc}", file=sys.stderr)
         return 1
     ring: CaptureRing | None = None
+    server: MetricsServer | None = None
     try:
         try:
             ring = CaptureRing(args.iface, RingConfig(block_count=args.ring_blocks))
@@ -147,12 +185,29 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             print(f"shuntd: {exc}", file=sys.stderr)
             return 1
 
+        tracker: Any = None
+        metrics = Metrics(
+            MetricSources(**datapath_sources(dp.prog, dp.table,
+                                             prog_fd=dp.prog.prog_fd(frags=dp.frags)),
+                          capture_stats=capture_sources({"0": ring}),
+                          connections_active=lambda: len(tracker.conns) if tracker else 0),
+            interface=args.iface, xdp_mode=dp.mode.name.lower())
+
         def sink(conn: Any, row: tuple) -> None:
             conn_log.write(row + shunt_conn_values(conn))
+            metrics.connection_logged()
+
+        def shunt_row(row: tuple) -> None:
+            shunt_log.write(row)
+            metrics.shunt_removed(row[11], "ip_pairs" if row[7] == "ip_pair" else "flows")
 
         tracker = ConnTracker(settings, hooks=dispatcher, sink=sink)
-        shunts = ShuntManager(dp.table, tracker, dispatcher, shunt_log.write,
+        shunts = ShuntManager(dp.table, tracker, dispatcher, shunt_row,
                               args.shunted_inactivity_timeout)
+        shunts.on_insert = metrics.shunt_insert
+        server = serve_metrics(metrics, args.metrics_addr)
+        if server is not None:
+            log.info("metrics on %s", server.url)
         dispatcher.handler_context = lambda: policy.acting(shunts)
         dispatcher.add_handler("connection_timing_out", shunts.timing_out)
         if dp.adopted:
@@ -171,6 +226,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
         log.info("running on %s (XDP %s)", args.iface, dp.mode.name.lower())
+        _sd_notify("READY=1")
 
         ignore = settings.ignore_checksums
         defrag = Defragmenter(ignore_checksums=ignore)
@@ -191,6 +247,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                 if n >= MAX_BATCH:
                     break
             for ev in dp.ring.poll(0):
+                metrics.ring_event(_event_kind(ev))
                 shunts.apply(ev)
             now = time.monotonic()
             if n:
@@ -210,6 +267,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                 except PolicyLoadError as exc:
                     log.error("reload failed, keeping the current policies: %s", exc)
 
+        _sd_notify("STOPPING=1")
         log.info("stopping: logging %d open connections", len(tracker.conns))
         for ev in dp.ring.poll(0):
             shunts.apply(ev)
@@ -221,9 +279,19 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             log.info("%d shunts refused: map full", shunts.refused_full)
         return 0
     finally:
+        if server is not None:
+            server.close()
         if ring is not None:
             ring.close()
         dp.close(unpin=True)
         conn_log.close()
         shunt_log.close()
         events.close()
+
+
+def _event_kind(ev: Any) -> str:
+    """The metrics' name of a ring event's type."""
+    rst = getattr(ev, "rst", None)
+    if rst is None:
+        return "lease_expired"
+    return "rst" if rst else "fin"

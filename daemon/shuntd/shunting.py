@@ -99,9 +99,17 @@ class ShuntManager:
         self.refused_full = 0
         self._full_episode = False
         self.shutting_down = False
+        # Told of every insert attempt as (trigger, result): the daemon's metrics.
+        self.on_insert: Callable[[str, str], None] | None = None
 
     # -- policy Actions ------------------------------------------------------------------
     def shunt(self, conn: Any, trigger: str) -> str:
+        result = self._shunt(conn, trigger)
+        if self.on_insert is not None:
+            self.on_insert(trigger, result)
+        return result
+
+    def _shunt(self, conn: Any, trigger: str) -> str:
         if conn.removed:
             return "error"
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
@@ -143,6 +151,13 @@ class ShuntManager:
 
     def shunt_ip_pair(self, addr1: str, addr2: str, trigger: str,
                       duration: float | None) -> str:
+        result = self._shunt_ip_pair(addr1, addr2, trigger, duration)
+        if self.on_insert is not None:
+            self.on_insert(trigger, result)
+        return result
+
+    def _shunt_ip_pair(self, addr1: str, addr2: str, trigger: str,
+                       duration: float | None) -> str:
         key, _ = self.table.pair_key(addr1, addr2)
         result = self.table.shunt_pair(addr1, addr2, trigger=trigger_code(trigger))
         if result is ShuntResult.OK:
