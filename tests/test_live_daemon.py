@@ -262,3 +262,26 @@ def test_prometheus_scrapes_shunted_packets_of_a_live_daemon(lab: Lab, tmp_path:
         lint = promtool_check_metrics(exposition)
         assert lint.returncode == 0, lint.stdout + lint.stderr
     assert d.stop() == 0, d.stderr()
+
+
+def test_tells_systemd_when_ready_and_stopping(lab: Lab, tmp_path: Path, monkeypatch):
+    """systemd/shuntd@.service is Type=notify: READY=1 once XDP is attached, STOPPING=1 on
+    SIGTERM, sent to $NOTIFY_SOCKET (here a socket the test listens on)."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    pair = lab.veth_to_netns()
+    lab.pin_dir(pair.host)
+    try:
+        d = Daemon(lab, pair, tmp_path / "notify")
+        assert listener.recv(256) == b"READY=1"
+        assert xdp_prog_id(pair.host) != 0  # attached by the time it said so
+        d.proc.send_signal(signal.SIGTERM)
+        assert listener.recv(256) == b"STOPPING=1"
+        assert d.proc.wait(20) == 0, d.stderr()
+    finally:
+        listener.close()
