@@ -89,3 +89,33 @@ def test_lab_down_leaves_nothing() -> None:
     assert _lab("down").returncode == 0
     assert not {f"{PREFIX}-cli", f"{PREFIX}-srv"} & _netns()
     assert not Path(f"/sys/class/net/{SENSOR}").exists()
+
+
+def test_demo_shunts_tls_and_bulk_and_cleans_up() -> None:
+    """`sudo make demo`: shuntd on the lab's sensor port shunts the TLS sessions and the bulk
+    transfer; every conn.log record adds up to what crossed the wire and closes SF."""
+    import re
+    import shutil
+
+    proc = _lab("demo", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = Path(re.search(r"logs in (\S+)\)", proc.stdout).group(1))
+    try:
+        lines = (out / "conn.log").read_text().splitlines()
+        fields = next(line for line in lines if line.startswith("#fields")).split("\t")[1:]
+        rows = [dict(zip(fields, line.split("\t"), strict=True))
+                for line in lines if not line.startswith("#")]
+        tls = [r for r in rows if r["id.resp_p"] == "443"]
+        bulk = [r for r in rows if r["id.resp_p"] == "9000"]
+        assert len(tls) == 5 and len(bulk) == 1
+        for r in tls:
+            assert (r["service"], r["conn_state"], r["is_shunted"], r["shunt_trigger"]) == (
+                "ssl", "SF", "T", "ssl")
+            assert int(r["resp_shunted_pkts"]) > int(r["resp_pkts"])  # most of the reply
+        (b,) = bulk
+        assert (b["conn_state"], b["shunt_trigger"]) == ("SF", "bulk")
+        assert b["orig_bytes"] == "20000000"  # from sequence numbers, shunted part included
+        assert int(b["orig_shunted_pkts"]) > 0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    assert not {f"{PREFIX}-cli", f"{PREFIX}-srv"} & _netns()
