@@ -87,18 +87,11 @@ class _LinkInfo(ctypes.Structure):
                 ("ifindex", ctypes.c_uint32), ("_rest", ctypes.c_uint8 * 44)]
 
 
-def _libbpf() -> ctypes.CDLL:
+def xdp_links(ifindex: int) -> list[tuple[int, int]]:
+    """(link id, prog id) of every XDP bpf_link on `ifindex`."""
     from shuntd.datapath import libbpf
 
     so = libbpf.lib()
-    so.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
-    so.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    return so
-
-
-def xdp_links(ifindex: int) -> list[tuple[int, int]]:
-    """(link id, prog id) of every XDP bpf_link on `ifindex`."""
-    so = _libbpf()
     out: list[tuple[int, int]] = []
     link_id = ctypes.c_uint32(0)
     while so.bpf_link_get_next_id(link_id.value, ctypes.byref(link_id)) == 0:
@@ -120,7 +113,7 @@ def detach_links(ifindex: int) -> list[int]:
     """bpf_link_detach every XDP link on the interface (the owner keeps a dead link fd)."""
     from shuntd.datapath import libbpf
 
-    so = _libbpf()
+    so = libbpf.lib()
     done = []
     for link_id, _prog in xdp_links(ifindex):
         fd = so.bpf_link_get_fd_by_id(link_id)

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shuntd.conn.size import EndpointCounters
+from shuntd.conn.size import SummedEndpoint
 
 if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
 
 
-class ICMPEndpoint(EndpointCounters):
+class ICMPEndpoint(SummedEndpoint):
     """One side of an ICMP flow: bytes = sum of (IP payload length - 8)."""
 
-    __slots__ = ("nbytes",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.nbytes: int | None = None
-
-    @property
-    def state(self) -> int:
-        return 1 if self.nbytes is not None and self.nbytes >= 0 else 0
-
-    @property
-    def size(self) -> int:
-        return self.nbytes if self.nbytes is not None and self.nbytes > 0 else 0
+    __slots__ = ()
 
 
 class ICMPAnalyzer:
@@ -51,9 +39,7 @@ class ICMPAnalyzer:
 
     @staticmethod
     def account(conn: Connection, side: int, l4_len: int) -> None:
-        ep = conn.sides[side]
-        n = l4_len - 8
-        ep.nbytes = n if ep.nbytes is None else ep.nbytes + n
+        conn.sides[side].add(l4_len - 8)
 
     @staticmethod
     def conn_state(conn: Connection) -> str:

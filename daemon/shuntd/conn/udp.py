@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shuntd.conn.size import EndpointCounters
+from shuntd.conn.size import SummedEndpoint
 
 if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
@@ -14,26 +14,16 @@ HIST_ORIG_DATA_PKT = 0x1
 HIST_RESP_DATA_PKT = 0x2
 
 
-class UDPEndpoint(EndpointCounters):
+class UDPEndpoint(SummedEndpoint):
     """One side of a UDP flow. `nbytes` is role-bound (Zeek's request_len/reply_len): an
     application-layer flip swaps it back so it stays with the role (spec §3.4)."""
 
-    __slots__ = ("nbytes", "chk_cnt", "chk_thresh")
+    __slots__ = ("chk_cnt", "chk_thresh")
 
     def __init__(self) -> None:
         super().__init__()
-        self.nbytes: int | None = None   # None = no valid packet yet
         self.chk_cnt = 0
         self.chk_thresh = 1
-
-    @property
-    def state(self) -> int:
-        """UDP_ACTIVE (1) once a valid packet was seen (and the sum is not negative)."""
-        return 1 if self.nbytes is not None and self.nbytes >= 0 else 0
-
-    @property
-    def size(self) -> int:
-        return self.nbytes if self.nbytes is not None and self.nbytes > 0 else 0
 
 
 class UDPAnalyzer:
@@ -73,9 +63,7 @@ class UDPAnalyzer:
             conn.check_history(HIST_ORIG_DATA_PKT, "D")
         else:
             conn.check_history(HIST_RESP_DATA_PKT, "d")
-        ep = conn.sides[side]
-        n = udp_len - 8
-        ep.nbytes = n if ep.nbytes is None else ep.nbytes + n
+        conn.sides[side].add(udp_len - 8)
 
     @staticmethod
     def conn_state(conn: Connection) -> str:

@@ -44,6 +44,54 @@ class BpfMapInfo(ctypes.Structure):
     ]
 
 
+class ProgLoadOpts(ctypes.Structure):
+    """struct bpf_prog_load_opts of libbpf 1.1 (sz tells libbpf which fields we know)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_char_p),
+    ]
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts of libbpf 1.1."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+    ]
+
+
 @lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL:
     """Load libbpf once; the CDLL handle is immutable, so caching it is not mutable state."""
@@ -62,7 +110,12 @@ def lib() -> ctypes.CDLL:
     so.bpf_map_lookup_and_delete_elem.argtypes = [i, vp, vp]
     so.bpf_map_get_next_key.argtypes = [i, vp, vp]
     so.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, vp,
-                                 ctypes.c_size_t, vp]
+                                 ctypes.c_size_t, ctypes.POINTER(ProgLoadOpts)]
+    so.bpf_prog_load.restype = i
+    so.bpf_prog_test_run_opts.argtypes = [i, ctypes.POINTER(TestRunOpts)]
+    so.bpf_prog_test_run_opts.restype = i
+    so.bpf_link_get_next_id.argtypes = [u32, ctypes.POINTER(u32)]
+    so.bpf_link_get_fd_by_id.argtypes = [u32]
     return so
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import enum
 import errno
 import ipaddress
@@ -57,11 +56,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from shuntd.datapath import libbpf
 from shuntd.datapath.errors import (
     DatapathError,
     KernelHeadersMissingError,
@@ -240,68 +239,7 @@ def map_time_to_wall(ns: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# libbpf calls bcc does not offer: prog load with flags, test run
-
-
-class _ProgLoadOpts(ctypes.Structure):
-    """struct bpf_prog_load_opts of libbpf 1.1 (sz tells libbpf which fields we know)."""
-
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("attempts", ctypes.c_int),
-        ("expected_attach_type", ctypes.c_uint),
-        ("prog_btf_fd", ctypes.c_uint32),
-        ("prog_flags", ctypes.c_uint32),
-        ("prog_ifindex", ctypes.c_uint32),
-        ("kern_version", ctypes.c_uint32),
-        ("attach_btf_id", ctypes.c_uint32),
-        ("attach_prog_fd", ctypes.c_uint32),
-        ("attach_btf_obj_fd", ctypes.c_uint32),
-        ("fd_array", ctypes.c_void_p),
-        ("func_info", ctypes.c_void_p),
-        ("func_info_cnt", ctypes.c_uint32),
-        ("func_info_rec_size", ctypes.c_uint32),
-        ("line_info", ctypes.c_void_p),
-        ("line_info_cnt", ctypes.c_uint32),
-        ("line_info_rec_size", ctypes.c_uint32),
-        ("log_level", ctypes.c_uint32),
-        ("log_size", ctypes.c_uint32),
-        ("log_buf", ctypes.c_char_p),
-    ]
-
-
-class _TestRunOpts(ctypes.Structure):
-    """struct bpf_test_run_opts of libbpf 1.1."""
-
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("data_in", ctypes.c_void_p),
-        ("data_out", ctypes.c_void_p),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_void_p),
-        ("ctx_out", ctypes.c_void_p),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("repeat", ctypes.c_int),
-        ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-    ]
-
-
-@lru_cache(maxsize=1)
-def _libbpf() -> ctypes.CDLL:
-    """Our own handle on libbpf.so.1 (argtypes set here do not touch other modules' handles)."""
-    so = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-    so.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
-                                 ctypes.c_void_p, ctypes.c_size_t,
-                                 ctypes.POINTER(_ProgLoadOpts)]
-    so.bpf_prog_load.restype = ctypes.c_int
-    so.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
-    so.bpf_prog_test_run_opts.restype = ctypes.c_int
-    return so
+# libbpf calls bcc does not offer (prog load with flags, test run) are in datapath/libbpf.py
 
 
 def _errno_of(ret: int) -> int:
@@ -327,9 +265,9 @@ def test_run_fd(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
     if len(frame) < 14:
         raise ValueError("XDP test run needs at least an Ethernet header (14 bytes)")
     data = ctypes.create_string_buffer(bytes(frame), len(frame))
-    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data),
+    opts = libbpf.TestRunOpts(sz=ctypes.sizeof(libbpf.TestRunOpts), data_in=ctypes.addressof(data),
                         data_size_in=len(frame), repeat=max(1, int(repeat)))
-    ret = _libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    ret = libbpf.lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     if ret < 0:
         err = _errno_of(ret)
         raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
@@ -469,10 +407,10 @@ class XdpProgram:
         # dump_func returns the bytecode with bcc's map fds already patched in.
         insns = self.bpf.dump_func(FUNC_NAME.encode())
         buf = ctypes.create_string_buffer(insns, len(insns))
-        lib = _libbpf()
+        lib = libbpf.lib()
         for log_level in (0, 1):
             log = ctypes.create_string_buffer(1 << 20) if log_level else None
-            opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), prog_flags=prog_flags,
+            opts = libbpf.ProgLoadOpts(sz=ctypes.sizeof(libbpf.ProgLoadOpts), prog_flags=prog_flags,
                                  log_level=log_level, log_size=len(log) if log else 0,
                                  log_buf=ctypes.cast(log, ctypes.c_char_p) if log else None)
             fd = lib.bpf_prog_load(BPF_PROG_TYPE_XDP, FUNC_NAME.encode(), b"GPL", buf,
