@@ -1,9 +1,15 @@
-"""Live mode, `shuntd --iface IFACE`: datapath + capture ring + engine + policies, one loop.
+"""Live mode, `shuntd --iface IFACE`: datapath + capture ring + engine + policies.
 
-One process, one loop: read what XDP passed from the capture ring, decode it into the
-ConnTracker, apply FIN/RST ring events to shunted connections, renew leases, and advance
-network time with the wall clock when the link is quiet (Zeek does so after 100 ms idle) so
-connections time out. Signals only set flags; the loop acts on them.
+With `--workers 1` (the default) one process runs one loop: read what XDP passed from the
+capture ring, decode it into the ConnTracker, apply FIN/RST ring events to shunted connections,
+renew leases, and advance network time with the wall clock when the link is quiet (Zeek does so
+after 100 ms idle) so connections time out. Signals only set flags; the loop acts on them. With
+more workers the same `_Engine` runs in each worker process (workers.py says how they share the
+interface, the maps and the logs).
+
+Interface events (`_LinkGuard`): down -> logged, keep running (XDP stays attached, connections
+time out as on a quiet link); up again -> logged, and XDP is re-attached if it was lost; deleted
+-> logged, every open connection is logged, exit 1 so systemd restarts shuntd when it is back.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ log = logging.getLogger("shuntd")
 IDLE_ADVANCE = 0.1   # seconds without packets before network time follows the wall clock
 CALIBRATE_EVERY = 60.0
 MAX_BATCH = 4096     # frames per loop turn, so ring events and timers are not starved
+MAX_WORKERS = 64
+ATTACH_CHECK_EVERY = 10.0  # seconds between checks that our XDP program is still attached
+EXIT_FAILED = 1      # the interface went away, capture failed, a worker died: systemd restarts
 
 
 def _positive(text: str) -> float:
@@ -47,12 +56,24 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                    "for it within this time (60)")
     g.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto")
     g.add_argument("--ring-blocks", type=int, default=64, metavar="N",
-                   help="capture ring blocks of 1 MiB (64)")
+                   help="capture ring blocks of 1 MiB (64), per worker")
+    g.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="worker processes sharing the interface by flow hash (1)")
     g.add_argument("--flows-max", type=int, default=None, metavar="N",
                    help="size of the flow shunt map (compile-time default)")
     g.add_argument("--metrics-addr", type=_metrics_addr, default="127.0.0.1:9450",
                    metavar="HOST:PORT", help="serve Prometheus metrics here; `none` turns "
                    "them off (127.0.0.1:9450)")
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_WORKERS}: {text!r}")
+    return n
 
 
 def _metrics_addr(text: str) -> str:
@@ -85,6 +106,17 @@ class _Flags:
     def __init__(self) -> None:
         self.stop = False
         self.reload = False
+
+    def install(self) -> None:
+        def on_stop(_sig: int, _frame: Any) -> None:
+            self.stop = True
+
+        def on_hup(_sig: int, _frame: Any) -> None:
+            self.reload = True
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
 
 
 class _PolicySet:
@@ -134,159 +166,348 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+class LiveSources:
+    """What the metrics read that only the serving loop knows: the capture rings by worker,
+    the connection count and (with workers) the shunt map occupancy."""
+
+    def __init__(self, table: Any) -> None:
+        self.rings: dict[str, Any] = {}
+        self.connections: Any = lambda: 0
+        self.occupancy: Any = lambda: {
+            "flows": (table.occupancy, table.capacity),
+            "ip_pairs": (table.pair_occupancy, table.pair_capacity)}
+
+
+class LogOut:
+    """Finished rows in the process that owns the logs: written whole, and counted."""
+
+    def __init__(self, conn_log: Any, shunt_log: Any, long_log: Any, metrics: Any) -> None:
+        self.conn_log = conn_log
+        self.shunt_log = shunt_log
+        self.long_log = long_log
+        self.metrics = metrics
+
+    def conn(self, row: tuple) -> None:
+        self.conn_log.write(row)
+        self.metrics.connection_logged()
+
+    def shunt(self, row: tuple) -> None:
+        self.shunt_log.write(row)
+        self.metrics.shunt_removed(row[11], "ip_pairs" if row[7] == "ip_pair" else "flows")
+
+    def long(self, row: tuple) -> None:
+        if self.long_log is not None:
+            self.long_log.write(row)
+
+    def inserted(self, trigger: str, result: str) -> None:
+        self.metrics.shunt_insert(trigger, result)
+
+
+class Engine:
+    """What one process analyses: a tracker, its events and policies, and the shunts it made.
+
+    `out` takes the finished rows (`conn`, `shunt`, `long`, `inserted`): LogOut in the single
+    process, a channel to the parent in a worker."""
+
+    def __init__(self, args: argparse.Namespace, settings: Any, dp: Any, out: Any) -> None:
+        from shuntd import policy
+        from shuntd.conn.tracker import ConnTracker
+        from shuntd.defrag import Defragmenter
+        from shuntd.eventopts import dispatcher_from_args
+        from shuntd.shunting import ShuntManager
+
+        self.out = out
+        self.dp = dp
+        self.events = dispatcher_from_args(args, str(args.log_dir), args.log_format,
+                                           write_long_row=out.long)
+        dispatcher = self.events.dispatcher
+        self.policies = _PolicySet(dispatcher, list(args.policy),
+                                   getattr(args, "policy_options", None))
+        self.tracker = ConnTracker(settings, hooks=dispatcher, sink=self._sink)
+        self.shunts = ShuntManager(dp.table, self.tracker, dispatcher, out.shunt,
+                                   args.shunted_inactivity_timeout)
+        self.shunts.on_insert = out.inserted
+        dispatcher.handler_context = lambda: policy.acting(self.shunts)
+        dispatcher.add_handler("connection_timing_out", self.shunts.timing_out)
+        self.ignore = settings.ignore_checksums
+        self.defrag = Defragmenter(ignore_checksums=self.ignore)
+        self.renew_every = args.lease / 3
+        now = time.monotonic()
+        self.next_renew = now + self.renew_every
+        self.last_packet = now
+
+    def _sink(self, conn: Any, row: tuple) -> None:
+        from shuntd.shunting import shunt_conn_values
+
+        self.out.conn(row + shunt_conn_values(conn))
+
+    def capture(self, ring: Any, timeout: float = 0.02) -> int:
+        """Analyse what the ring holds now (up to MAX_BATCH frames); raises CaptureError."""
+        from shuntd.packet import decode
+
+        n = 0
+        tracker, defrag, ignore = self.tracker, self.defrag, self.ignore
+        process = tracker.process
+        for ts, frame, wire_len, linktype in ring.poll(timeout):
+            n += 1
+            pkt = decode(frame, linktype, ts, wire_len, ignore)
+            if pkt is not None and pkt.frag:
+                tracker.advance(ts)
+                pkt = defrag.add(pkt)
+            if pkt is not None:
+                process(pkt)
+            if n >= MAX_BATCH:
+                break
+        return n
+
+    def apply(self, events: list[Any]) -> None:
+        for ev in events:
+            self.shunts.apply(ev)
+
+    def tick(self, packets: int) -> None:
+        """Network time follows the wall clock on a quiet link; leases are renewed."""
+        now = time.monotonic()
+        if packets:
+            self.last_packet = now
+        elif now - self.last_packet >= IDLE_ADVANCE:
+            self.tracker.advance(time.time())
+        if now >= self.next_renew:
+            self.shunts.renew()
+            self.next_renew = now + self.renew_every
+
+    def reload(self) -> None:
+        from shuntd.policyfile import PolicyLoadError
+
+        try:
+            self.policies.load()
+        except PolicyLoadError as exc:
+            log.error("reload failed, keeping the current policies: %s", exc)
+
+    def finish(self) -> None:
+        """Log every open connection with its merged counters; end IP-pair shunts."""
+        self.shunts.shutting_down = True
+        self.tracker.advance(time.time())
+        self.tracker.finish()
+        self.shunts.shutdown_pairs()
+        if self.shunts.refused_full:
+            log.info("%d shunts refused: map full", self.shunts.refused_full)
+
+    def close(self) -> None:
+        self.events.close()
+
+
+class _LinkGuard:
+    """Interface down / up / deleted while running, and a lost XDP attachment.
+
+    `check()` logs each change and returns why the daemon must stop (None: keep running)."""
+
+    def __init__(self, dp: Any, xdp_mode: str) -> None:
+        from shuntd.capture.linkwatch import LinkWatch
+        from shuntd.datapath.iface import interface_info
+
+        self.dp = dp
+        self.xdp_mode = xdp_mode
+        self.ifname = dp.ifname
+        info = interface_info(self.ifname)
+        self.ifindex = info.index
+        self.watch = LinkWatch(info.index)
+        self.next_check = time.monotonic() + ATTACH_CHECK_EVERY
+
+    def fileno(self) -> int:
+        return self.watch.fileno()
+
+    def check(self) -> str | None:
+        for ev in self.watch.poll():
+            if ev.kind == "deleted":
+                return self._deleted()
+            if ev.kind == "down":
+                log.warning("interface %s is down (%s): nothing to capture until it is back; "
+                            "XDP stays attached, connections time out as on a quiet link",
+                            self.ifname, ev.why)
+            else:
+                log.info("interface %s is up again", self.ifname)
+                reason = self._ensure_attached()
+                if reason:
+                    return reason
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + ATTACH_CHECK_EVERY
+            return self._ensure_attached()
+        return None
+
+    def _deleted(self) -> str:
+        log.error("interface %s was deleted: logging open connections and exiting with "
+                  "status %d (systemd restarts shuntd when the interface is back)",
+                  self.ifname, EXIT_FAILED)
+        return "interface deleted"
+
+    def _ensure_attached(self) -> str | None:
+        from shuntd.datapath.attach import attach_xdp
+        from shuntd.datapath.errors import DatapathError, InterfaceMissingError
+        from shuntd.datapath.iface import interface_info
+
+        try:
+            info = interface_info(self.ifname)
+        except InterfaceMissingError:
+            return self._deleted()
+        if info.index != self.ifindex:
+            return self._deleted()  # a new interface of the same name
+        ours = self.dp.attachment
+        if info.xdp.prog_id == ours.prog_id:
+            return None
+        if info.xdp.prog_id:
+            log.error("another XDP program (id %d) replaced shuntd's on %s: stopping "
+                      "(exit status %d)", info.xdp.prog_id, self.ifname, EXIT_FAILED)
+            return "xdp replaced"
+        try:
+            new = attach_xdp(self.dp.prog.prog_fd(frags=self.dp.frags), self.ifname,
+                             self.xdp_mode)
+        except DatapathError as exc:
+            log.error("shuntd's XDP program is no longer attached to %s and re-attaching "
+                      "failed: %s; stopping (exit status %d)", self.ifname, exc, EXIT_FAILED)
+            return "xdp lost"
+        ours.detach()
+        self.dp.attachment = new
+        log.warning("shuntd's XDP program was no longer attached to %s: re-attached (%s mode)",
+                    self.ifname, new.mode.name.lower())
+        return None
+
+    def close(self) -> None:
+        self.watch.close()
+
+
 def _run(args: argparse.Namespace, settings: Any) -> int:
     from pathlib import Path
 
-    from shuntd import policy
-    from shuntd.capture.ring import CaptureError, CaptureRing, RingConfig
+    from shuntd.capture.ring import CaptureError, RingConfig
     from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
-    from shuntd.conn.tracker import ConnTracker
     from shuntd.datapath.errors import DatapathError
     from shuntd.datapath.loader import open_datapath
-    from shuntd.defrag import Defragmenter
-    from shuntd.eventopts import dispatcher_from_args
+    from shuntd.events import EVENTS, HOOKS
     from shuntd.logs.zeek import LogSchema, open_log
-    from shuntd.metrics import (
-        Metrics,
-        MetricSources,
-        MetricsServer,
-        capture_sources,
-        datapath_sources,
-        serve_metrics,
-    )
-    from shuntd.packet import decode
-    from shuntd.policyfile import PolicyLoadError
-    from shuntd.shunting import SHUNT_LOG_FIELDS, ShuntManager, shunt_conn_values
+    from shuntd.metrics import Metrics, MetricSources, capture_sources, datapath_sources
+    from shuntd.policyfile import load_all
+    from shuntd.shunting import SHUNT_LOG_FIELDS, ShuntManager
 
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    # A bad policy fails before the interface is touched (each process loads its own copy).
+    load_all(list(args.policy), EVENTS + HOOKS, getattr(args, "policy_options", None))
     conn_log = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS + SHUNT_CONN_FIELDS),
                         fmt=args.log_format)
     shunt_log = open_log(str(log_dir), LogSchema("shunt", SHUNT_LOG_FIELDS),
                          fmt=args.log_format)
-    events = dispatcher_from_args(args, str(log_dir), args.log_format)
-    dispatcher = events.dispatcher
-    policies = _PolicySet(dispatcher, list(args.policy),
-                          getattr(args, "policy_options", None))
-    policies.load()  # before touching the interface: a bad policy fails early
-
-    try:
-        dp = open_datapath(args.iface, mode=args.xdp_mode, flows_max=args.flows_max,
-                           lease_seconds=args.lease)
-    except DatapathError as exc:
-        print(f"shuntd: {exc}", file=sys.stderr)
-        return 1
-    ring: CaptureRing | None = None
-    server: MetricsServer | None = None
+    long_log = None if args.no_conn_long else open_log(
+        str(log_dir), LogSchema("conn_long", CONN_FIELDS), fmt=args.log_format)
+    workers = getattr(args, "workers", 1) or 1
     try:
         try:
-            ring = CaptureRing(args.iface, RingConfig(block_count=args.ring_blocks))
-        except CaptureError as exc:
+            dp = open_datapath(args.iface, mode=args.xdp_mode, flows_max=args.flows_max,
+                               lease_seconds=args.lease)
+        except DatapathError as exc:
             print(f"shuntd: {exc}", file=sys.stderr)
             return 1
+        keep_pins = False
+        try:
+            live = LiveSources(dp.table)
+            sources = datapath_sources(dp.prog, dp.table,
+                                       prog_fd=dp.prog.prog_fd(frags=dp.frags))
+            sources.update(table_occupancy=lambda: live.occupancy(),
+                           capture_stats=capture_sources(live.rings),
+                           connections_active=lambda: live.connections())
+            metrics = Metrics(MetricSources(**sources), interface=args.iface,
+                              xdp_mode=dp.mode.name.lower())
+            out = LogOut(conn_log, shunt_log, long_log, metrics)
+            if dp.adopted:
+                n = ShuntManager(dp.table, None, None, out.shunt).clear_orphans()
+                log.info("adopted pinned maps of an earlier run: %d orphaned entries logged", n)
+            ring_config = RingConfig(block_count=args.ring_blocks)
+            flags = _Flags()
+            flags.install()
+            try:
+                if workers == 1:
+                    rc = _serve_single(args, settings, dp, out, metrics, live, ring_config,
+                                       flags)
+                else:
+                    from shuntd.workers import serve_workers
 
-        tracker: Any = None
-        metrics = Metrics(
-            MetricSources(**datapath_sources(dp.prog, dp.table,
-                                             prog_fd=dp.prog.prog_fd(frags=dp.frags)),
-                          capture_stats=capture_sources({"0": ring}),
-                          connections_active=lambda: len(tracker.conns) if tracker else 0),
-            interface=args.iface, xdp_mode=dp.mode.name.lower())
+                    rc, keep_pins = serve_workers(args, settings, dp, out, metrics, live,
+                                                  ring_config, flags, workers)
+            except CaptureError as exc:
+                print(f"shuntd: {exc}", file=sys.stderr)
+                return 1
+            return rc
+        finally:
+            # Every entry we made was ended and logged: remove the pins. Unless a worker died:
+            # its entries stay pinned, and the next start logs them as orphaned.
+            dp.close(unpin=not keep_pins)
+    finally:
+        conn_log.close()
+        shunt_log.close()
+        if long_log is not None:
+            long_log.close()
 
-        def sink(conn: Any, row: tuple) -> None:
-            conn_log.write(row + shunt_conn_values(conn))
-            metrics.connection_logged()
 
-        def shunt_row(row: tuple) -> None:
-            shunt_log.write(row)
-            metrics.shunt_removed(row[11], "ip_pairs" if row[7] == "ip_pair" else "flows")
+def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut, metrics: Any,
+                  live: LiveSources, ring_config: Any, flags: _Flags) -> int:
+    """--workers 1: capture, engine, ring events and timers in one loop."""
+    from shuntd.capture.ring import CaptureError, CaptureRing
+    from shuntd.metrics import MetricsServer, serve_metrics
 
-        tracker = ConnTracker(settings, hooks=dispatcher, sink=sink)
-        shunts = ShuntManager(dp.table, tracker, dispatcher, shunt_row,
-                              args.shunted_inactivity_timeout)
-        shunts.on_insert = metrics.shunt_insert
+    ring = CaptureRing(args.iface, ring_config)
+    server: MetricsServer | None = None
+    engine: Engine | None = None
+    guard: _LinkGuard | None = None
+    try:
+        engine = Engine(args, settings, dp, out)
+        engine.policies.load()
+        tracker = engine.tracker
+        live.rings["0"] = ring
+        live.connections = lambda: len(tracker.conns)
+        guard = _LinkGuard(dp, args.xdp_mode)
         server = serve_metrics(metrics, args.metrics_addr)
         if server is not None:
             log.info("metrics on %s", server.url)
-        dispatcher.handler_context = lambda: policy.acting(shunts)
-        dispatcher.add_handler("connection_timing_out", shunts.timing_out)
-        if dp.adopted:
-            n = shunts.clear_orphans()
-            log.info("adopted pinned maps of an earlier run: %d orphaned entries logged", n)
-
-        flags = _Flags()
-
-        def on_stop(_sig: int, _frame: Any) -> None:
-            flags.stop = True
-
-        def on_hup(_sig: int, _frame: Any) -> None:
-            flags.reload = True
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
         log.info("running on %s (XDP %s)", args.iface, dp.mode.name.lower())
         _sd_notify("READY=1")
 
-        ignore = settings.ignore_checksums
-        defrag = Defragmenter(ignore_checksums=ignore)
-        process = tracker.process
-        renew_every = args.lease / 3
+        failed: str | None = None
         now = time.monotonic()
-        next_renew, next_cal, last_packet = now + renew_every, now + CALIBRATE_EVERY, now
-        while not flags.stop:
-            n = 0
-            for ts, frame, wire_len, linktype in ring.poll(0.02):
-                n += 1
-                pkt = decode(frame, linktype, ts, wire_len, ignore)
-                if pkt is not None and pkt.frag:
-                    tracker.advance(ts)
-                    pkt = defrag.add(pkt)
-                if pkt is not None:
-                    process(pkt)
-                if n >= MAX_BATCH:
-                    break
-            for ev in dp.ring.poll(0):
+        next_cal = now + CALIBRATE_EVERY
+        while not flags.stop and failed is None:
+            try:
+                n = engine.capture(ring)
+            except CaptureError as exc:
+                log.error("capture failed: %s", exc)
+                failed = str(exc)
+                break
+            evs = dp.ring.poll(0)
+            for ev in evs:
                 metrics.ring_event(_event_kind(ev))
-                shunts.apply(ev)
+            engine.apply(evs)
+            engine.tick(n)
+            failed = guard.check()
             now = time.monotonic()
-            if n:
-                last_packet = now
-            elif now - last_packet >= IDLE_ADVANCE:
-                tracker.advance(time.time())
-            if now >= next_renew:
-                shunts.renew()
-                next_renew = now + renew_every
             if now >= next_cal:
                 dp.prog.calibrate_clock()
                 next_cal = now + CALIBRATE_EVERY
             if flags.reload:
                 flags.reload = False
-                try:
-                    policies.load()
-                except PolicyLoadError as exc:
-                    log.error("reload failed, keeping the current policies: %s", exc)
+                engine.reload()
 
         _sd_notify("STOPPING=1")
         log.info("stopping: logging %d open connections", len(tracker.conns))
-        for ev in dp.ring.poll(0):
-            shunts.apply(ev)
-        shunts.shutting_down = True
-        tracker.advance(time.time())
-        tracker.finish()
-        shunts.shutdown_pairs()
-        if shunts.refused_full:
-            log.info("%d shunts refused: map full", shunts.refused_full)
-        return 0
+        engine.apply(dp.ring.poll(0))
+        engine.finish()
+        return 0 if failed is None else EXIT_FAILED
     finally:
         if server is not None:
             server.close()
-        if ring is not None:
-            ring.close()
-        dp.close(unpin=True)
-        conn_log.close()
-        shunt_log.close()
-        events.close()
+        if guard is not None:
+            guard.close()
+        ring.close()
+        if engine is not None:
+            engine.close()
 
 
 def _event_kind(ev: Any) -> str:

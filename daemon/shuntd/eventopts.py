@@ -48,8 +48,12 @@ class EventLogs:
             writer.close()
 
 
-def dispatcher_from_args(args: argparse.Namespace, log_dir: str, fmt: str) -> EventLogs:
-    """Build the dispatcher; raises OSError if conn_long.log cannot be opened."""
+def dispatcher_from_args(args: argparse.Namespace, log_dir: str, fmt: str,
+                         write_long_row: Any = None) -> EventLogs:
+    """Build the dispatcher; raises OSError if conn_long.log cannot be opened.
+
+    `write_long_row`: where conn_long rows go instead of a file of our own (the live daemon's
+    workers hand them to the one process that writes the logs)."""
     from shuntd.conn.record import CONN_FIELDS
     from shuntd.logs.zeek import LogSchema, open_log
 
@@ -60,14 +64,16 @@ def dispatcher_from_args(args: argparse.Namespace, log_dir: str, fmt: str) -> Ev
         disabled = KNOWN_ANALYZERS - loaded
     writers: list[Any] = []
     long_settings = None
-    write_long_row = None
-    if not args.no_conn_long:
+    if args.no_conn_long:
+        write_long_row = None
+    else:
         long_settings = LongConnSettings(
             durations=args.long_durations or LongConnSettings().durations,
             repeat_last_duration=args.long_repeat_last)
-        writer = open_log(log_dir, LogSchema("conn_long", CONN_FIELDS), fmt=fmt)
-        writers.append(writer)
-        write_long_row = writer.write
+        if write_long_row is None:
+            writer = open_log(log_dir, LogSchema("conn_long", CONN_FIELDS), fmt=fmt)
+            writers.append(writer)
+            write_long_row = writer.write
     contents = None
     if args.extract_contents:
         contents = ContentsExtractor(ContentsSettings(directory=log_dir,
