@@ -335,6 +335,21 @@ class _LinkGuard:
             return self._ensure_attached()
         return None
 
+    def gone(self) -> bool:
+        """The interface no longer exists (or its name is now another interface's)."""
+        try:
+            return socket.if_nametoindex(self.ifname) != self.ifindex
+        except OSError:
+            return True
+
+    def capture_failed(self, error: str) -> str:
+        """The reason to stop after a capture error: most often the interface was deleted."""
+        if self.gone():
+            return self._deleted()
+        log.error("capture on %s failed: %s; stopping (exit status %d)", self.ifname, error,
+                  EXIT_FAILED)
+        return "capture failed"
+
     def _deleted(self) -> str:
         log.error("interface %s was deleted: logging open connections and exiting with "
                   "status %d (systemd restarts shuntd when the interface is back)",
@@ -478,8 +493,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             try:
                 n = engine.capture(ring)
             except CaptureError as exc:
-                log.error("capture failed: %s", exc)
-                failed = str(exc)
+                failed = guard.capture_failed(str(exc))
                 break
             evs = dp.ring.poll(0)
             for ev in evs:

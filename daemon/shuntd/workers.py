@@ -197,7 +197,7 @@ def _worker_main(index: int, args: argparse.Namespace, settings: Any, dp: Any, r
             try:
                 n = engine.capture(ring)
             except CaptureError as exc:
-                log.error("capture failed: %s", exc)
+                log.info("capture stopped: %s", exc)
                 out.send(("failed", str(exc)))
                 ring = None
         else:
@@ -403,7 +403,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
             for msg in msgs:
                 failure = _handle(w, msg, out)
                 if failure and failed is None:
-                    failed = failure
+                    failed = guard.capture_failed(failure)
             if closed:
                 w.closed = True
             w.flush()
