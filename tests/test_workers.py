@@ -139,7 +139,8 @@ def test_two_workers_log_every_connection_once_with_shunted_counters(lab: Lab, t
     pol = policy_file(tmp_path, POLICY.format(seen=str(seen)))
     port = free_port()
     d = Daemon(lab, pair, tmp_path / "logs", "--policy", str(pol), "--workers", "2",
-               "--metrics-addr", f"127.0.0.1:{port}")
+               "--metrics-addr", f"127.0.0.1:{port}",
+               "--long-durations", "0.3", "--long-repeat-last")
     pids = children(d.proc.pid)
     assert len(pids) == 2, d.stderr()
 
@@ -160,12 +161,17 @@ def test_two_workers_log_every_connection_once_with_shunted_counters(lab: Lab, t
     d.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: d.stderr().count("policies loaded") == before + 2), d.stderr()
 
+    time.sleep(0.5)  # the rest makes every connection longer than the conn_long duration
     second = [f for p in ports for f in rest(pair, p)]
     lab.send_frames(pair, second)
     time.sleep(1.0)
     assert d.stop() == 0, d.stderr()
     assert xdp_prog_id(pair.host) == 0
     assert not (PIN_ROOT / pair.host).exists()
+    # conn_long.log too is one file, written by the parent, with the analysed connections
+    # (their duration grew past 0.3 s while they were open; rows repeat every 0.3 s).
+    longs = {int(r["id.orig_p"]) for r in d.log("conn_long") if r["proto"] == "tcp"}
+    assert set(ports[1::2]) <= longs <= set(ports), longs
 
     owner = owners(seen)
     assert sorted(owner) == ports
@@ -242,3 +248,16 @@ def test_a_dead_worker_stops_the_daemon_and_its_shunts_are_adopted(lab: Lab, tmp
     want = {k: v for k, v in expect.items() if k[0] in victim_ports and k[0] % 2 == 0}
     assert got == want
     assert not (PIN_ROOT / pair.host).exists()
+
+
+def test_killed_parent_takes_its_workers_and_xdp_with_it(lab: Lab, tmp_path: Path):
+    """Fail open: workers die with the parent and never held the bpf_link."""
+    pair = quiet_veth(lab)
+    d = Daemon(lab, pair, tmp_path / "logs", "--policy", str(policy_file(tmp_path, "")),
+               "--workers", "2")
+    pids = children(d.proc.pid)
+    assert len(pids) == 2 and xdp_prog_id(pair.host) != 0
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert xdp_prog_id(pair.host) == 0
+    assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), 5), pids
