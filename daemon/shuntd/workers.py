@@ -69,6 +69,7 @@ EVENT_CHUNK = 256        # ring events per message to a worker
 BACKLOG_MAX = 4096       # messages queued for a worker that is not reading; then dropped
 SOCKET_BUFFER = 4 << 20
 RECV_BUFFER = 4 << 20
+READS_PER_TURN = 256
 STATUS_EVERY = 0.5       # seconds between a worker's connection-count reports
 STOP_TIMEOUT = 25.0      # systemd's TimeoutStopSec is 30 s
 
@@ -89,11 +90,12 @@ def _channel_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def _recv_ready(sock: socket.socket, buf: bytearray) -> tuple[list[Any], bool]:
-    """Every message waiting on `sock` now, and whether the peer has closed it."""
+def _recv_ready(sock: socket.socket, buf: bytearray,
+                limit: int = 1 << 30) -> tuple[list[Any], bool]:
+    """The messages waiting on `sock` now (at most `limit`), and whether the peer closed it."""
     out: list[Any] = []
     view = memoryview(buf)
-    while True:
+    while len(out) < limit:
         try:
             n = sock.recv_into(view, 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -103,6 +105,7 @@ def _recv_ready(sock: socket.socket, buf: bytearray) -> tuple[list[Any], bool]:
         if n == 0:
             return out, True
         out.append(pickle.loads(view[:n]))
+    return out, False
 
 
 class _WorkerOut:
@@ -399,7 +402,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
         for w in workers:
             if w.closed:
                 continue
-            msgs, closed = _recv_ready(w.sock, buf)
+            msgs, closed = _recv_ready(w.sock, buf, READS_PER_TURN)  # no worker starves others
             for msg in msgs:
                 failure = _handle(w, msg, out)
                 if failure and failed is None:
