@@ -214,8 +214,9 @@ class Engine:
         from shuntd.conn.tracker import ConnTracker
         from shuntd.defrag import Defragmenter
         from shuntd.eventopts import dispatcher_from_args
-        from shuntd.shunting import ShuntManager
+        from shuntd.shunting import ShuntManager, shunt_conn_values
 
+        self._conn_values = shunt_conn_values
         self.out = out
         self.dp = dp
         self.events = dispatcher_from_args(args, str(args.log_dir), args.log_format,
@@ -237,9 +238,7 @@ class Engine:
         self.last_packet = now
 
     def _sink(self, conn: Any, row: tuple) -> None:
-        from shuntd.shunting import shunt_conn_values
-
-        self.out.conn(row + shunt_conn_values(conn))
+        self.out.conn(row + self._conn_values(conn))
 
     def capture(self, ring: Any, timeout: float = 0.02) -> int:
         """Analyse what the ring holds now (up to MAX_BATCH frames); raises CaptureError."""
