@@ -166,6 +166,8 @@ def test_two_workers_log_every_connection_once_with_shunted_counters(lab: Lab, t
     second = [f for p in ports for f in rest(pair, p)]
     lab.send_frames(pair, second)
     time.sleep(1.0)
+    for pid in pids:  # as systemd does (KillMode=control-group): workers leave it to the parent
+        os.kill(pid, signal.SIGTERM)
     assert d.stop() == 0, d.stderr()
     assert xdp_prog_id(pair.host) == 0
     assert not (PIN_ROOT / pair.host).exists()
