@@ -156,6 +156,9 @@ def test_two_workers_log_every_connection_once_with_shunted_counters(lab: Lab, t
     assert m['shuntd_capture_kernel_drops_total{worker="0"}'] == 0
     assert m['shuntd_capture_kernel_drops_total{worker="1"}'] == 0
     assert m['shuntd_shunt_table_entries{table="flows"}'] == N_CONNS // 2
+    per_worker_conns = [m[f'shuntd_worker_connections_active{{worker="{w}"}}'] for w in "01"]
+    assert min(per_worker_conns) > 0 and sum(per_worker_conns) == N_CONNS, per_worker_conns
+    assert m['shuntd_worker_messages_dropped_total{worker="0"}'] == 0
 
     # SIGHUP reaches the policies of both workers.
     before = d.stderr().count("policies loaded")

@@ -173,6 +173,7 @@ class LiveSources:
     def __init__(self, table: Any) -> None:
         self.rings: dict[str, Any] = {}
         self.connections: Any = lambda: 0
+        self.workers: Any = dict  # {worker: (connections, messages dropped)}, with workers
         self.occupancy: Any = lambda: {
             "flows": (table.occupancy, table.capacity),
             "ip_pairs": (table.pair_occupancy, table.pair_capacity)}
@@ -428,7 +429,8 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                                        prog_fd=dp.prog.prog_fd(frags=dp.frags))
             sources.update(table_occupancy=lambda: live.occupancy(),
                            capture_stats=capture_sources(live.rings),
-                           connections_active=lambda: live.connections())
+                           connections_active=lambda: live.connections(),
+                           workers=(lambda: live.workers()) if workers > 1 else None)
             metrics = Metrics(MetricSources(**sources), interface=args.iface,
                               xdp_mode=dp.mode.name.lower())
             out = LogOut(conn_log, shunt_log, long_log, metrics)

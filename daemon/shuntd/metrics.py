@@ -263,7 +263,9 @@ class MetricSources:
                         (datapath.stats.read_stats)
     table_occupancy:    {"flows"|"ip_pairs": (active entries, capacity)}
     capture_stats:      {worker name: (packets received, kernel drops)}
-    connections_active: number of connections the tracker holds
+    connections_active: number of connections the tracker holds (summed over the workers)
+    workers:            {worker name: (connections it holds, messages to it dropped)}, only
+                        with --workers > 1
     prog_run_stats:     ProgRunStats or None (read_prog_run_stats)
     """
 
@@ -271,6 +273,7 @@ class MetricSources:
     table_occupancy: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     capture_stats: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     connections_active: Callable[[], int] | None = None
+    workers: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     prog_run_stats: Callable[[], ProgRunStats | None] | None = None
 
 
@@ -327,6 +330,7 @@ class ShuntdCollector:
         yield from self._guard("table_occupancy", s.table_occupancy, _table_families)
         yield from self._guard("capture_stats", s.capture_stats, _capture_families)
         yield from self._guard("connections_active", s.connections_active, _conn_families)
+        yield from self._guard("workers", s.workers, _worker_families)
         yield from self._guard("prog_run_stats", s.prog_run_stats, _run_families)
         errors = CounterMetricFamily("shuntd_metrics_source_errors",
                                      "Scrapes where reading a metrics source failed.",
@@ -394,6 +398,19 @@ def _capture_families(workers: Mapping[str, tuple[int, int]]) -> list[Metric]:
 def _conn_families(active: int) -> list[Metric]:
     return [GaugeMetricFamily("shuntd_connections_active",
                               "Connections the tracker currently holds.", value=int(active))]
+
+
+def _worker_families(workers: Mapping[str, tuple[int, int]]) -> list[Metric]:
+    conns = GaugeMetricFamily("shuntd_worker_connections_active",
+                              "Connections a worker process holds (as it last reported).",
+                              labels=["worker"])
+    dropped = CounterMetricFamily("shuntd_worker_messages_dropped",
+                                  "Messages (ring events, reload, stop) the parent could not "
+                                  "queue for a worker that stopped reading.", labels=["worker"])
+    for worker, (n, lost) in sorted(workers.items()):
+        conns.add_metric([str(worker)], n)
+        dropped.add_metric([str(worker)], lost)
+    return [conns, dropped]
 
 
 def _run_families(run: ProgRunStats | None) -> list[Metric]:

@@ -352,6 +352,7 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         for w in workers:
             live.rings[str(w.index)] = w.ring
         live.connections = lambda: sum(w.status[0] for w in workers)
+        live.workers = lambda: {str(w.index): (w.status[0], w.dropped) for w in workers}
         table = dp.table
         live.occupancy = lambda: {
             "flows": (min(table.capacity, sum(w.status[1] for w in workers)), table.capacity),
