@@ -311,3 +311,26 @@ def test_corpus_trace_through_two_workers_conserves_every_connection(lab: Lab, t
         shunted += r["is_shunted"] == "T"
     assert shunted > 0
     assert len(set(owners(seen).values())) == 2  # both workers had connections
+
+
+def test_a_hung_worker_is_reported_and_the_parent_keeps_going(lab: Lab, tmp_path: Path):
+    """SIGSTOP one worker: the parent warns after 10 s of silence, keeps serving the other,
+    and once the worker runs again everything stops cleanly with every connection logged."""
+    pair = quiet_veth(lab)
+    seen = tmp_path / "seen.txt"
+    pol = policy_file(tmp_path, POLICY.format(seen=str(seen)))
+    d = Daemon(lab, pair, tmp_path / "logs", "--policy", str(pol), "--workers", "2")
+    victim = children(d.proc.pid)[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        ports = [44000 + i for i in range(N_CONNS)]
+        lab.send_frames(pair, [f for p in ports for f in handshake(pair, p)])
+        assert wait_for(lambda: "has not reported for 10 s" in d.stderr(), 15), d.stderr()
+        assert f"(pid {victim})" in d.stderr() and d.proc.poll() is None
+        assert any(pid != victim for pid in owners(seen).values())  # the other one works
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert wait_for(lambda: "reports again" in d.stderr()), d.stderr()
+    assert d.stop() == 0, d.stderr()
+    rows = [r for r in d.log("conn") if r["proto"] == "tcp"]
+    assert sorted(int(r["id.orig_p"]) for r in rows) == ports

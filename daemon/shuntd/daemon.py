@@ -311,6 +311,7 @@ class _LinkGuard:
         info = interface_info(self.ifname)
         self.ifindex = info.index
         self.watch = LinkWatch(info.index)
+        self.overruns = 0
         self.next_check = time.monotonic() + ATTACH_CHECK_EVERY
 
     def fileno(self) -> int:
@@ -330,6 +331,11 @@ class _LinkGuard:
                 if reason:
                     return reason
         now = time.monotonic()
+        if self.watch.overruns != self.overruns:
+            self.overruns = self.watch.overruns
+            log.warning("link events of %s were lost (netlink buffer full): checking the "
+                        "interface and the XDP attachment now", self.ifname)
+            self.next_check = now
         if now >= self.next_check:
             self.next_check = now + ATTACH_CHECK_EVERY
             return self._ensure_attached()

@@ -71,6 +71,7 @@ SOCKET_BUFFER = 4 << 20
 RECV_BUFFER = 4 << 20
 READS_PER_TURN = 256
 STATUS_EVERY = 0.5       # seconds between a worker's connection-count reports
+SILENT_WARN = 10.0       # a worker not heard of for this long is reported (once per episode)
 STOP_TIMEOUT = 25.0      # systemd's TimeoutStopSec is 30 s
 
 
@@ -257,6 +258,8 @@ class _Worker:
         self.failed: str | None = None
         self.status = (0, 0, 0)      # connections, flow entries, pair entries
         self.dropped = 0             # messages not delivered: backlog full
+        self.heard = time.monotonic()  # last message from it
+        self.silent = False
 
     @property
     def alive(self) -> bool:
@@ -404,6 +407,15 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
             if w.closed:
                 continue
             msgs, closed = _recv_ready(w.sock, buf, READS_PER_TURN)  # no worker starves others
+            if msgs:
+                w.heard = time.monotonic()
+                if w.silent:
+                    w.silent = False
+                    log.info("worker %d reports again", w.index)
+            elif not w.silent and time.monotonic() - w.heard > SILENT_WARN:
+                w.silent = True
+                log.warning("worker %d (pid %d) has not reported for %.0f s: hung? its shunts "
+                            "fail open when their leases run out", w.index, w.pid, SILENT_WARN)
             for msg in msgs:
                 failure = _handle(w, msg, out)
                 if failure and failed is None:
