@@ -48,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
-DEFAULT_MIX = ROOT / "build" / "bench" / "tls-mix.pcap"
+DEFAULT_MIX = ROOT / "build" / "bench" / "tls-mix-c192.pcap"  # named after its concurrency
 PCAP_HDR_LEN, REC_HDR_LEN = 24, 16
 STEP_OFFSET = 1 << 16   # per-step address shift; tcpreplay's --unique-ip adds the loop number
 NEVER_SHUNT = '"""Analyse everything: the benchmark\'s baseline."""\n'
@@ -430,7 +430,8 @@ def main() -> int:
     print(f"shunt_gain: no-loss rate {off[0].sent_mbps:.1f} Mbit/s unshunted, "
           f"{bound}{on[0].sent_mbps:.1f} Mbit/s with tls+bulk shunting: {bound}{ratio:.1f}x "
           f"({'ok' if ok else 'BELOW FLOOR'} >= {args.floor:g}x); Python saw "
-          f"{off[0].to_python:.0%} / {on[0].to_python:.1%} of packets")
+          f"{off[0].to_python:.0%} / {on[0].to_python:.1%} of packets, daemon CPU "
+          f"{off[0].cpu_per_kpkt * 1e3:.1f} / {on[0].cpu_per_kpkt * 1e3:.1f} us per packet")
     return 0 if ok else 1
 
 
