@@ -20,6 +20,7 @@ demo: deps
 bench: deps
 	$(PY) bench/xdp_cost.py
 	$(PY) bench/engine.py
+	$(PY) bench/shunt_gain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
