@@ -1,0 +1,464 @@
+"""Tunnel decapsulation the way Zeek's packet analyzers do it, and `tunnel_parents`.
+
+Zeek (src/packet_analysis/protocol/{iptunnel,gre,vxlan,geneve,teredo,ayiya,gtpv1}) has two kinds
+of encapsulating "connection":
+
+* IP tunnels (IP-in-IP 4in4/6in4/4in6/6in6, GRE incl. ERSPAN I/II/III, transparent Ethernet and
+  PPTP's enhanced GRE): the outer packet makes no conn.log row at all; the tunnel is an IP pair
+  (either direction) with its own uid, kept while active (`Tunnel::ip_tunnel_timeout`, 24 h).
+* UDP tunnels (VXLAN 4789, Geneve 6081, GTPv1-U 2152/2123, Teredo 3544, AYIYA 5072): the outer
+  UDP connection is an ordinary conn.log row; its analyzer's confirmation puts `vxlan`,
+  `geneve`, `gtpv1`, `teredo` or `ayiya` into its `service`. The UDP analyzer forwards by the
+  *responder* port; when no port matches, Teredo and AYIYA are found by content
+  (`DetectProtocol`).
+
+The inner packet is decoded by `shuntd.packet.decode` and fed back into the tracker; the
+connection it lands in gets the uid of the innermost encapsulation added to `tunnel_parents`
+(conn/main.zeek's `set_conn` plus `tunnel_changed`: the union over all encapsulations seen).
+At most `MAX_DEPTH` (Tunnel::max_depth) encapsulations are undone, as in Zeek. Inner IP
+fragments are not reassembled (Zeek would); they are counted as fragments.
+
+Everything here runs only for UDP packets and IP protocols 4, 41 and 47; a plain TCP packet
+never enters this module.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shuntd.packet import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode
+
+if TYPE_CHECKING:
+    from shuntd.conn.connection import Connection
+    from shuntd.conn.tracker import ConnTracker
+    from shuntd.packet import Packet
+
+MAX_DEPTH = 2                  # Tunnel::max_depth
+IP_TUNNEL_TIMEOUT = 86400.0    # Tunnel::ip_tunnel_timeout
+MAX_IP_TUNNELS = 65536         # bound on remembered IP pairs (oldest forgotten first)
+
+VXLAN = "vxlan"
+GENEVE = "geneve"
+GTPV1 = "gtpv1"
+TEREDO = "teredo"
+AYIYA = "ayiya"
+
+# Responder port -> UDP tunnel analyzer (base/packet-protocols/*/main.zeek).
+UDP_TUNNEL_PORTS: dict[int, str] = {
+    4789: VXLAN, 6081: GENEVE, 2152: GTPV1, 2123: GTPV1, 3544: TEREDO, 5072: AYIYA,
+}
+
+IPPROTO_IPIP = 4
+IPPROTO_IPV6 = 41
+IPPROTO_GRE = 47
+_IPPROTO_NONE = 59
+
+# Per-connection tunnel state bits, kept in conn.ext["tunnel"].
+_VIOLATED = {VXLAN: 0x01, GENEVE: 0x02, GTPV1: 0x04, TEREDO: 0x08, AYIYA: 0x10}
+_TEREDO_ORIG = 0x100
+_TEREDO_RESP = 0x200
+_GTP_ORIG = 0x400
+_GTP_RESP = 0x800
+
+# Geneve/GRE protocol types -> link type of the inner frame.
+_ETHER_INNER = {0x0800: LINKTYPE_RAW, 0x86DD: LINKTYPE_RAW, 0x6558: LINKTYPE_ETHERNET}
+
+
+# ---- header parsers: bytes -> (inner offset, link type) or None; never raise ------------------
+
+def parse_vxlan(p: memoryview) -> int | None:
+    """VXLAN: 8 bytes, the I flag must be set; the inner frame is Ethernet. None = violation."""
+    if len(p) < 8 or not p[0] & 0x08:
+        return None
+    return 8
+
+
+def parse_geneve(p: memoryview) -> tuple[int, int] | None | bool:
+    """Geneve: (inner offset, link type); None = violation (truncated); False = version weird
+    or a protocol type we do not forward (still confirmed when the header parsed)."""
+    if len(p) < 8:
+        return None
+    if p[0] >> 6 != 0:
+        return False
+    hdr = 8 + ((p[0] & 0x3F) << 2)
+    if hdr > len(p):
+        return None
+    link = _ETHER_INNER.get((p[2] << 8) | p[3])
+    if link is None:
+        return (hdr, -1)
+    return (hdr, link)
+
+
+def parse_gtpv1(p: memoryview) -> int | None | bool:
+    """GTPv1-U G-PDU: offset of the inner IP packet. None = violation, False = not a G-PDU
+    (control messages and GTP' are ignored, not violations)."""
+    n = len(p)
+    if n < 8:
+        return None
+    flags = p[0]
+    if flags >> 5 != 1:
+        return None                       # "GTPv1 bad Version"
+    if not flags & 0x10:
+        return False                      # PT = 0: GTP'
+    if p[1] != 0xFF:
+        return False                      # not a T-PDU
+    hdr = 8
+    if flags & 0x07:                      # E, S or PN: seq, N-PDU, next extension type
+        hdr = 12
+        if n < hdr:
+            return None
+        nxt = p[11] if flags & 0x04 else 0
+        while nxt:
+            if hdr >= n:
+                return None
+            ext_len = p[hdr] << 2
+            if ext_len == 0 or hdr + ext_len > n:
+                return None
+            nxt = p[hdr + ext_len - 1]
+            hdr += ext_len
+    if n - hdr < 20:
+        return None                       # "Truncated GTPv1"
+    version = p[hdr] >> 4
+    if version != 4 and version != 6:
+        return None                       # "non-IP packet in GTPv1"
+    return hdr
+
+
+def inner_ip_exact(p: memoryview, at: int) -> int:
+    """Zeek's IP::ParsePacket on p[at:]: 0 ok, 1 too small/bad version, 2 captured > total."""
+    n = len(p) - at
+    if n < 20:
+        return 1
+    version = p[at] >> 4
+    if version == 4:
+        total = (p[at + 2] << 8) | p[at + 3]
+    elif version == 6:
+        if n < 40:
+            return 1
+        total = ((p[at + 4] << 8) | p[at + 5]) + 40
+    else:
+        return 1
+    if n < total:
+        return 1
+    return 2 if n > total else 0
+
+
+def parse_teredo(p: memoryview) -> int | None:
+    """Teredo: offset of the inner IPv6 header after optional authentication and origin
+    indication headers (TeredoEncapsulation::DoParse); None = bad encapsulation."""
+    n = len(p)
+    at = 0
+    found_origin = found_auth = False
+    while True:
+        if n - at < 2:
+            return None
+        tag = (p[at] << 8) | p[at + 1]
+        if tag == 0:
+            if found_origin or n - at < 8:
+                return None
+            found_origin = True
+            at += 8
+        elif tag == 1:
+            if found_origin or found_auth or n - at < 4:
+                return None
+            total = 4 + p[at + 2] + p[at + 3] + 8 + 1
+            if n - at < total:
+                return None
+            found_auth = True
+            at += total
+        elif tag >> 12 == 6:
+            return at if n - at >= 40 else None
+        else:
+            return None
+
+
+def _teredo_regex(p: memoryview) -> bool:
+    """The old dpd_teredo signature, anchored at the start and matched as a prefix (Zeek's
+    MATCH_EXACTLY matcher): an IPv6 header whose source (offset 8) or destination (offset
+    24) is a Teredo address (2001:0::/32); '.' excludes newline, as in Zeek's regexes."""
+    if len(p) < 40 or p[0] >> 4 != 6:
+        return False
+    b = bytes(p[:40])
+    if b[8:12] == b"\x20\x01\x00\x00" and b"\n" not in b[1:8] and b"\n" not in b[12:40]:
+        return True
+    return b[24:28] == b"\x20\x01\x00\x00" and b"\n" not in b[1:24] and b"\n" not in b[28:40]
+
+
+def detect_teredo(p: memoryview) -> bool:
+    """TeredoAnalyzer::DetectProtocol."""
+    n = len(p)
+    if n < 40 or (p[0] >> 4 != 6 and (p[0] != 0 or (p[1] != 0 and p[1] != 1))):
+        return False
+    if _teredo_regex(p):
+        return True
+    val = p[1]
+    at = 0
+    if val == 1:
+        skip = 13 + p[2] + p[3]
+        if n < skip:
+            return False
+        at = skip
+        if n - at < 40:
+            return False
+        val = (p[at] << 8) | p[at + 1]
+    if val == 0:
+        at += 8
+        return n - at >= 40 and p[at] >> 4 == 6
+    return False
+
+
+def detect_ayiya(p: memoryview) -> bool:
+    """AYIYAAnalyzer::DetectProtocol."""
+    return len(p) >= 3 and p[1] == 0x52 and p[2] == 0x11
+
+
+def parse_ayiya(p: memoryview) -> tuple[int, int] | None | bool:
+    """AYIYA: (inner offset, next header); None = violation (truncated); False = not a
+    'forward' message (ignored)."""
+    n = len(p)
+    if n < 8:
+        return None
+    hdr = 8 + (1 << (p[0] >> 4)) + ((p[1] >> 4) << 2)
+    if hdr > n:
+        return None
+    if p[2] & 0x0F != 1:
+        return False
+    return (hdr, p[3])
+
+
+def _gre_header_len(flags: int) -> int:
+    n = 4
+    if flags & 0x8000:
+        n += 4
+    if flags & 0x2000:
+        n += 4
+    if flags & 0x1000:
+        n += 4
+    if flags & 0x0080:
+        n += 4
+    return n
+
+
+def parse_gre(p: memoryview) -> tuple[int, int, bool] | None:
+    """GRE (GREAnalyzer): (inner offset, link type, exact) or None when Zeek drops it.
+    `exact` = PPTP: the inner IP packet must fill the rest exactly (IP::ParsePacket)."""
+    n = len(p)
+    if n < 4:
+        return None
+    flags = (p[0] << 8) | p[1]
+    ptype = (p[2] << 8) | p[3]
+    version = flags & 0x07
+    hdr = _gre_header_len(flags)
+    extra = 0
+    if version == 0:
+        if ptype == 0x6558:
+            if n <= hdr + 14:
+                return None
+            link = LINKTYPE_ETHERNET
+        elif ptype == 0x88BE:                 # ERSPAN I (no sequence) / II (8-byte header)
+            if n <= hdr + 14:
+                return None
+            if flags & 0x1000:
+                extra = 8
+            link = LINKTYPE_ETHERNET
+        elif ptype == 0x22EB:                 # ERSPAN III, optional 8-byte subheader
+            if n <= hdr + 14 + 12:
+                return None
+            extra = 12
+            if p[hdr + extra - 1] & 0x01:
+                if n <= hdr + extra + 8 + 14:
+                    return None
+                extra += 8
+            link = LINKTYPE_ETHERNET
+        elif ptype == 0x0800 or ptype == 0x86DD:
+            link = LINKTYPE_RAW
+        else:
+            return None                       # Aruba (802.11), MPLS, ...: not decoded here
+    elif version == 1:
+        if ptype != 0x880B:
+            return None
+        extra = 4                             # PPP address/control + protocol
+        link = LINKTYPE_RAW
+    else:
+        return None
+    if flags & 0x4000 or flags & 0x0078:      # routing present, reserved flags
+        return None
+    if n < hdr + extra:
+        return None
+    if version == 1:
+        proto = (p[hdr + 2] << 8) | p[hdr + 3]
+        if proto != 0x0021 and proto != 0x0057:
+            return None
+    return hdr + extra, link, version == 1
+
+
+# ---- the stateful part: uids of IP tunnels, confirmations, feeding the tracker ------------
+
+
+class Tunnels:
+    """Decapsulates for one `ConnTracker` (which calls `ip` and `udp`)."""
+
+    __slots__ = ("tracker", "depth", "ip_tunnels", "ignore_checksums", "delay_teredo",
+                 "delay_gtp")
+
+    def __init__(self, tracker: ConnTracker) -> None:
+        self.tracker = tracker
+        self.depth = 0                # encapsulations around the packet being processed
+        self.ip_tunnels: dict[tuple[bytes, bytes], list] = {}   # pair -> [uid, last seen]
+        s = tracker.settings
+        self.ignore_checksums = s.ignore_checksums
+        self.delay_teredo = s.delay_teredo_confirmation
+        self.delay_gtp = s.delay_gtp_confirmation
+
+    def _inner(self, data: memoryview, link: int, outer: Packet, parent: str,
+               same_len: bool = False) -> Connection | None:
+        """Decode and process one inner frame; tag its connection with `parent`. The inner
+        wire length keeps the outer frame's truncation (build_inner_packet), except for IP
+        tunnels, whose inner packet Zeek builds with wire length = captured length."""
+        cap = len(data)
+        wire = cap if same_len else outer.wire_len - (outer.cap_len - cap)
+        inner = decode(data, link, outer.ts, wire, self.ignore_checksums)
+        if inner is None:
+            return None
+        self.depth += 1
+        try:
+            conn = self.tracker.process(inner)
+        finally:
+            self.depth -= 1
+        if conn is not None:
+            parents = conn.tunnel_parents
+            if parents is None:
+                conn.tunnel_parents = {parent}
+            else:
+                parents.add(parent)
+        return conn
+
+    def _ip_tunnel_uid(self, pkt: Packet) -> str:
+        src = pkt.src
+        dst = pkt.dst
+        pair = (src, dst) if src < dst else (dst, src)
+        entry = self.ip_tunnels.get(pair)
+        ts = pkt.ts
+        if entry is None or ts - entry[1] > IP_TUNNEL_TIMEOUT:
+            if entry is None and len(self.ip_tunnels) >= MAX_IP_TUNNELS:
+                del self.ip_tunnels[next(iter(self.ip_tunnels))]
+            entry = [self.tracker.uids.next(), ts]
+            self.ip_tunnels[pair] = entry
+        else:
+            entry[1] = ts
+        return entry[0]
+
+    def ip(self, pkt: Packet) -> None:
+        """IP protocols 4, 41, 47: never a connection of their own (Zeek's IP analyzer hands
+        them to the IPTunnel/GRE analyzers); decapsulate when the header allows."""
+        if self.depth >= MAX_DEPTH:
+            return
+        data = pkt.payload
+        if pkt.proto == IPPROTO_GRE:
+            gre = parse_gre(data)
+            if gre is None:
+                return
+            at, link, exact = gre
+            if exact and inner_ip_exact(data, at) != 0:
+                return
+            data = data[at:]
+        else:
+            link = LINKTYPE_RAW
+        if not len(data):
+            return
+        self._inner(data, link, pkt, self._ip_tunnel_uid(pkt), True)
+
+    def udp(self, conn: Connection, pkt: Packet, is_orig: bool) -> None:
+        """After the UDP analyzer: forward by responder port, else detect Teredo/AYIYA."""
+        if pkt.checksum_ok is False and not self.ignore_checksums:
+            return
+        data = pkt.payload
+        name = UDP_TUNNEL_PORTS.get(conn.resp_p)
+        if name is None:
+            if len(data) < 3:
+                return
+            if detect_teredo(data):
+                name = TEREDO
+            elif detect_ayiya(data):
+                name = AYIYA
+            else:
+                return
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        state = ext.get("tunnel", 0)
+        if state & _VIOLATED[name]:
+            return
+        if self.depth >= MAX_DEPTH:
+            return
+        uid = conn.uid
+        if name == VXLAN:
+            at = parse_vxlan(data)
+            if at is None:
+                ext["tunnel"] = state | _VIOLATED[name]
+                return
+            _confirm(conn, name)
+            if len(data) > at:
+                self._inner(data[at:], LINKTYPE_ETHERNET, pkt, uid)
+        elif name == GENEVE:
+            gen = parse_geneve(data)
+            if gen is None:
+                ext["tunnel"] = state | _VIOLATED[name]
+                return
+            if gen is False:
+                return
+            at, link = gen  # type: ignore[misc]
+            _confirm(conn, name)
+            if link >= 0 and len(data) > at:
+                self._inner(data[at:], link, pkt, uid)
+        elif name == GTPV1:
+            at = parse_gtpv1(data)
+            if at is False:
+                return
+            if at is None or inner_ip_exact(data, at) != 0:
+                ext["tunnel"] = state | _VIOLATED[name]
+                return
+            state |= _GTP_ORIG if is_orig else _GTP_RESP
+            ext["tunnel"] = state
+            both = _GTP_ORIG | _GTP_RESP
+            if not self.delay_gtp or state & both == both:
+                _confirm(conn, name)
+            self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
+        elif name == TEREDO:
+            at = parse_teredo(data)
+            if at is None:
+                ext["tunnel"] = state | _VIOLATED[name]
+                return
+            fit = inner_ip_exact(data, at)
+            if fit == 2:
+                # Bubble with trailing bytes: fine only for "no next header" and no payload.
+                if not (data[at + 6] == _IPPROTO_NONE and data[at + 4] == 0
+                        and data[at + 5] == 0):
+                    ext["tunnel"] = state | _VIOLATED[name]
+                    return
+            elif fit != 0 or data[at] >> 4 != 6:
+                ext["tunnel"] = state | _VIOLATED[name]
+                return
+            state |= _TEREDO_ORIG if is_orig else _TEREDO_RESP
+            ext["tunnel"] = state
+            both = _TEREDO_ORIG | _TEREDO_RESP
+            if not self.delay_teredo or state & both == both:
+                _confirm(conn, name)
+            self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
+        else:  # AYIYA
+            ay = parse_ayiya(data)
+            if ay is None:
+                ext["tunnel"] = state | _VIOLATED[name]
+                return
+            if ay is False:
+                return
+            at, next_header = ay  # type: ignore[misc]
+            _confirm(conn, name)
+            if (next_header == IPPROTO_IPIP or next_header == IPPROTO_IPV6) and len(data) > at:
+                self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
+
+
+def _confirm(conn: Connection, name: str) -> None:
+    """AnalyzerConfirmation of a packet analyzer: its name joins the connection's services."""
+    if name not in conn.service:
+        conn.service.append(name)
