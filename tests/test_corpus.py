@@ -48,6 +48,8 @@ BARE_LOADS: dict[str, list[str]] = {
     "history-flip": ["http"],
     "local-flip": ["http"],
     "tcp.miss-end-data": ["http"],
+    # Its baseline names ssl inside the CONNECT: the bare test must load the ssl scripts too.
+    "http.http-connect-with-header": ["http", "ssl"],
     # core.tunnels.* tests @load the protocols whose logs they check.
     "tunnels.analyzer-confirmation": ["http"],
     "tunnels.gtp.different_dl_and_ul": ["http"],

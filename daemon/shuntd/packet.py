@@ -24,7 +24,9 @@ Cisco FabricPath, 802.2 SNAP), VLAN/QinQ (0x8100, 0x88a8, 0x9100; a third tag ov
 inner one, like Zeek), MPLS, PPPoE, VN-Tag, PBB, Linux SLL/SLL2, BSD null (either byte order),
 OpenBSD loop (Zeek itself lacks it), PPP (9, 50) and raw IP (101, 228, 229; the IP version
 comes from the header, as in Zeek's IP analyzer). Tunnels (GRE, UDP encapsulations, IP-in-IP)
-are NOT decapsulated here: they arrive as their outer IP packet.
+are not decapsulated here: they arrive as their outer IP packet (after defragmentation) and
+`shuntd.conn.tunnels` decodes the inner frame with `decode` again, so this path stays as fast
+for the common untunnelled packet.
 """
 
 from __future__ import annotations

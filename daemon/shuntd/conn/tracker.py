@@ -78,7 +78,8 @@ class ConnTracker:
         self._likely_udp = s.likely_udp_ports
         self._ignore_checksums = s.ignore_checksums
         # Copy TCP payload for the stream only if somebody listens (saves a copy per packet).
-        self.want_stream = type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
+        self.want_stream = (type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
+                            and getattr(self.hooks, "wants_stream", True))
         self._want_tick = type(self.hooks).tick is not EngineHooks.tick
         self._want_packet = type(self.hooks).packet is not EngineHooks.packet
         self.tunnels = Tunnels(self)  # decapsulation, tunnel_parents (conn/tunnels.py)
