@@ -69,13 +69,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str, str], str] = {
     for f in ("conn_state", "history", "orig_bytes", "resp_bytes", "orig_pkts", "orig_ip_bytes",
               "resp_pkts", "resp_ip_bytes", "duration")
 }
-_X_WHY = ("Zeek adds 'X' (HIST_UNKNOWN_PKT: a tunnel/analyzer limit weird) to this inner "
-          "connection; which packet triggers it is not identified yet")
-KNOWN_EXCEPTIONS[("tunnels.vxlan", "XXXXXXXXXX.XXXXXX 10.0.0.1 8 10.0.0.2 0 icmp",
-                  "history")] = _X_WHY
-KNOWN_EXCEPTIONS[("tunnels.gtp.different_dl_and_ul",
-                  "XXXXXXXXXX.XXXXXX 10.131.17.170 51803 173.199.115.168 80 tcp",
-                  "history")] = _X_WHY
 
 
 def _bare_loads(name: str, meta: dict) -> list[str] | None:

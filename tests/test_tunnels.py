@@ -186,6 +186,27 @@ def test_vxlan_outer_row_service_and_parents_union() -> None:
     assert inner["orig_pkts"] == 1 and inner["resp_pkts"] == 1 and inner["service"] is None
 
 
+def test_tunnel_changes_past_the_limit_mark_x() -> None:
+    # Requests through one outer flow, replies through another: every packet changes the
+    # encapsulation. Zeek reports 5 changes (tunnel_max_changes_per_connection); the 6th
+    # adds no parent but 'X' to the history (Zeek's vxlan.pcap: 8 packets, history "X").
+    def frames(n: int) -> list[bytes]:
+        out = []
+        for i in range(n):
+            if i % 2:
+                out.append(bytes(_udp_outer(48134, 4789, OUT_B, OUT_A) / VXLAN(vni=1) / _eth()
+                                 / _inner_echo(i // 2, reply=True)))
+            else:
+                out.append(bytes(_udp_outer(38071, 4789) / VXLAN(vni=1) / _eth()
+                                 / _inner_echo(i // 2)))
+        return out
+    six = _row(_run(frames(6)), IN_A, IN_B)
+    eight = _row(_run(frames(8)), IN_A, IN_B)
+    assert six["history"] is None and len(six["tunnel_parents"]) == 2
+    assert eight["history"] == "X" and len(eight["tunnel_parents"]) == 2
+    assert eight["orig_pkts"] == 4 and eight["resp_pkts"] == 4
+
+
 def test_vxlan_without_i_flag_is_a_violation() -> None:
     frames = [bytes(_udp_outer(1000, 4789) / VXLAN(flags=0) / _eth() / _inner_udp()),
               bytes(_udp_outer(1000, 4789) / VXLAN(vni=1) / _eth() / _inner_udp())]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from shuntd.packet import Packet
 
 MAX_DEPTH = 2                  # Tunnel::max_depth
+MAX_TUNNEL_CHANGES = 5         # tunnel_max_changes_per_connection
 IP_TUNNEL_TIMEOUT = 86400.0    # Tunnel::ip_tunnel_timeout
 MAX_IP_TUNNELS = 65536         # bound on remembered IP pairs (oldest forgotten first)
 
@@ -53,7 +54,8 @@ IPPROTO_IPV6 = 41
 IPPROTO_GRE = 47
 _IPPROTO_NONE = 59
 
-# Per-connection tunnel state bits, kept in conn.ext["tunnel"].
+# Per-connection tunnel state bits, kept in conn.ext["tunnel"] (outer connections); inner
+# connections keep [current parent uid, changes] in conn.ext["encap"].
 _VIOLATED = {VXLAN: 0x01, GENEVE: 0x02, GTPV1: 0x04, TEREDO: 0x08, AYIYA: 0x10}
 _TEREDO_ORIG = 0x100
 _TEREDO_RESP = 0x200
@@ -326,11 +328,7 @@ class Tunnels:
         finally:
             self.depth -= 1
         if conn is not None:
-            parents = conn.tunnel_parents
-            if parents is None:
-                conn.tunnel_parents = {parent}
-            else:
-                parents.add(parent)
+            _encapsulation(conn, parent)
         return conn
 
     def _ip_tunnel_uid(self, pkt: Packet) -> str:
@@ -456,6 +454,31 @@ class Tunnels:
             _confirm(conn, name)
             if (next_header == IPPROTO_IPIP or next_header == IPPROTO_IPV6) and len(data) > at:
                 self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
+
+
+def _encapsulation(conn: Connection, parent: str) -> None:
+    """Connection::CheckEncapsulation + conn/main.zeek: the first tunnel and every change
+    (tunnel_changed, at most MAX_TUNNEL_CHANGES of them) add the innermost uid to
+    tunnel_parents; a change past the limit adds no parent but marks history 'X'."""
+    ext = conn.ext
+    if ext is None:
+        conn.ext = ext = {}
+    enc = ext.get("encap")
+    if enc is None:
+        ext["encap"] = [parent, 0]
+    elif enc[0] == parent:
+        return
+    else:
+        enc[0] = parent
+        if enc[1] >= MAX_TUNNEL_CHANGES:
+            conn.mark_limit_reached()
+            return
+        enc[1] += 1
+    parents = conn.tunnel_parents
+    if parents is None:
+        conn.tunnel_parents = {parent}
+    else:
+        parents.add(parent)
 
 
 def _confirm(conn: Connection, name: str) -> None:
