@@ -1,9 +1,9 @@
 """Zeek's own conn.log baselines vs. the engine, on the real traces of ../shared/corpus.
 
-Every trace in corpus/zeek/core/ must reproduce its baseline: every row, no extra row, and
-the deterministic fields equal (corpus README). stretch/ (tunnels, odd link layers) is run
-and reported but never fails the test. Baselines are parsed by a small reader here, not by
-our log writer. Run with `-s` to see the per-field match table.
+Every trace in corpus/zeek/core/ and stretch/ (tunnels, odd link layers) must reproduce its
+baseline: every row, no extra row, and the deterministic fields equal (corpus README), plus
+the tunnel services of outer connections and tunnel_parents. Baselines are parsed by a small
+reader here, not by our log writer. Run with `-s` to see the per-field match table.
 """
 
 from __future__ import annotations
@@ -30,14 +30,6 @@ DETECTED_SERVICES = {"ssl", "dtls", "http", "dns", "ssh", "quic"}
 TUNNEL_SERVICES = {"vxlan", "geneve", "gtpv1", "teredo", "ayiya"}
 COMPARED_SERVICES = DETECTED_SERVICES | TUNNEL_SERVICES
 
-# stretch/ traces with tunnels that must match like core/ (tunnel_parents compared too).
-TUNNEL_TRACES = (
-    "erspanI", "erspanIII", "tunnels.analyzer-confirmation", "tunnels.ayiya-large-identity",
-    "tunnels.geneve", "tunnels.geneve-ipv6", "tunnels.geneve-vxlan-truncated",
-    "tunnels.gre-in-gre", "tunnels.gre-pptp", "tunnels.gtp.different_dl_and_ul",
-    "tunnels.gtp.inner_ipv6", "tunnels.gtp.inner_teredo", "tunnels.gtp.opt_header",
-    "tunnels.gtp.outer_ip_frag", "tunnels.teredo_bubble_with_payload", "tunnels.vxlan",
-)
 
 # Protocol scripts a bare-mode (`zeek -b`) test loads, which decides likely_server_ports.
 # Guessed from the test name (scripts.base.protocols.<proto>...); core.* tests load only conn.
@@ -50,6 +42,9 @@ BARE_LOADS: dict[str, list[str]] = {
     "tcp.miss-end-data": ["http"],
     # Its baseline names ssl inside the CONNECT: the bare test must load the ssl scripts too.
     "http.http-connect-with-header": ["http", "ssl"],
+    "radiotap": ["dns"],
+    "wlanmon": ["dns"],
+    "vlan-mpls": ["http"],
     # core.tunnels.* tests @load the protocols whose logs they check.
     "tunnels.analyzer-confirmation": ["http"],
     "tunnels.gtp.different_dl_and_ul": ["http"],
@@ -264,33 +259,18 @@ def test_core_corpus_matches_zeek() -> None:
 
 
 @pytest.mark.skipif(not (CORPUS / "stretch").is_dir(), reason="../shared/corpus is absent")
-def test_tunnel_corpus_matches_zeek() -> None:
-    """stretch/ traces with tunnels Zeek decapsulates: rows, fields, services of the outer
-    connections and tunnel_parents equal to Zeek's baseline (exceptions listed above)."""
+def test_stretch_corpus_matches_zeek() -> None:
+    """stretch/: tunnels Zeek decapsulates (rows, outer services, tunnel_parents) and odd
+    link layers (802.11, radiotap, PPP, MPLS, ...), held to the same standard as core/."""
     ok: Counter = Counter()
     total: Counter = Counter()
     diffs: list[str] = []
-    for name in TUNNEL_TRACES:
-        o, t, d = compare_trace(CORPUS / "stretch" / name)
-        ok.update(o)
-        total.update(t)
-        diffs += d
-    _report("tunnel corpus", ok, total)
-    for line in diffs:
-        print("  DIFF", line)
-    assert not diffs, f"{len(diffs)} unexplained differences (first: {diffs[0]})"
-
-
-@pytest.mark.skipif(not (CORPUS / "stretch").is_dir(), reason="../shared/corpus is absent")
-def test_stretch_corpus_report() -> None:
-    """Tunnelled traces: reported only (tunnel decapsulation is not in the first version)."""
-    ok: Counter = Counter()
-    total: Counter = Counter()
-    ndiff = 0
     for trace_dir in _traces("stretch"):
         o, t, d = compare_trace(trace_dir)
         ok.update(o)
         total.update(t)
-        ndiff += len(d)
-    _report("stretch corpus (not required)", ok, total)
-    print(f"  {ndiff} differences in stretch/")
+        diffs += d
+    _report("stretch corpus", ok, total)
+    for line in diffs:
+        print("  DIFF", line)
+    assert not diffs, f"{len(diffs)} unexplained differences (first: {diffs[0]})"

@@ -126,6 +126,23 @@ def test_gre_transparent_ethernet_and_erspan() -> None:
     assert all(r["tunnel_parents"] for r in rows)
 
 
+def test_gre_aruba_80211_amsdu_gives_every_subframe() -> None:
+    # Aruba GRE (type 0x8200) carrying an 802.11 QoS data frame with an A-MSDU of two
+    # subframes (Zeek's gre-aruba-amsdu.pcap: one frame, two packets of one connection).
+    from scapy.layers.dot11 import Dot11, Dot11QoS
+    subs = b""
+    for i in range(2):
+        ip = bytes(IP(src=IN_A, dst=IN_B) / UDP(sport=40000, dport=40001) / Raw(b"a" * (9 + i)))
+        llc = b"\xaa\xaa\x03\x00\x00\x00\x08\x00" + ip
+        sub = b"\x02" * 12 + struct.pack("!H", len(llc)) + llc
+        subs += sub + b"\x00" * (len(llc) % 4 if i == 0 else 0)   # Zeek's padding rule
+    wlan = bytes(Dot11(type=2, subtype=8, FCfield=0x01) / Dot11QoS(A_MSDU_Present=1)) + subs
+    rows = _run([bytes(_eth() / IP(src=OUT_A, dst=OUT_B) / GRE(proto=0x8200) / Raw(wlan))])
+    assert len(rows) == 1
+    assert rows[0]["orig_pkts"] == 2 and rows[0]["orig_ip_bytes"] == (28 + 9) + (28 + 10)
+    assert len(rows[0]["tunnel_parents"]) == 1
+
+
 def test_gre_pptp_needs_exact_inner_length() -> None:
     inner = _inner_udp()
     good = (_eth() / IP(src=OUT_A, dst=OUT_B) / GRE_PPTP(seqnum_present=1, call_id=3)
@@ -339,6 +356,12 @@ def test_arbitrary_bytes_in_udp_tunnels_never_raise(port: int, body: bytes) -> N
     frame = bytes(_udp_outer(1234, port) / Raw(body))
     rows = _run([frame])
     assert any(r["id.resp_p"] == port for r in rows)
+
+
+@_FUZZ
+@given(gre=st.sampled_from([0x8200, 0x6558, 0x88BE, 0x22EB, 0x0800]), body=st.binary(max_size=160))
+def test_arbitrary_bytes_after_gre_headers_never_raise(gre: int, body: bytes) -> None:
+    _run([bytes(_eth() / IP(src=OUT_A, dst=OUT_B) / GRE(proto=gre) / Raw(body))])
 
 
 @_FUZZ

@@ -26,7 +26,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shuntd.packet import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode
+from shuntd.packet import (
+    LINKTYPE_ETHERNET,
+    LINKTYPE_IEEE802_11,
+    LINKTYPE_RAW,
+    decode,
+    llc_snap_ip,
+    wlan_header,
+)
 
 if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
@@ -228,6 +235,35 @@ def parse_ayiya(p: memoryview) -> tuple[int, int] | None | bool:
     return (hdr, p[3])
 
 
+def amsdu_subframes(p: memoryview) -> list[memoryview]:
+    """The IP packets of an 802.11 data frame (Aruba GRE), every A-MSDU subframe included,
+    as Zeek's IEEE802_11 analyzer walks them (its padding rule, `len % 4`, kept)."""
+    n = len(p)
+    at, amsdu = wlan_header(p, n, 0)
+    if at < 0:
+        return []
+    if not amsdu:
+        ip_at = llc_snap_ip(p, at, n)
+        return [p[ip_at:]] if ip_at >= 0 else []
+    out = []
+    while at < n:
+        if n - at < 14:
+            break
+        sub_len = (p[at + 12] << 8) | p[at + 13]
+        if n - at < sub_len + 14:
+            break
+        at += 14
+        ip_at = llc_snap_ip(p, at, at + sub_len)
+        if ip_at < 0:
+            break
+        out.append(p[ip_at:at + sub_len])
+        at += sub_len
+        pad = sub_len % 4
+        if n - at >= pad:
+            at += pad
+    return out
+
+
 def _gre_header_len(flags: int) -> int:
     n = 4
     if flags & 0x8000:
@@ -274,8 +310,14 @@ def parse_gre(p: memoryview) -> tuple[int, int, bool] | None:
             link = LINKTYPE_ETHERNET
         elif ptype == 0x0800 or ptype == 0x86DD:
             link = LINKTYPE_RAW
+        elif ((ptype & 0x8200 == 0x8200 and ptype & 0x0F == 0)
+              or (ptype & 0x8300 == 0x8300 and ptype & 0x0F == 0 and ptype <= 0x8370)
+              or ptype == 0x9000):
+            if n <= hdr:
+                return None
+            link = LINKTYPE_IEEE802_11        # Aruba: 802.11 frames inside GRE
         else:
-            return None                       # Aruba (802.11), MPLS, ...: not decoded here
+            return None                       # MPLS and others: not decoded here
     elif version == 1:
         if ptype != 0x880B:
             return None
@@ -364,7 +406,12 @@ class Tunnels:
             link = LINKTYPE_RAW
         if not len(data):
             return
-        self._inner(data, link, pkt, self._ip_tunnel_uid(pkt), True)
+        uid = self._ip_tunnel_uid(pkt)
+        if link == LINKTYPE_IEEE802_11:
+            for sub in amsdu_subframes(data):
+                self._inner(sub, LINKTYPE_RAW, pkt, uid, True)
+            return
+        self._inner(data, link, pkt, uid, True)
 
     def udp(self, conn: Connection, pkt: Packet, is_orig: bool) -> None:
         """After the UDP analyzer: forward by responder port, else detect Teredo/AYIYA."""
