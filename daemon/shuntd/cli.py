@@ -180,10 +180,14 @@ def run_offline(args: argparse.Namespace) -> int:
         events.close()
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
+    from shuntd.conn.tunnels import TUNNEL_FIELDS
+    tunnel_log = open_log(str(log_dir), LogSchema("tunnel", TUNNEL_FIELDS), fmt=args.log_format)
+    tracker.tunnels.write_log = tunnel_log.write   # tunnel.log, created with its first row
     try:
         result = run_trace(trace, tracker)
     finally:
         writer.close()
+        tunnel_log.close()
         events.close()  # E3: conn_long.log
     if result.error:
         print(f"shuntd: {result.error}", file=sys.stderr)

@@ -283,6 +283,8 @@ class ConnTracker:
         row = conn_record(conn, self.local_nets)
         self.hooks.connection_logged(conn, row)
         self.sink(conn, row)
+        if self.tunnels.active:
+            self.tunnels.removed(conn)  # tunnel.log CLOSE of a UDP tunnel's connection
 
     def finish(self) -> None:
         """End of input (spec §5.5): expire termination timers, then drain in key order."""

@@ -24,8 +24,10 @@ never enters this module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shuntd.conn.record import addr_text
 from shuntd.packet import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IEEE802_11,
@@ -55,6 +57,17 @@ AYIYA = "ayiya"
 UDP_TUNNEL_PORTS: dict[int, str] = {
     4789: VXLAN, 6081: GENEVE, 2152: GTPV1, 2123: GTPV1, 3544: TEREDO, 5072: AYIYA,
 }
+
+# Tunnel::Type names in tunnel.log.
+TUNNEL_TYPES = {VXLAN: "Tunnel::VXLAN", GENEVE: "Tunnel::GENEVE", GTPV1: "Tunnel::GTPv1",
+                TEREDO: "Tunnel::TEREDO", AYIYA: "Tunnel::AYIYA"}
+EXPIRATION_INTERVAL = 3600.0   # Tunnel::expiration_interval
+
+# tunnel.log (base/frameworks/tunnels/main.zeek): (name, Zeek type) in Zeek's order.
+TUNNEL_FIELDS: list[tuple[str, str]] = [
+    ("ts", "time"), ("uid", "string"), ("id.orig_h", "addr"), ("id.orig_p", "port"),
+    ("id.resp_h", "addr"), ("id.resp_p", "port"), ("tunnel_type", "enum"), ("action", "enum"),
+]
 
 IPPROTO_IPIP = 4
 IPPROTO_IPV6 = 41
@@ -343,20 +356,26 @@ class Tunnels:
     """Decapsulates for one `ConnTracker` (which calls `ip` and `udp`)."""
 
     __slots__ = ("tracker", "depth", "ip_tunnels", "ignore_checksums", "delay_teredo",
-                 "delay_gtp")
+                 "delay_gtp", "write_log", "stack", "active")
 
     def __init__(self, tracker: ConnTracker) -> None:
         self.tracker = tracker
         self.depth = 0                # encapsulations around the packet being processed
-        self.ip_tunnels: dict[tuple[bytes, bytes], list] = {}   # pair -> [uid, last seen]
+        # pair -> [uid, last seen, tunnel.log id, tunnel type]
+        self.ip_tunnels: dict[tuple[bytes, bytes], list] = {}
+        # tunnel.log: set `write_log` to get rows; `stack` is the encapsulation chain of the
+        # packet being processed, `active` Tunnel::active (id -> [uid, type, last read]).
+        self.write_log: Callable[[tuple], None] | None = None
+        self.stack: list[tuple[str, tuple, str]] = []
+        self.active: dict[tuple, list] = {}
         s = tracker.settings
         self.ignore_checksums = s.ignore_checksums
         self.delay_teredo = s.delay_teredo_confirmation
         self.delay_gtp = s.delay_gtp_confirmation
 
-    def _inner(self, data: memoryview, link: int, outer: Packet, parent: str,
+    def _inner(self, data: memoryview, link: int, outer: Packet, enc: tuple[str, tuple, str],
                same_len: bool = False) -> Connection | None:
-        """Decode and process one inner frame; tag its connection with `parent`. The inner
+        """Decode and process one inner frame inside tunnel `enc` (uid, id, type). The inner
         wire length keeps the outer frame's truncation (build_inner_packet), except for IP
         tunnels, whose inner packet Zeek builds with wire length = captured length."""
         cap = len(data)
@@ -365,15 +384,78 @@ class Tunnels:
         if inner is None:
             return None
         self.depth += 1
+        self.stack.append(enc)
         try:
             conn = self.tracker.process(inner)
+            if conn is not None and self._encapsulation(conn, enc[0]) and self.write_log:
+                self._register_all()
         finally:
             self.depth -= 1
-        if conn is not None:
-            _encapsulation(conn, parent)
+            self.stack.pop()
         return conn
 
-    def _ip_tunnel_uid(self, pkt: Packet) -> str:
+    def _encapsulation(self, conn: Connection, parent: str) -> bool:
+        """Connection::CheckEncapsulation + conn/main.zeek: the first tunnel and every change
+        (tunnel_changed, at most MAX_TUNNEL_CHANGES of them) add the innermost uid to
+        tunnel_parents; a change past the limit adds no parent but marks history 'X'.
+        True when Zeek would raise new_connection/tunnel_changed with the encapsulation."""
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        enc = ext.get("encap")
+        if enc is None:
+            ext["encap"] = [parent, 0]
+        elif enc[0] == parent:
+            return False
+        else:
+            enc[0] = parent
+            if enc[1] >= MAX_TUNNEL_CHANGES:
+                conn.mark_limit_reached()
+                return False
+            enc[1] += 1
+        parents = conn.tunnel_parents
+        if parents is None:
+            conn.tunnel_parents = {parent}
+        else:
+            parents.add(parent)
+        return True
+
+    # ---- tunnel.log (Tunnel::register_all, close, expire) --------------------------------
+    def _register_all(self) -> None:
+        now = self.tracker.network_time
+        for uid, cid, ttype in self.stack:
+            entry = self.active.get(cid)
+            if entry is not None:
+                entry[2] = now               # a lookup refreshes &read_expire
+                continue
+            self.active[cid] = [uid, ttype, now]
+            self._log(now, uid, cid, ttype, "Tunnel::DISCOVER")
+            self.tracker.timers.schedule(now + EXPIRATION_INTERVAL, self._expire, arg=cid)
+
+    def _expire(self, cid: tuple, t: float) -> None:
+        entry = self.active.get(cid)
+        if entry is None:
+            return
+        if entry[2] + EXPIRATION_INTERVAL <= t:
+            del self.active[cid]
+            self._log(t, entry[0], cid, entry[1], "Tunnel::EXPIRE")
+        else:
+            self.tracker.timers.schedule(entry[2] + EXPIRATION_INTERVAL, self._expire, arg=cid)
+
+    def removed(self, conn: Connection) -> None:
+        """Tunnel::finalize_tunnel: a UDP tunnel's own connection ends (CLOSE)."""
+        cid = (conn.orig_h, conn.orig_p, conn.resp_h, conn.resp_p, conn.ip_proto)
+        entry = self.active.pop(cid, None)
+        if entry is not None:
+            self._log(self.tracker.network_time, entry[0], cid, entry[1], "Tunnel::CLOSE")
+
+    def _log(self, ts: float, uid: str, cid: tuple, ttype: str, action: str) -> None:
+        if self.write_log is not None:
+            self.write_log((ts, uid, addr_text(cid[0]), cid[1], addr_text(cid[2]), cid[3],
+                            ttype, action))
+
+    def _ip_tunnel(self, pkt: Packet) -> tuple[str, tuple, str]:
+        """The IP pair's tunnel (uid, tunnel.log id, type), made by its first packet."""
         src = pkt.src
         dst = pkt.dst
         pair = (src, dst) if src < dst else (dst, src)
@@ -382,11 +464,12 @@ class Tunnels:
         if entry is None or ts - entry[1] > IP_TUNNEL_TIMEOUT:
             if entry is None and len(self.ip_tunnels) >= MAX_IP_TUNNELS:
                 del self.ip_tunnels[next(iter(self.ip_tunnels))]
-            entry = [self.tracker.uids.next(), ts]
+            ttype = "Tunnel::GRE" if pkt.proto == IPPROTO_GRE else "Tunnel::IP"
+            entry = [self.tracker.uids.next(), ts, (src, 0, dst, 0, 0), ttype]
             self.ip_tunnels[pair] = entry
         else:
             entry[1] = ts
-        return entry[0]
+        return entry[0], entry[2], entry[3]
 
     def ip(self, pkt: Packet) -> None:
         """IP protocols 4, 41, 47: never a connection of their own (Zeek's IP analyzer hands
@@ -406,12 +489,12 @@ class Tunnels:
             link = LINKTYPE_RAW
         if not len(data):
             return
-        uid = self._ip_tunnel_uid(pkt)
+        enc = self._ip_tunnel(pkt)
         if link == LINKTYPE_IEEE802_11:
             for sub in amsdu_subframes(data):
-                self._inner(sub, LINKTYPE_RAW, pkt, uid, True)
+                self._inner(sub, LINKTYPE_RAW, pkt, enc, True)
             return
-        self._inner(data, link, pkt, uid, True)
+        self._inner(data, link, pkt, enc, True)
 
     def udp(self, conn: Connection, pkt: Packet, is_orig: bool) -> None:
         """After the UDP analyzer: forward by responder port, else detect Teredo/AYIYA."""
@@ -436,7 +519,8 @@ class Tunnels:
             return
         if self.depth >= MAX_DEPTH:
             return
-        uid = conn.uid
+        enc = (conn.uid, (conn.orig_h, conn.orig_p, conn.resp_h, conn.resp_p, 17),
+               TUNNEL_TYPES[name])
         if name == VXLAN:
             at = parse_vxlan(data)
             if at is None:
@@ -444,7 +528,7 @@ class Tunnels:
                 return
             _confirm(conn, name)
             if len(data) > at:
-                self._inner(data[at:], LINKTYPE_ETHERNET, pkt, uid)
+                self._inner(data[at:], LINKTYPE_ETHERNET, pkt, enc)
         elif name == GENEVE:
             gen = parse_geneve(data)
             if gen is None:
@@ -455,7 +539,7 @@ class Tunnels:
             at, link = gen  # type: ignore[misc]
             _confirm(conn, name)
             if link >= 0 and len(data) > at:
-                self._inner(data[at:], link, pkt, uid)
+                self._inner(data[at:], link, pkt, enc)
         elif name == GTPV1:
             at = parse_gtpv1(data)
             if at is False:
@@ -468,7 +552,7 @@ class Tunnels:
             both = _GTP_ORIG | _GTP_RESP
             if not self.delay_gtp or state & both == both:
                 _confirm(conn, name)
-            self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
+            self._inner(data[at:], LINKTYPE_RAW, pkt, enc)
         elif name == TEREDO:
             at = parse_teredo(data)
             if at is None:
@@ -489,7 +573,7 @@ class Tunnels:
             both = _TEREDO_ORIG | _TEREDO_RESP
             if not self.delay_teredo or state & both == both:
                 _confirm(conn, name)
-            self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
+            self._inner(data[at:], LINKTYPE_RAW, pkt, enc)
         else:  # AYIYA
             ay = parse_ayiya(data)
             if ay is None:
@@ -500,32 +584,7 @@ class Tunnels:
             at, next_header = ay  # type: ignore[misc]
             _confirm(conn, name)
             if (next_header == IPPROTO_IPIP or next_header == IPPROTO_IPV6) and len(data) > at:
-                self._inner(data[at:], LINKTYPE_RAW, pkt, uid)
-
-
-def _encapsulation(conn: Connection, parent: str) -> None:
-    """Connection::CheckEncapsulation + conn/main.zeek: the first tunnel and every change
-    (tunnel_changed, at most MAX_TUNNEL_CHANGES of them) add the innermost uid to
-    tunnel_parents; a change past the limit adds no parent but marks history 'X'."""
-    ext = conn.ext
-    if ext is None:
-        conn.ext = ext = {}
-    enc = ext.get("encap")
-    if enc is None:
-        ext["encap"] = [parent, 0]
-    elif enc[0] == parent:
-        return
-    else:
-        enc[0] = parent
-        if enc[1] >= MAX_TUNNEL_CHANGES:
-            conn.mark_limit_reached()
-            return
-        enc[1] += 1
-    parents = conn.tunnel_parents
-    if parents is None:
-        conn.tunnel_parents = {parent}
-    else:
-        parents.add(parent)
+                self._inner(data[at:], LINKTYPE_RAW, pkt, enc)
 
 
 def _confirm(conn: Connection, name: str) -> None:
