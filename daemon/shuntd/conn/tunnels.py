@@ -503,11 +503,15 @@ class Tunnels:
         data = pkt.payload
         name = UDP_TUNNEL_PORTS.get(conn.resp_p)
         if name is None:
-            if len(data) < 3:
+            # Content detection; the first-byte tests are detect_teredo's own fast rejects,
+            # inlined so ordinary UDP (DNS, QUIC, ...) costs no further call.
+            n = len(data)
+            if n < 3:
                 return
-            if detect_teredo(data):
+            b0 = data[0]
+            if n >= 40 and (b0 >> 4 == 6 or (b0 == 0 and data[1] <= 1)) and detect_teredo(data):
                 name = TEREDO
-            elif detect_ayiya(data):
+            elif data[1] == 0x52 and data[2] == 0x11:     # detect_ayiya
                 name = AYIYA
             else:
                 return
