@@ -226,6 +226,20 @@ def test_tunnel_changes_past_the_limit_mark_x() -> None:
     assert eight["orig_pkts"] == 4 and eight["resp_pkts"] == 4
 
 
+def test_inner_fragments_are_reassembled() -> None:
+    from scapy.layers.inet import fragment
+    whole = IP(src=IN_A, dst=IN_B, id=77) / UDP(sport=40000, dport=40001) / Raw(b"f" * 600)
+    frags = fragment(whole, fragsize=256)
+    assert len(frags) == 3
+    frames = [bytes(_udp_outer(38071, 4789) / VXLAN(vni=1) / _eth() / f) for f in frags]
+    frames += [bytes(_eth() / IP(src=OUT_A, dst="192.0.2.9") / f) for f in frags]   # 4in4
+    rows = _run(frames)
+    inner = _row(rows, IN_A, IN_B)
+    # One datagram through each tunnel: two packets of 20 + 8 + 600 bytes, both parents.
+    assert inner["orig_pkts"] == 2 and inner["orig_ip_bytes"] == 2 * 628
+    assert len(inner["tunnel_parents"]) == 2
+
+
 def test_vxlan_without_i_flag_is_a_violation() -> None:
     frames = [bytes(_udp_outer(1000, 4789) / VXLAN(flags=0) / _eth() / _inner_udp()),
               bytes(_udp_outer(1000, 4789) / VXLAN(vni=1) / _eth() / _inner_udp())]

@@ -16,7 +16,7 @@ The inner packet is decoded by `shuntd.packet.decode` and fed back into the trac
 connection it lands in gets the uid of the innermost encapsulation added to `tunnel_parents`
 (conn/main.zeek's `set_conn` plus `tunnel_changed`: the union over all encapsulations seen).
 At most `MAX_DEPTH` (Tunnel::max_depth) encapsulations are undone, as in Zeek. Inner IP
-fragments are not reassembled (Zeek would); they are counted as fragments.
+fragments are reassembled by a Defragmenter of their own.
 
 Everything here runs only for UDP packets and IP protocols 4, 41 and 47; a plain TCP packet
 never enters this module.
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shuntd.conn.record import addr_text
+from shuntd.defrag import Defragmenter
 from shuntd.packet import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IEEE802_11,
@@ -46,6 +47,7 @@ MAX_DEPTH = 2                  # Tunnel::max_depth
 MAX_TUNNEL_CHANGES = 5         # tunnel_max_changes_per_connection
 IP_TUNNEL_TIMEOUT = 86400.0    # Tunnel::ip_tunnel_timeout
 MAX_IP_TUNNELS = 65536         # bound on remembered IP pairs (oldest forgotten first)
+INNER_FRAG_BYTES = 16 * 1024 * 1024   # bound on pending inner fragments
 
 VXLAN = "vxlan"
 GENEVE = "geneve"
@@ -356,7 +358,7 @@ class Tunnels:
     """Decapsulates for one `ConnTracker` (which calls `ip` and `udp`)."""
 
     __slots__ = ("tracker", "depth", "ip_tunnels", "ignore_checksums", "delay_teredo",
-                 "delay_gtp", "write_log", "stack", "active")
+                 "delay_gtp", "write_log", "stack", "active", "defrag")
 
     def __init__(self, tracker: ConnTracker) -> None:
         self.tracker = tracker
@@ -368,6 +370,7 @@ class Tunnels:
         self.write_log: Callable[[tuple], None] | None = None
         self.stack: list[tuple[str, tuple, str]] = []
         self.active: dict[tuple, list] = {}
+        self.defrag: Defragmenter | None = None   # made by the first inner fragment
         s = tracker.settings
         self.ignore_checksums = s.ignore_checksums
         self.delay_teredo = s.delay_teredo_confirmation
@@ -383,6 +386,13 @@ class Tunnels:
         inner = decode(data, link, outer.ts, wire, self.ignore_checksums)
         if inner is None:
             return None
+        if inner.frag:                  # inner IP fragments are reassembled, as in Zeek
+            if self.defrag is None:
+                self.defrag = Defragmenter(ignore_checksums=self.ignore_checksums,
+                                           max_bytes=INNER_FRAG_BYTES)
+            inner = self.defrag.add(inner)
+            if inner is None:
+                return None
         self.depth += 1
         self.stack.append(enc)
         try:
