@@ -576,3 +576,24 @@ def test_ieee802_11_frames_without_usable_ip_are_dropped() -> None:
     for frame in (beacon, null_data, protected, not_snap, arp, _wlan_data(b"")[:20]):
         assert decode(frame, 105, 1.0, len(frame)) is None
     assert decode(b"\x00\x00\xff\x00" + _wlan_data(_snap_ip(ip)), 127, 1.0, 100) is None
+
+
+def test_ieee802_11_arbitrary_bytes_never_raise() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seed = _wlan_data(_snap_ip(bytes(IP(src=A4, dst=B4) / UDP(sport=1, dport=2))), qos=True)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(body=st.binary(max_size=120), cut=st.integers(0, 120), linktype=st.sampled_from(
+        [105, 127]), flips=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)),
+                                    max_size=6))
+    def run(body: bytes, cut: int, linktype: int, flips: list[tuple[int, int]]) -> None:
+        for frame in (body, bytearray(seed[:cut] + body)):
+            for at, val in flips:
+                if isinstance(frame, bytearray) and at < len(frame):
+                    frame[at] = val
+            p = decode(bytes(frame), linktype, 1.0, len(frame))
+            assert p is None or p.ip_version in (4, 6)
+
+    run()
