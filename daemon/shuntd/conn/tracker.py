@@ -159,7 +159,7 @@ class ConnTracker:
                 self.hooks.packet(conn, pkt, side == conn.orig_side)
         elif proto == 17:
             self._udp(conn, pkt, side, is_orig)
-            self.tunnels.udp(conn, pkt, side == conn.orig_side)  # VXLAN, Teredo, GTP...
+            self.tunnels.udp(conn, pkt, is_orig)  # VXLAN, Teredo, GTP... (after the UDP analyzer)
         elif proto == 1 or proto == 58:
             self._icmp(conn, pkt, side, is_orig)
         else:
