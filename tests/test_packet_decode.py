@@ -524,3 +524,76 @@ def test_defragmenter_overlap_keeps_first_arrival_and_size_grows() -> None:
     assert p.ip_len == 20 + 40 and p.udp_len == 40
     # Bytes 16..24 came first as X (kept over the offset-0 copy), 24..32 X kept over Y.
     assert bytes(p.payload) == b"A" * 8 + b"X" * 16 + b"Y" * 8
+
+
+# ---- IEEE 802.11 and radiotap (Zeek's IEEE802_11 / Radiotap analyzers) -----------------------
+
+def _wlan_data(payload: bytes, qos: bool = False, amsdu: bool = False, protected: bool = False,
+               four_addr: bool = False) -> bytes:
+    from scapy.layers.dot11 import Dot11, Dot11QoS
+    fcfield = (0x40 if protected else 0) | (0x03 if four_addr else 0x01)
+    hdr = Dot11(type=2, subtype=8 if qos else 0, FCfield=fcfield, addr1="02:00:00:00:00:01",
+                addr2="02:00:00:00:00:02", addr3="02:00:00:00:00:03",
+                addr4="02:00:00:00:00:04" if four_addr else None)
+    if qos:
+        hdr = hdr / Dot11QoS(A_MSDU_Present=1 if amsdu else 0)
+    return bytes(hdr) + payload
+
+
+def _snap_ip(ip: bytes) -> bytes:
+    return b"\xaa\xaa\x03\x00\x00\x00\x08\x00" + ip
+
+
+def test_ieee802_11_and_radiotap_data_frames() -> None:
+    from scapy.layers.dot11 import RadioTap
+    ip = bytes(IP(src=A4, dst=B4) / UDP(sport=1234, dport=53) / Raw(b"q" * 12))
+    for frame, linktype in [
+        (_wlan_data(_snap_ip(ip)), 105),
+        (_wlan_data(_snap_ip(ip), qos=True), 105),
+        (_wlan_data(_snap_ip(ip), four_addr=True), 105),
+        (bytes(RadioTap()) + _wlan_data(_snap_ip(ip)), 127),
+    ]:
+        p = decode(frame, linktype, 1.0, len(frame))
+        assert p is not None, frame.hex()
+        assert (socket.inet_ntoa(p.src), p.sport, socket.inet_ntoa(p.dst), p.dport) == (
+            A4, 1234, B4, 53)
+        assert p.ip_len == len(ip) and bytes(p.payload) == b"q" * 12
+    # A-MSDU: 14-byte subframe header (DA, SA, length) before LLC; the first subframe.
+    sub = _snap_ip(ip)
+    amsdu = b"\x02" * 12 + struct.pack("!H", len(sub)) + sub
+    p = decode(_wlan_data(amsdu, qos=True, amsdu=True), 105, 1.0, 200)
+    assert p is not None and p.dport == 53
+
+
+def test_ieee802_11_frames_without_usable_ip_are_dropped() -> None:
+    from scapy.layers.dot11 import Dot11, Dot11Beacon
+    ip = bytes(IP(src=A4, dst=B4) / UDP(sport=1, dport=2))
+    beacon = bytes(Dot11(type=0, subtype=8) / Dot11Beacon())
+    null_data = bytes(Dot11(type=2, subtype=4, FCfield=0x01)) + _snap_ip(ip)
+    protected = _wlan_data(_snap_ip(ip), qos=True, protected=True)
+    not_snap = _wlan_data(b"\x42\x42\x03" + ip)
+    arp = _wlan_data(b"\xaa\xaa\x03\x00\x00\x00\x08\x06" + b"\x00" * 28)
+    for frame in (beacon, null_data, protected, not_snap, arp, _wlan_data(b"")[:20]):
+        assert decode(frame, 105, 1.0, len(frame)) is None
+    assert decode(b"\x00\x00\xff\x00" + _wlan_data(_snap_ip(ip)), 127, 1.0, 100) is None
+
+
+def test_ieee802_11_arbitrary_bytes_never_raise() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seed = _wlan_data(_snap_ip(bytes(IP(src=A4, dst=B4) / UDP(sport=1, dport=2))), qos=True)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(body=st.binary(max_size=120), cut=st.integers(0, 120), linktype=st.sampled_from(
+        [105, 127]), flips=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)),
+                                    max_size=6))
+    def run(body: bytes, cut: int, linktype: int, flips: list[tuple[int, int]]) -> None:
+        for frame in (body, bytearray(seed[:cut] + body)):
+            for at, val in flips:
+                if isinstance(frame, bytearray) and at < len(frame):
+                    frame[at] = val
+            p = decode(bytes(frame), linktype, 1.0, len(frame))
+            assert p is None or p.ip_version in (4, 6)
+
+    run()

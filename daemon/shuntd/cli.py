@@ -71,9 +71,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Site::local_nets (added to the private address space)")
     g.add_argument("--no-private-local", action="store_true",
                    help="do not count the private address space as local")
-    g.add_argument("--bare", default=None, metavar="PROTO,...",
-                   help="likely_server_ports as in `zeek -b` loading only these protocols "
-                        "(e.g. 'ftp' or '' for none); default: all base protocols")
+    g.add_argument("--bare", nargs="?", const="", default=None, metavar="PROTO,...",
+                   help="bare mode like `zeek -b`: no protocol analysers (service detection "
+                        "off, TCP payload not copied; faster) and likely_server_ports of no "
+                        "protocol; with PROTO,... only those protocols are loaded (e.g. "
+                        "'http,ssl'); default: all base protocols")
     g.add_argument("--likely-tcp-ports", type=_ports, default=None, metavar="PORT,...")
     g.add_argument("--likely-udp-ports", type=_ports, default=None, metavar="PORT,...")
     g.add_argument("--port-inactivity-timeouts", type=_port_timeouts, default=None,
@@ -178,10 +180,14 @@ def run_offline(args: argparse.Namespace) -> int:
         events.close()
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
+    from shuntd.conn.tunnels import TUNNEL_FIELDS
+    tunnel_log = open_log(str(log_dir), LogSchema("tunnel", TUNNEL_FIELDS), fmt=args.log_format)
+    tracker.tunnels.write_log = tunnel_log.write   # tunnel.log, created with its first row
     try:
         result = run_trace(trace, tracker)
     finally:
         writer.close()
+        tunnel_log.close()
         events.close()  # E3: conn_long.log
     if result.error:
         print(f"shuntd: {result.error}", file=sys.stderr)

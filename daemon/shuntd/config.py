@@ -121,6 +121,8 @@ def expected_type(action: argparse.Action) -> str:
         base = f"a string {metavar} (an array is joined with commas)"
     if action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction):
         return f"an array of {base.removeprefix('an ').removeprefix('a ')}"
+    if action.nargs == "?":
+        return f"true (the option alone), false, or {base}"
     return base
 
 
@@ -154,6 +156,8 @@ def convert_value(action: argparse.Action, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(type(value).__name__)
         return value
+    if action.nargs == "?" and isinstance(value, bool):   # e.g. bare = true: `--bare` alone
+        return action.const if value else action.default
     many = action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction)
     if many:
         if not isinstance(value, list):

@@ -229,6 +229,11 @@ class EventDispatcher(EngineHooks):
     def packet(self, conn: Any, pkt: Any, is_orig: bool) -> None:
         self.thresholds.packet(conn, is_orig, pkt.ts)
 
+    @property
+    def wants_stream(self) -> bool:
+        """Whether anybody reads TCP payload (the tracker skips copying it otherwise)."""
+        return not self.services.off or self.contents is not None
+
     def udp_payload(self, conn: Any, is_orig: bool, payload: memoryview) -> None:
         self.services.udp_payload(conn, is_orig, payload)
 

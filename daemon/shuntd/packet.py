@@ -22,9 +22,12 @@ transport fields; `shuntd.defrag.Defragmenter` turns them into one reassembled `
 Link layers follow Zeek's packet analyzers (scripts/base/packet-protocols): Ethernet (with
 Cisco FabricPath, 802.2 SNAP), VLAN/QinQ (0x8100, 0x88a8, 0x9100; a third tag overwrites the
 inner one, like Zeek), MPLS, PPPoE, VN-Tag, PBB, Linux SLL/SLL2, BSD null (either byte order),
-OpenBSD loop (Zeek itself lacks it), PPP (9, 50) and raw IP (101, 228, 229; the IP version
+OpenBSD loop (Zeek itself lacks it), PPP (9, 50), IEEE 802.11 (105) and radiotap (127) data
+frames with LLC/SNAP, and raw IP (101, 228, 229; the IP version
 comes from the header, as in Zeek's IP analyzer). Tunnels (GRE, UDP encapsulations, IP-in-IP)
-are NOT decapsulated here: they arrive as their outer IP packet.
+are not decapsulated here: they arrive as their outer IP packet (after defragmentation) and
+`shuntd.conn.tunnels` decodes the inner frame with `decode` again, so this path stays as fast
+for the common untunnelled packet.
 """
 
 from __future__ import annotations
@@ -158,6 +161,61 @@ _FROM_SLL = {0x0800: "ip", 0x86DD: "ip", 0x8100: "vlan", 0x88A8: "vlan", 0x9100:
 _MAX_LINK_STEPS = 16
 LINKTYPE_PPP = 9
 LINKTYPE_PPP_SERIAL = 50
+LINKTYPE_IEEE802_11 = 105
+LINKTYPE_RADIOTAP = 127
+
+
+def wlan_header(mv: memoryview, caplen: int, off: int) -> tuple[int, bool]:
+    """Zeek's IEEE802_11 analyzer up to the payload: (offset after the 802.11 data header,
+    A-MSDU?) or (-1, False) for non-data, protected or truncated frames."""
+    rest = caplen - off
+    hdr = 24
+    if rest <= hdr:
+        return -1, False
+    fc = mv[off]
+    flags = mv[off + 1]
+    if not (fc >> 2) & 0x02 or (fc >> 4) & 0x04:    # not a data frame, or no data
+        return -1, False
+    if flags & 0x03 == 0x03:                        # To DS + From DS: a 4th address
+        hdr += 6
+        if rest <= hdr:
+            return -1, False
+    amsdu = False
+    if (fc >> 4) & 0x08:                            # QoS data
+        amsdu = bool(mv[off + hdr] & 0x80)
+        if flags & 0x40:                            # protected: nothing to decode
+            return -1, False
+        hdr += 2
+        if rest <= hdr:
+            return -1, False
+    return off + hdr, amsdu
+
+
+def llc_snap_ip(mv: memoryview, off: int, end: int) -> int:
+    """Offset of the IP header after an LLC/SNAP header carrying IPv4/IPv6, or -1."""
+    if (end - off < 8 or mv[off] != 0xAA or mv[off + 1] != 0xAA or mv[off + 2] != 0x03
+            or mv[off + 3] or mv[off + 4] or mv[off + 5]):
+        return -1
+    etype = (mv[off + 6] << 8) | mv[off + 7]
+    if etype != 0x0800 and etype != 0x86DD:
+        return -1
+    return off + 8
+
+
+def _wlan(mv: memoryview, caplen: int, off: int) -> int:
+    """802.11 data frame -> offset of the IP header, or -1. Of an A-MSDU only the first
+    subframe is taken here (one Packet per frame; tunnels.py walks them all for Aruba GRE)."""
+    off, amsdu = wlan_header(mv, caplen, off)
+    if off < 0:
+        return -1
+    if amsdu:
+        if caplen - off < 14:
+            return -1
+        sub_len = (mv[off + 12] << 8) | mv[off + 13]
+        if caplen - off < sub_len + 14:
+            return -1
+        off += 14
+    return llc_snap_ip(mv, off, caplen)
 
 
 def _link_layer(mv: memoryview, caplen: int, linktype: int) -> tuple[int, int, int] | None:
@@ -185,6 +243,15 @@ def _link_layer(mv: memoryview, caplen: int, linktype: int) -> tuple[int, int, i
                 family = _U32_BE.unpack_from(mv, 0)[0]
         step = "ip" if family == _AF_INET or family in _AF_INET6 else None
         off = 4
+    elif linktype == LINKTYPE_IEEE802_11:
+        step = "wlan"
+    elif linktype == LINKTYPE_RADIOTAP:
+        if caplen < 4:
+            return None
+        off = mv[2] | (mv[3] << 8)     # radiotap header length (little endian)
+        if off > caplen:
+            return None
+        step = "wlan"
     elif linktype == LINKTYPE_PPP or linktype == LINKTYPE_PPP_SERIAL:
         if caplen <= 2:
             return None
@@ -270,6 +337,11 @@ def _link_layer(mv: memoryview, caplen: int, linktype: int) -> tuple[int, int, i
                 return None
             step = _FROM_VNTAG.get((mv[off + 4] << 8) | mv[off + 5])
             off += 6
+        elif step == "wlan":
+            off = _wlan(mv, caplen, off)
+            if off < 0:
+                return None
+            step = "ip"
         elif step == "pbb":
             if rest <= 18:
                 return None

@@ -108,6 +108,10 @@ UDP_SIGNATURES: tuple[Signature, ...] = (
     _sig("dpd_quic_initial", "quic", rb"[\xc0-\xcf]\x00\x00\x00\x01", "any"),
     _sig("dpd_quic_v2_initial", "quic", rb"[\xd0-\xdf]\x6b\x33\x43\xcf", "any"),
 )
+# Every analyser name: disabling all of them switches service detection off (bare mode).
+ALL_ANALYZERS: frozenset[str] = (
+    frozenset(TCP_PORTS) | frozenset(UDP_PORTS)
+    | frozenset(s.analyzer for s in TCP_SIGNATURES + UDP_SIGNATURES))
 
 
 def make_analyzer(name: str, tcp: bool) -> Analyzer:
@@ -186,15 +190,19 @@ class ConnServices:
 class ServiceDetection:
     """Attaches analysers to connections and turns their verdicts into `service` entries."""
 
-    __slots__ = ("settings", "sink")
+    __slots__ = ("settings", "sink", "off")
 
     def __init__(self, sink: ServiceSink, settings: ServiceSettings | None = None) -> None:
         self.settings = settings or ServiceSettings()
         self.sink = sink
+        # Bare mode without protocol analysers (`zeek -b`): no per-connection state at all.
+        self.off = self.settings.disabled >= ALL_ANALYZERS
 
     # -- engine entry points -------------------------------------------------------------
 
     def new_connection(self, conn: Any) -> ConnServices | None:
+        if self.off:
+            return None
         proto = conn.proto
         if proto == "tcp":
             ports, sigs, tcp = TCP_PORTS, TCP_SIGNATURES, True
@@ -385,7 +393,8 @@ class ServiceDetection:
             failed.append(name)
 
     def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
-        layer = _Layer(list(TCP_SIGNATURES))
+        disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures
+        layer = _Layer([s for s in TCP_SIGNATURES if s.analyzer not in disabled])
         state.layers.append(layer)
         orig, resp = data
         if orig:

@@ -132,3 +132,6 @@ class EngineSettings:
     report_gaps_for_partial: bool = False
     # ConnSize analyzer on (orig_pkts/..._ip_bytes are set).
     conn_size: bool = True
+    # Tunnel::delay_teredo_confirmation / delay_gtp_confirmation (conn/tunnels.py).
+    delay_teredo_confirmation: bool = True
+    delay_gtp_confirmation: bool = False

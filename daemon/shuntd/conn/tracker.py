@@ -19,6 +19,7 @@ from shuntd.conn.site import LocalNets
 from shuntd.conn.tcp import ACK, SYN, TCPAnalyzer
 from shuntd.conn.tcpstate import INACTIVE
 from shuntd.conn.timers import TimerManager
+from shuntd.conn.tunnels import Tunnels
 from shuntd.conn.udp import UDPAnalyzer
 from shuntd.conn.uid import UidGenerator
 from shuntd.packet import Packet
@@ -77,9 +78,11 @@ class ConnTracker:
         self._likely_udp = s.likely_udp_ports
         self._ignore_checksums = s.ignore_checksums
         # Copy TCP payload for the stream only if somebody listens (saves a copy per packet).
-        self.want_stream = type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
+        self.want_stream = (type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
+                            and getattr(self.hooks, "wants_stream", True))
         self._want_tick = type(self.hooks).tick is not EngineHooks.tick
         self._want_packet = type(self.hooks).packet is not EngineHooks.packet
+        self.tunnels = Tunnels(self)  # decapsulation, tunnel_parents (conn/tunnels.py)
 
     # --- clock ---------------------------------------------------------------------------------
     def advance(self, ts: float) -> None:
@@ -122,6 +125,9 @@ class ConnTracker:
         elif proto == 1 or proto == 58:
             sp, dp, one_way = icmp_ports(proto, pkt.sport, pkt.dport)
             key, side = make_key(proto, pkt.src, sp, pkt.dst, dp, one_way)
+        elif proto == 4 or proto == 41 or proto == 47:
+            self.tunnels.ip(pkt)  # IP-in-IP and GRE: the tunnel is not a connection (Zeek)
+            return None
         else:
             key, side = make_key(proto, pkt.src, 0, pkt.dst, 0)
 
@@ -153,6 +159,7 @@ class ConnTracker:
                 self.hooks.packet(conn, pkt, side == conn.orig_side)
         elif proto == 17:
             self._udp(conn, pkt, side, is_orig)
+            self.tunnels.udp(conn, pkt, is_orig)  # VXLAN, Teredo, GTP... (after the UDP analyzer)
         elif proto == 1 or proto == 58:
             self._icmp(conn, pkt, side, is_orig)
         else:
@@ -276,6 +283,8 @@ class ConnTracker:
         row = conn_record(conn, self.local_nets)
         self.hooks.connection_logged(conn, row)
         self.sink(conn, row)
+        if self.tunnels.active:
+            self.tunnels.removed(conn)  # tunnel.log CLOSE of a UDP tunnel's connection
 
     def finish(self) -> None:
         """End of input (spec §5.5): expire termination timers, then drain in key order."""
