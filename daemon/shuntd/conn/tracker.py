@@ -80,6 +80,11 @@ class ConnTracker:
         self.want_stream = type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
         self._want_tick = type(self.hooks).tick is not EngineHooks.tick
         self._want_packet = type(self.hooks).packet is not EngineHooks.packet
+        # Zeek schedules these TCP timers only when a script handles the event.
+        hooks_type = type(self.hooks)
+        self.want_reset_timer = hooks_type.connection_reset is not EngineHooks.connection_reset
+        self.want_partial_close_timer = (hooks_type.connection_partial_close
+                                         is not EngineHooks.connection_partial_close)
 
     # --- clock ---------------------------------------------------------------------------------
     def advance(self, ts: float) -> None:
@@ -233,32 +238,73 @@ class ConnTracker:
         self.hooks.new_connection(conn)
         return conn
 
+    # --- per-connection deadline ---------------------------------------------------------------
+    def arm(self, conn: Connection, when: float) -> None:
+        """Make `conn`'s single heap entry fire no later than `when`.
+
+        Every timer of a connection (inactivity, and the TCP analyzer's expire/attempt/close
+        checks) is a time in one of its slots; the heap holds one entry per connection at (or
+        before) the earliest of them. Moving a check later costs nothing (the entry finds
+        nothing due and re-arms itself); only moving it earlier pushes a new entry.
+        """
+        timer = conn.timer
+        if timer is not None:
+            if timer[0] <= when:
+                return
+            self.timers.cancel(timer)
+        conn.timer = self.timers.schedule(when, self._conn_timer, arg=conn)
+
+    def _conn_timer(self, conn: Connection, now: float) -> None:
+        """The connection's heap entry fired: run its earliest due check, re-arm for the next.
+
+        One check per firing, so checks of different connections interleave in time order
+        as Zeek's separate timers would (the re-armed entry fires again in the same
+        `advance` when the next check is also due)."""
+        conn.timer = None
+        if conn.removed:
+            return
+        an = conn.analyzer
+        inact = conn.inact_at
+        tcp_due = an.next_due() if type(an) is TCPAnalyzer else None
+        if inact is not None and (tcp_due is None or inact <= tcp_due):
+            if inact <= now:
+                conn.inact_at = None
+                self._inactivity_timer(conn, now)
+        elif tcp_due is not None and tcp_due <= now:
+            an.run_due(tcp_due, now)  # type: ignore[union-attr]
+        if not conn.removed:
+            self._rearm(conn)
+
+    def _rearm(self, conn: Connection) -> None:
+        when = conn.inact_at
+        an = conn.analyzer
+        if type(an) is TCPAnalyzer:
+            tcp_due = an.next_due()
+            if tcp_due is not None and (when is None or tcp_due < when):
+                when = tcp_due
+        if when is not None:
+            self.arm(conn, when)
+
     def set_inactivity_timeout(self, conn: Connection, timeout: float) -> None:
         """Session::SetInactivityTimeout: re-arm at last_time + timeout (0 = never)."""
         if timeout == conn.inactivity_timeout:
             return
-        if conn.inactivity_timer is not None:
-            self.timers.cancel(conn.inactivity_timer)
-            conn.inactivity_timer = None
-        if timeout > 0:
-            conn.inactivity_timer = self.timers.schedule(
-                conn.last_time + timeout, self._inactivity_timer, arg=conn)
         conn.inactivity_timeout = timeout
+        if timeout > 0:
+            when = conn.inact_at = conn.last_time + timeout
+            self.arm(conn, when)
+        else:
+            conn.inact_at = None
 
     def _inactivity_timer(self, conn: Connection, t: float) -> None:
-        if conn.removed:
-            return
-        conn.inactivity_timer = None
         timeout = conn.inactivity_timeout
         if conn.last_time + timeout <= t:
             if self.hooks.connection_timing_out(conn):
-                conn.inactivity_timer = self.timers.schedule(
-                    t + timeout, self._inactivity_timer, arg=conn)
+                conn.inact_at = t + timeout
                 return
             self.remove(conn)
         else:
-            conn.inactivity_timer = self.timers.schedule(
-                conn.last_time + timeout, self._inactivity_timer, arg=conn)
+            conn.inact_at = conn.last_time + timeout
 
     def remove(self, conn: Connection) -> None:
         """Finish a connection: state_remove hook, record, sink (exactly once)."""
@@ -267,10 +313,11 @@ class ConnTracker:
         conn.removed = True
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
-        if conn.inactivity_timer is not None:
-            self.timers.cancel(conn.inactivity_timer)
-            conn.inactivity_timer = None
-        if isinstance(conn.analyzer, TCPAnalyzer):
+        if conn.timer is not None:
+            self.timers.cancel(conn.timer)
+            conn.timer = None
+        conn.inact_at = None
+        if type(conn.analyzer) is TCPAnalyzer:
             conn.analyzer.cancel_timers()
         self.hooks.connection_state_remove(conn)
         row = conn_record(conn, self.local_nets)
@@ -280,6 +327,13 @@ class ConnTracker:
     def finish(self) -> None:
         """End of input (spec §5.5): expire termination timers, then drain in key order."""
         self.timers.now = max(self.timers.now, self.network_time)
+        # Termination timers (TCP attempt/reset) live in connection slots: hand them to the
+        # timer manager, in connection creation order, so they fire in time order with the
+        # other termination timers (Zeek's timer_mgr->Expire()).
+        for conn in list(self.conns.values()):
+            an = conn.analyzer
+            if type(an) is TCPAnalyzer:
+                an.termination_timers()
         self.timers.expire_all()
         for conn in sorted(self.conns.values(), key=session_key_bytes):
             self.remove(conn)
