@@ -29,13 +29,13 @@ class Connection:
     )
 
     def __init__(self, uid: str, key: tuple, start_time: float, orig_side: int,
-                 sides: list, analyzer: Any, tracker: Any) -> None:
+                 sides: tuple, analyzer: Any, tracker: Any) -> None:
         self.uid = uid
         self.key = key
         self.start_time = start_time
         self.last_time = start_time
         self.orig_side = orig_side
-        self.sides = sides            # endpoint objects, index = side in the flow key
+        self.sides = sides            # (endpoint, endpoint), index = side in the flow key
         self.history = ""
         self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
         self.missed_bytes = 0

@@ -65,7 +65,7 @@ class TCPEndpoint(EndpointCounters):
     __slots__ = (
         "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
         "seq_wraps", "ack_wraps", "FIN_cnt", "RST_cnt", "FIN_seq", "did_close",
-        "start_time", "last_time", "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
+        "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
         "scaled", "reasm",
     )
 
@@ -85,8 +85,6 @@ class TCPEndpoint(EndpointCounters):
         self.RST_cnt = 0
         self.FIN_seq = 0
         self.did_close = False
-        self.start_time = 0.0
-        self.last_time = 0.0
         self.hist_last_SYN = 0
         self.hist_last_FIN = 0
         self.hist_last_RST = 0
@@ -218,12 +216,12 @@ class TCPAnalyzer:
         self.established_pending = False
         self.want_stream = tracker.want_stream
 
-    def make_endpoints(self) -> list[TCPEndpoint]:
+    def make_endpoints(self) -> tuple[TCPEndpoint, TCPEndpoint]:
         a = TCPEndpoint(0, self)
         b = TCPEndpoint(1, self)
         a.peer = b
         b.peer = a
-        return [a, b]
+        return (a, b)
 
     def attach(self, conn: Connection) -> None:
         """Called once the connection exists: Zeek's adapter-creation ExpireTimer."""
@@ -423,7 +421,6 @@ class TCPAnalyzer:
             else:
                 endpoint.ack_seq = endpoint.start_seq = (base_seq - 1) & M32
                 endpoint.last_seq = base_seq
-            endpoint.start_time = t
         elif st == SYN_SENT or st == SYN_ACK_SENT:
             if f_syn and base_seq != endpoint.start_seq:
                 endpoint.start_seq = endpoint.ack_seq = base_seq
@@ -530,7 +527,6 @@ class TCPAnalyzer:
             pass
         elif length > 0:
             endpoint.did_rxmit(conn)
-        endpoint.last_time = t
 
         if st == INACTIVE or flags & 0x07:
             do_close, gen_event = self._update_state_machine(

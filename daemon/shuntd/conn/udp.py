@@ -35,8 +35,8 @@ class UDPAnalyzer:
         self.conn: Connection = None  # type: ignore[assignment]
 
     @staticmethod
-    def make_endpoints() -> list[UDPEndpoint]:
-        return [UDPEndpoint(), UDPEndpoint()]
+    def make_endpoints() -> tuple[UDPEndpoint, UDPEndpoint]:
+        return (UDPEndpoint(), UDPEndpoint())
 
     def attach(self, conn: Connection) -> None:
         self.conn = conn
