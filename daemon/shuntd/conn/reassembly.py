@@ -58,8 +58,12 @@ class Reassembler:
             acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
             if acked == ep.start_seq or acked == ep.start_seq + 1:
                 self._trim_if_unacked()
-        else:
-            self._new_block(seq, data)
+            # Nothing lies above the delivery point now: only the total size can be too much.
+            limit = an.settings.tcp_excessive_data_without_further_acks
+            if limit and self.size > limit:
+                self._clear()
+            return
+        self._new_block(seq, data)
         settings = an.settings
         limit = settings.tcp_max_above_hole_without_any_acks
         if limit and blocks and blocks[-1][1] - self.lrs > limit and ep.no_data_acked():

@@ -411,9 +411,13 @@ class TCPAnalyzer:
             seg_len -= length
         seq_one_past = (base_seq + seg_len) & M32
 
-        # init_endpoint
+        # init_endpoint (established endpoints first: most packets)
         st = endpoint.state
-        if st == INACTIVE:
+        if st == ESTABLISHED or st == PARTIAL:
+            if f_syn:
+                endpoint.start_seq = endpoint.ack_seq = base_seq
+                endpoint.last_seq = seq_one_past
+        elif st == INACTIVE:
             if f_syn:
                 endpoint.ack_seq = base_seq
                 endpoint.start_seq = base_seq
@@ -423,10 +427,6 @@ class TCPAnalyzer:
                 endpoint.last_seq = base_seq
         elif st == SYN_SENT or st == SYN_ACK_SENT:
             if f_syn and base_seq != endpoint.start_seq:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
-        elif st == ESTABLISHED or st == PARTIAL:
-            if f_syn:
                 endpoint.start_seq = endpoint.ack_seq = base_seq
                 endpoint.last_seq = seq_one_past
         elif st == RESET:

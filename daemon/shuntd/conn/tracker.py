@@ -65,6 +65,7 @@ class ConnTracker:
         self.hooks = hooks or EngineHooks()
         self.sink = sink or _discard
         self.timers = TimerManager(self.settings.max_timer_expires)
+        self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
@@ -103,7 +104,7 @@ class ConnTracker:
             # The timer manager's clock moves with every packet: timers scheduled while this
             # packet is handled (polls, thresholds) count from now, not from the last expiry.
             self.network_time = self.timers.now = ts
-        heap = self.timers.heap  # peek inline: most packets have no due timer
+        heap = self._heap  # peek inline: most packets have no due timer
         if heap and heap[0][0] <= self.network_time:
             self.timers.advance(self.network_time)
         if self._want_tick:
