@@ -46,9 +46,6 @@ HIST_DATA_PKT = 0x10
 HIST_ACK_PKT = 0x20
 HIST_MULTI_FLAG_PKT = 0x40
 
-_ZEROS = bytes(65536)  # stand-in payload when nobody consumes the stream (lengths only)
-_ZEROS_VIEW = memoryview(_ZEROS)
-
 ORIG_BIT = 1
 RESP_BIT = 2
 
@@ -395,8 +392,11 @@ class TCPAnalyzer:
         peer = endpoint.peer
         length = pkt.payload_len
 
-        # SetPartialStatus
-        if is_orig:
+        # SetPartialStatus (a no-op once both directions were seen)
+        both_seen = self.first_packet_seen == ORIG_BIT | RESP_BIT
+        if both_seen:
+            pass
+        elif is_orig:
             if not self.first_packet_seen & ORIG_BIT:
                 self.is_partial = (not f_syn) or bool(f_ack)
         elif not self.first_packet_seen & RESP_BIT and not self.is_partial:
@@ -544,28 +544,31 @@ class TCPAnalyzer:
             elif rel_ack > reasm.trim_seq:
                 reasm.ack_received(rel_ack)
 
-        # CheckPIA_FirstPacket
-        if is_orig:
-            self.first_packet_seen |= ORIG_BIT
-        else:
-            self.first_packet_seen |= RESP_BIT
+        # CheckPIA_FirstPacket (bits are only ever set or swapped: both stay both)
+        if not both_seen:
+            if is_orig:
+                self.first_packet_seen |= ORIG_BIT
+            else:
+                self.first_packet_seen |= RESP_BIT
 
         if length > 0 and not f_rst and not seq_underflow:
             payload = pkt.payload
             if len(payload) >= length:
                 rel_data_seq = rel_seq + 1 if f_syn else rel_seq
+                reasm = endpoint.reasm
+                if reasm is None:
+                    reasm = endpoint.reassembler()
                 if self.want_stream:
-                    data: bytes | memoryview = bytes(payload[:length])
-                elif length <= len(_ZEROS):
-                    data = _ZEROS_VIEW[:length]   # only lengths matter: no copy of the frame
+                    reasm.data_sent(rel_data_seq, bytes(payload[:length]))
                 else:
-                    data = bytes(length)
-                endpoint.reassembler().data_sent(rel_data_seq, data)
+                    reasm.data_len_sent(rel_data_seq, length)  # only lengths matter
 
-        reasm = endpoint.reasm
-        if (reasm is None or not reasm.did_eof) and (
-                endpoint.FIN_cnt > 0 or endpoint.state == CLOSED or endpoint.state == RESET):
-            endpoint.reassembler().check_eof()
+        if endpoint.FIN_cnt or endpoint.state >= CLOSED:   # CLOSED or RESET
+            reasm = endpoint.reasm
+            if reasm is None:
+                endpoint.reassembler().check_eof()
+            elif not reasm.did_eof:
+                reasm.check_eof()
 
         if do_close:
             self._connection_closed(endpoint, peer, gen_event)
