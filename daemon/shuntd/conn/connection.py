@@ -22,15 +22,15 @@ class Connection:
     # Memory matters (1M connections must fit in 1 GiB): no slot holds what can be derived
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
-        "uid", "key", "start_time", "last_time", "orig_side", "sides",
+        "_uid", "key", "start_time", "last_time", "orig_side", "sides",
         "history", "hist_seen", "missed_bytes", "service", "failed_services", "ext",
         "tunnel_parents", "analyzer", "removed", "inactivity_timeout", "inact_at", "timer",
         "tracker",
     )
 
-    def __init__(self, uid: str, key: tuple, start_time: float, orig_side: int,
+    def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
                  sides: tuple, analyzer: Any, tracker: Any) -> None:
-        self.uid = uid
+        self._uid = uid               # None: made from tracker.uids on first use
         self.key = key
         self.start_time = start_time
         self.last_time = start_time
@@ -53,6 +53,15 @@ class Connection:
         self.inact_at: float | None = None
         self.timer: Timer | None = None
         self.tracker = tracker
+
+    @property
+    def uid(self) -> str:
+        """Zeek's uid, drawn on first use (most connections need it only when logged; an
+        idle table of a million connections does not hold a million strings)."""
+        uid = self._uid
+        if uid is None:
+            uid = self._uid = self.tracker.uids.next()
+        return uid
 
     @property
     def ip_proto(self) -> int:
@@ -131,7 +140,7 @@ class Connection:
         self.tracker.hooks.connection_flipped(self)
 
     def __repr__(self) -> str:
-        return f"<Connection {self.uid} {self.proto} {self.history!r}>"
+        return f"<Connection {self._uid} {self.proto} {self.history!r}>"
 
 
 class ConnId:

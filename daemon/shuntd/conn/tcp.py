@@ -67,7 +67,8 @@ class TCPEndpoint(EndpointCounters):
     )
 
     def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
-        super().__init__()
+        self.num_pkts = 0         # EndpointCounters, without the call
+        self.num_bytes_ip = 0
         self.side = side
         self.analyzer = analyzer
         self.peer: TCPEndpoint = self  # set by the analyzer

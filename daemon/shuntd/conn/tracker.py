@@ -100,15 +100,16 @@ class ConnTracker:
         """Account one decoded, defragmented packet; returns its connection if any."""
         self.stats.packets += 1
         ts = self.current_ts = pkt.ts
-        if ts > self.network_time:
+        now = self.network_time
+        if ts > now:
             # The timer manager's clock moves with every packet: timers scheduled while this
             # packet is handled (polls, thresholds) count from now, not from the last expiry.
-            self.network_time = self.timers.now = ts
+            now = self.network_time = self.timers.now = ts
         heap = self._heap  # peek inline: most packets have no due timer
-        if heap and heap[0][0] <= self.network_time:
-            self.timers.advance(self.network_time)
+        if heap and heap[0][0] <= now:
+            self.timers.advance(now)
         if self._want_tick:
-            self.hooks.tick(self.network_time)
+            self.hooks.tick(now)
         if pkt.frag:
             self.stats.fragments += 1
             return None
@@ -119,11 +120,13 @@ class ConnTracker:
         if proto == 6 or proto == 17:
             src = pkt.src
             dst = pkt.dst
-            if src < dst or (src == dst and pkt.sport <= pkt.dport):
-                key = (proto, src, pkt.sport, dst, pkt.dport)
+            sport = pkt.sport
+            dport = pkt.dport
+            if src < dst or (src == dst and sport <= dport):
+                key = (proto, src, sport, dst, dport)
                 side = 0
             else:
-                key = (proto, dst, pkt.dport, src, pkt.sport)
+                key = (proto, dst, dport, src, sport)
                 side = 1
         elif proto == 1 or proto == 58:
             sp, dp, one_way = icmp_ports(proto, pkt.sport, pkt.dport)
@@ -229,7 +232,7 @@ class ConnTracker:
         if flip and pkt.dst == BROADCAST4:
             flip = False
         sides = analyzer.make_endpoints()  # type: ignore[attr-defined]
-        conn = Connection(self.uids.next(), key, pkt.ts, side, sides, analyzer, self)
+        conn = Connection(None, key, pkt.ts, side, sides, analyzer, self)
         self.conns[key] = conn
         self.stats.connections += 1
         if flip:
