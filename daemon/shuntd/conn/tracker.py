@@ -66,6 +66,7 @@ class ConnTracker:
         self.sink = sink or _discard
         self.timers = TimerManager(self.settings.max_timer_expires)
         self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
+        self._conn_timer_cb = self._conn_timer  # one bound method shared by all entries
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
@@ -256,7 +257,7 @@ class ConnTracker:
             if timer[0] <= when:
                 return
             self.timers.cancel(timer)
-        conn.timer = self.timers.schedule(when, self._conn_timer, arg=conn)
+        conn.timer = self.timers.schedule(when, self._conn_timer_cb, arg=conn)
 
     def _conn_timer(self, conn: Connection, now: float) -> None:
         """The connection's heap entry fired: run its earliest due check, re-arm for the next.
