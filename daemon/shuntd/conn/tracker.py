@@ -28,6 +28,11 @@ _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 RecordSink = Callable[[Connection, tuple], None]
 
+# A stored key shares its parts with other connections' keys: one int object per port
+# number (made once, 1.8 MB) and one bytes object per recently seen address.
+_PORT_INTS = tuple(range(65536))
+_ADDR_MEMO_MAX = 65536
+
 
 def _discard(conn: Connection, row: tuple) -> None:
     """Default sink: records are only passed to `hooks.connection_logged`."""
@@ -67,6 +72,7 @@ class ConnTracker:
         self.timers = TimerManager(self.settings.max_timer_expires)
         self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
         self._conn_timer_cb = self._conn_timer  # one bound method shared by all entries
+        self._addrs: dict[bytes, bytes] = {}    # see _shared_key
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
@@ -233,6 +239,7 @@ class ConnTracker:
         if flip and pkt.dst == BROADCAST4:
             flip = False
         sides = analyzer.make_endpoints()  # type: ignore[attr-defined]
+        key = self._shared_key(key)
         conn = Connection(None, key, pkt.ts, side, sides, analyzer, self)
         self.conns[key] = conn
         self.stats.connections += 1
@@ -289,6 +296,24 @@ class ConnTracker:
                 when = tcp_due
         if when is not None:
             self.arm(conn, when)
+
+    def _shared_key(self, key: tuple) -> tuple:
+        """An equal key made of shared objects: a million stored keys then do not hold a
+        million copies of busy servers' addresses and of port numbers (memory only)."""
+        proto, a, pa, b, pb = key
+        addrs = self._addrs
+        shared_a = addrs.get(a)
+        shared_b = addrs.get(b)
+        if shared_a is None or shared_b is None:
+            if len(addrs) >= _ADDR_MEMO_MAX:
+                addrs.clear()
+            if shared_a is None:
+                shared_a = addrs.setdefault(a, a)
+            if shared_b is None:
+                shared_b = addrs.setdefault(b, b)
+        ports = _PORT_INTS
+        return (proto, shared_a, ports[pa] if 0 <= pa < 65536 else pa, shared_b,
+                ports[pb] if 0 <= pb < 65536 else pb)
 
     def set_inactivity_timeout(self, conn: Connection, timeout: float) -> None:
         """Session::SetInactivityTimeout: re-arm at last_time + timeout (0 = never)."""
