@@ -25,6 +25,8 @@ from shuntd.conn.tcpstate import (
 
 if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
+    from shuntd.conn.hooks import EngineHooks
+    from shuntd.conn.settings import EngineSettings
     from shuntd.conn.timers import Timer
     from shuntd.packet import Packet
 
@@ -185,9 +187,9 @@ class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "tracker", "settings", "hooks", "is_active", "seen_first_ACK",
+        "conn", "tracker", "is_active", "seen_first_ACK",
         "first_packet_seen", "is_partial", "close_deferred", "deferred_gen_event",
-        "established_pending", "want_stream",
+        "established_pending",
         # Analyzer timers as times (None = not pending), checked through the connection's
         # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
         # chain started by a half close, the AttemptTimer and the delete timer. Rare extra
@@ -197,8 +199,6 @@ class TCPAnalyzer:
 
     def __init__(self, tracker) -> None:
         self.tracker = tracker
-        self.settings = tracker.settings
-        self.hooks = tracker.hooks
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
         self.is_active = True
         self.seen_first_ACK = False
@@ -212,7 +212,19 @@ class TCPAnalyzer:
         self.close_at: float | None = None
         self.extra: list[Timer] | None = None
         self.established_pending = False
-        self.want_stream = tracker.want_stream
+
+    # The tracker's, not copies: three slots less per connection.
+    @property
+    def settings(self) -> EngineSettings:
+        return self.tracker.settings
+
+    @property
+    def hooks(self) -> EngineHooks:
+        return self.tracker.hooks
+
+    @property
+    def want_stream(self) -> bool:
+        return self.tracker.want_stream
 
     def make_endpoints(self) -> tuple[TCPEndpoint, TCPEndpoint]:
         a = TCPEndpoint(0, self)
@@ -559,7 +571,7 @@ class TCPAnalyzer:
                 reasm = endpoint.reasm
                 if reasm is None:
                     reasm = endpoint.reassembler()
-                if self.want_stream:
+                if self.tracker.want_stream:
                     reasm.data_sent(rel_data_seq, bytes(payload[:length]))
                 else:
                     reasm.data_len_sent(rel_data_seq, length)  # only lengths matter
