@@ -690,6 +690,8 @@ class TCPAnalyzer:
                 ep.set_state(SYN_ACK_SENT if flags & ACK else SYN_SENT)
                 if self.settings.tcp_attempt_delay:
                     when = self.tracker.current_ts + self.settings.tcp_attempt_delay
+                    if when == self.expire_at:
+                        when = self.expire_at   # share the float (24 B per connection)
                     if self.attempt_at is None:
                         self.attempt_at = when
                         self.tracker.arm(conn, when)
