@@ -212,3 +212,25 @@ def test_one_timer_entry_per_connection() -> None:
     live = [t for t in tracker.timers.heap if not t.cancelled]
     assert len(live) == 1 and live[0][3] is conn
     assert live[0][0] == pytest.approx(T0 + 5.0)   # the first ExpireTimer check
+
+
+def test_half_close_starts_a_second_expire_chain() -> None:
+    # C closes at 4.0 while S is open (incomplete close: Zeek adds an ExpireTimer at
+    # last_time + tcp_session_timer = 10.0 besides the periodic one: 5.0, then 11.0), then
+    # resets at 4.1. UDP packets elsewhere move the clock. At 10.5 the half-close check
+    # finds C closed and reset and idle for > tcp_connection_linger: removed, so S's ACK at
+    # 10.7 starts a new connection (the periodic check alone would wait until 11.0).
+    s = TcpScript().steps("C S; S SA; C A")
+    s.send("C", "FA", at=4.0)
+    s.send("C", "R", at=4.1)
+    pkts = s.packets
+    pkts.append(udp_packet(C_ADDR, 5555, "10.0.0.7", 5000, b"x", T0 + 5.0))
+    pkts.append(udp_packet(C_ADDR, 5555, "10.0.0.7", 5000, b"y", T0 + 10.5))
+    s2 = TcpScript()
+    s2.nxt = dict(s.nxt)
+    s2.send("S", "A", at=10.7)
+    pkts += s2.packets
+    rows = [r for r in run_packets(pkts) if r["proto"] == "tcp"]
+    assert [summary(r) for r in rows][0] == "RSTO ShAFR 0/0 4(160)/1(40)"
+    assert rows[0]["duration"] == pytest.approx(4.1)
+    assert len(rows) == 2
