@@ -114,3 +114,123 @@ def test_udp_timeout_setting(proto_timeout: float, field: str) -> None:
             udp_packet(C_ADDR, 40000, "10.0.0.2", 5000, b"b", T0 + 45)]
     assert len(run_packets(pkts)) == 1
     assert len(run_packets(pkts, EngineSettings(**{field: proto_timeout}))) == 2
+
+
+class _ResetHandler(EngineHooks):
+    """Like a Zeek script handling connection_reset: that arms the TCP ResetTimer."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def connection_reset(self, conn) -> None:
+        self.calls.append(round(conn.tracker.network_time - T0, 3))
+
+
+def _fin_then_rst() -> TcpScript:
+    # C closes (FIN at 0.3, S still open), then resets from CLOSED at 2.0 (Zeek's
+    # UpdateClosedState: ResetTimer at 2.0 + tcp_reset_delay when connection_reset is
+    # handled). S keeps ACKing at 6.0 and 7.5.
+    s = TcpScript().steps("C S; S SA; C A; C FA")
+    s.send("C", "R", at=2.0)
+    s.send("S", "A", at=6.0)
+    s.send("S", "A", at=7.5)
+    return s
+
+
+def test_reset_timer_only_with_a_connection_reset_handler() -> None:
+    s = _fin_then_rst()
+    # No handler (Zeek's default scripts): no ResetTimer. The expire checks (5.0 -> 6.0,
+    # the half-close chain 6.3 -> 7.5) find last_time + 5 s not yet passed: one connection.
+    rows = run_packets(s.packets)
+    assert [summary(r) for r in rows] == ["RSTO ShAFRa 0/0 4(160)/3(120)"]
+    # With a handler the ResetTimer (due 7.0) fires at the 7.5 packet, before it is
+    # processed: connection_reset, removal; the ACK at 7.5 is a new connection.
+    hooks = _ResetHandler()
+    rows = run_packets(s.packets, hooks=hooks)
+    assert hooks.calls == [7.5]
+    assert [summary(r) for r in rows][0] == "RSTO ShAFRa 0/0 4(160)/2(80)"
+    assert len(rows) == 2 and rows[0]["duration"] == pytest.approx(6.0)
+
+
+def test_reset_delay_setting() -> None:
+    # --tcp-reset-delay 5.6: due at 7.6, after the last packet: the ResetTimer is a
+    # termination timer (do_expire), so it still fires at the end, with one connection.
+    hooks = _ResetHandler()
+    rows = run_packets(_fin_then_rst().packets, EngineSettings(tcp_reset_delay=5.6),
+                       hooks=hooks)
+    assert [summary(r) for r in rows] == ["RSTO ShAFRa 0/0 4(160)/3(120)"]
+    assert hooks.calls == [7.5]
+
+
+class _PartialCloseHandler(EngineHooks):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def connection_partial_close(self, conn) -> None:
+        self.calls += 1
+
+
+def _fin_first() -> TcpScript:
+    # Midstream: S sends data (first packet, flipped: S is the responder), then C's first
+    # packet is a FIN, from INACTIVE, while S is active and open: a partial close (Zeek's
+    # ConnectionClosed: PartialCloseTimer at last_time + tcp_partial_close_delay when
+    # connection_partial_close is handled, else no extra timer at all).
+    s = TcpScript()
+    s.send("S", "D100", at=0.0)
+    s.send("C", "FA", at=0.1)
+    s.send("S", "D100", at=3.5)
+    return s
+
+
+def test_partial_close_timer_only_with_a_handler() -> None:
+    s = _fin_first()
+    rows = run_packets(s.packets)
+    assert [summary(r) for r in rows] == ["SH ^dF 0/200 1(40)/2(280)"]
+    hooks = _PartialCloseHandler()
+    rows = run_packets(s.packets, hooks=hooks)
+    assert hooks.calls == 1
+    assert [summary(r) for r in rows][0] == "SH ^dF 0/100 1(40)/1(140)"
+    assert len(rows) == 2
+
+
+def test_partial_close_delay_setting() -> None:
+    # Due at 0.1 + 4 = 4.1, after the 3.5 packet; a partial-close timer does not act at
+    # termination (Zeek schedules it without do_expire): one connection, no event.
+    hooks = _PartialCloseHandler()
+    rows = run_packets(_fin_first().packets, EngineSettings(tcp_partial_close_delay=4.0),
+                       hooks=hooks)
+    assert len(rows) == 1 and hooks.calls == 0
+
+
+def test_one_timer_entry_per_connection() -> None:
+    # The connection's checks (inactivity, expire chain, attempt) share one heap entry.
+    from shuntd.conn.tracker import ConnTracker
+    tracker = ConnTracker(EngineSettings())
+    for pkt in TcpScript().steps("C S; S SA; C A; C D100").packets:
+        tracker.process(pkt)
+    (conn,) = tracker.conns.values()
+    live = [t for t in tracker.timers.heap if not t.cancelled]
+    assert len(live) == 1 and live[0][3] is conn
+    assert live[0][0] == pytest.approx(T0 + 5.0)   # the first ExpireTimer check
+
+
+def test_half_close_starts_a_second_expire_chain() -> None:
+    # C closes at 4.0 while S is open (incomplete close: Zeek adds an ExpireTimer at
+    # last_time + tcp_session_timer = 10.0 besides the periodic one: 5.0, then 11.0), then
+    # resets at 4.1. UDP packets elsewhere move the clock. At 10.5 the half-close check
+    # finds C closed and reset and idle for > tcp_connection_linger: removed, so S's ACK at
+    # 10.7 starts a new connection (the periodic check alone would wait until 11.0).
+    s = TcpScript().steps("C S; S SA; C A")
+    s.send("C", "FA", at=4.0)
+    s.send("C", "R", at=4.1)
+    pkts = s.packets
+    pkts.append(udp_packet(C_ADDR, 5555, "10.0.0.7", 5000, b"x", T0 + 5.0))
+    pkts.append(udp_packet(C_ADDR, 5555, "10.0.0.7", 5000, b"y", T0 + 10.5))
+    s2 = TcpScript()
+    s2.nxt = dict(s.nxt)
+    s2.send("S", "A", at=10.7)
+    pkts += s2.packets
+    rows = [r for r in run_packets(pkts) if r["proto"] == "tcp"]
+    assert [summary(r) for r in rows][0] == "RSTO ShAFR 0/0 4(160)/1(40)"
+    assert rows[0]["duration"] == pytest.approx(4.1)
+    assert len(rows) == 2

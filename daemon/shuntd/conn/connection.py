@@ -19,35 +19,57 @@ PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 class Connection:
     """Per-connection state shared by every protocol (Zeek's Connection/Session)."""
 
+    # Memory matters (1M connections must fit in 1 GiB): no slot holds what can be derived
+    # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
-        "uid", "key", "ip_proto", "proto", "start_time", "last_time", "orig_side", "sides",
+        "_uid", "key", "start_time", "last_time", "orig_side", "sides",
         "history", "hist_seen", "missed_bytes", "service", "failed_services", "ext",
-        "tunnel_parents", "analyzer", "removed", "inactivity_timeout", "inactivity_timer",
+        "tunnel_parents", "analyzer", "removed", "inactivity_timeout", "inact_at", "timer",
         "tracker",
     )
 
-    def __init__(self, uid: str, key: tuple, start_time: float, orig_side: int,
-                 sides: list, analyzer: Any, tracker: Any) -> None:
-        self.uid = uid
+    def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
+                 sides: tuple, analyzer: Any, tracker: Any) -> None:
+        self._uid = uid               # None: made from tracker.uids on first use
         self.key = key
-        self.ip_proto: int = key[0]
-        self.proto: str = PROTO_NAMES.get(key[0], "unknown_transport")
         self.start_time = start_time
         self.last_time = start_time
         self.orig_side = orig_side
-        self.sides = sides            # endpoint objects, index = side in the flow key
+        self.sides = sides            # (endpoint, endpoint), index = side in the flow key
         self.history = ""
         self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
         self.missed_bytes = 0
-        self.service: list[str] = []  # appended by service detection, confirmation order
-        self.failed_services: list[str] = []
+        # Confirmed services in confirmation order; a tuple until service detection adds one.
+        self.service: list[str] | tuple[str, ...] = ()
+        self.failed_services: list[str] | tuple[str, ...] = ()
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
         self.tunnel_parents: set[str] | None = None
         self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
         self.removed = False
         self.inactivity_timeout = 0.0
-        self.inactivity_timer: Timer | None = None
+        # The inactivity check is due at `inact_at` (None = none). The connection has ONE
+        # entry in the timer heap (`timer`), due no later than its earliest pending check
+        # (inactivity or the TCP analyzer's); see ConnTracker.arm().
+        self.inact_at: float | None = None
+        self.timer: Timer | None = None
         self.tracker = tracker
+
+    @property
+    def uid(self) -> str:
+        """Zeek's uid, drawn on first use (most connections need it only when logged; an
+        idle table of a million connections does not hold a million strings)."""
+        uid = self._uid
+        if uid is None:
+            uid = self._uid = self.tracker.uids.next()
+        return uid
+
+    @property
+    def ip_proto(self) -> int:
+        return self.key[0]
+
+    @property
+    def proto(self) -> str:
+        return PROTO_NAMES.get(self.key[0], "unknown_transport")
 
     # --- orig/resp views -------------------------------------------------------------------
     @property
@@ -118,7 +140,7 @@ class Connection:
         self.tracker.hooks.connection_flipped(self)
 
     def __repr__(self) -> str:
-        return f"<Connection {self.uid} {self.proto} {self.history!r}>"
+        return f"<Connection {self._uid} {self.proto} {self.history!r}>"
 
 
 class ConnId:

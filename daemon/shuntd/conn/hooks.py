@@ -14,6 +14,9 @@ Interface notes for E3 (changes to engine-iface.md are listed here first):
   cb(now), or cb(arg, now) when arg is given) and `tracker.set_inactivity_timeout(conn, secs)`.
 - `tick`, `packet` and `tcp_deliver` are only called when a subclass overrides them (the
   tracker skips no-op calls and the payload copy on the hot path).
+- Overriding `connection_reset` / `connection_partial_close` arms Zeek's ResetTimer /
+  PartialCloseTimer, which Zeek schedules only when a script handles those events; they
+  change when such connections are removed (`tcp_reset_delay`, `tcp_partial_close_delay`).
 
 All methods are no-ops here; subclass and override what you need. The tracker calls them
 synchronously from the packet path, so they must be cheap and must not raise (the tracker
@@ -52,6 +55,14 @@ class EngineHooks:
 
     def content_gap(self, conn: Connection, is_orig: bool, nbytes: int) -> None:
         """The reassembler skipped `nbytes` never seen in this direction."""
+
+    def connection_reset(self, conn: Connection) -> None:
+        """TCP: an endpoint reset the connection (Zeek's connection_reset). Overriding it
+        also arms Zeek's ResetTimer (`tcp_reset_delay`), as a Zeek handler would."""
+
+    def connection_partial_close(self, conn: Connection) -> None:
+        """TCP: one side closed first thing and the other never closed within
+        `tcp_partial_close_delay`. Overriding it arms Zeek's PartialCloseTimer."""
 
     def connection_timing_out(self, conn: Connection) -> bool:
         """Inactivity expired; return True to keep the connection (veto)."""

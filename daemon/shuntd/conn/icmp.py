@@ -25,8 +25,8 @@ class ICMPAnalyzer:
         self.conn: Connection = None  # type: ignore[assignment]
 
     @staticmethod
-    def make_endpoints() -> list[ICMPEndpoint]:
-        return [ICMPEndpoint(), ICMPEndpoint()]
+    def make_endpoints() -> tuple[ICMPEndpoint, ICMPEndpoint]:
+        return (ICMPEndpoint(), ICMPEndpoint())
 
     def attach(self, conn: Connection) -> None:
         self.conn = conn

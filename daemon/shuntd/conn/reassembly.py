@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from shuntd.conn.tcp import TCPEndpoint
 
 M64 = (1 << 64) - 1
+_ZEROS_VIEW = memoryview(bytes(65536))  # stand-in payload when only lengths matter
 
 
 def _is_clean(ep: TCPEndpoint) -> bool:
@@ -39,6 +40,27 @@ class Reassembler:
         self.size = 0          # bytes buffered in blocks
 
     # --- data in -----------------------------------------------------------------------------
+    def data_len_sent(self, seq: int, n: int) -> None:
+        """`data_sent` of `n` > 0 bytes nobody consumes (no tcp_deliver listener): the same
+        bookkeeping without a payload object on the common in-order path."""
+        if self.skip:
+            return
+        blocks = self.blocks
+        if seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
+            upper = seq + n
+            self.size += n
+            blocks.append([seq, upper, None])
+            self.lrs = upper
+            ep = self.ep
+            acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
+            if acked == ep.start_seq or acked == ep.start_seq + 1:
+                self._trim_if_unacked()
+            limit = ep.analyzer.settings.tcp_excessive_data_without_further_acks
+            if limit and self.size > limit:
+                self._clear()
+            return
+        self.data_sent(seq, _ZEROS_VIEW[:n] if n <= len(_ZEROS_VIEW) else bytes(n))
+
     def data_sent(self, seq: int, data: bytes) -> None:
         if self.skip:
             return
@@ -58,8 +80,12 @@ class Reassembler:
             acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
             if acked == ep.start_seq or acked == ep.start_seq + 1:
                 self._trim_if_unacked()
-        else:
-            self._new_block(seq, data)
+            # Nothing lies above the delivery point now: only the total size can be too much.
+            limit = an.settings.tcp_excessive_data_without_further_acks
+            if limit and self.size > limit:
+                self._clear()
+            return
+        self._new_block(seq, data)
         settings = an.settings
         limit = settings.tcp_max_above_hole_without_any_acks
         if limit and blocks and blocks[-1][1] - self.lrs > limit and ep.no_data_acked():

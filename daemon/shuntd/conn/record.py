@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+from shuntd.conn.connection import PROTO_NAMES
+
 if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
     from shuntd.conn.site import LocalNets
@@ -44,34 +46,43 @@ def addr_text(addr: bytes) -> str:
 
 
 def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
-    """Values in CONN_FIELDS order (None = unset), computed as Zeek's set_conn(c, T)."""
-    orig = conn.orig
-    resp = conn.resp
-    duration = conn.duration
-    if duration is not None:
+    """Values in CONN_FIELDS order (None = unset), computed as Zeek's set_conn(c, T).
+
+    Reads the connection's slots directly (not its orig/resp/duration views): one record per
+    connection is a measurable share of an offline run."""
+    ip_proto, a, pa, b, pb = conn.key
+    sides = conn.sides
+    if conn.orig_side:
+        orig, resp = sides[1], sides[0]
+        orig_h, orig_p, resp_h, resp_p = b, pb, a, pa
+    else:
+        orig, resp = sides
+        orig_h, orig_p, resp_h, resp_p = a, pa, b, pb
+    duration: float | None = conn.last_time - conn.start_time
+    if duration > 0:  # type: ignore[operator]
         orig_bytes: int | None = orig.size
         resp_bytes: int | None = resp.size
     else:
-        orig_bytes = resp_bytes = None
+        duration = orig_bytes = resp_bytes = None   # Zeek sets these only when positive
     if local_nets is not None and not local_nets.empty:
-        local_orig: bool | None = local_nets.contains(conn.orig_h)
-        local_resp: bool | None = local_nets.contains(conn.resp_h)
+        local_orig: bool | None = local_nets.contains(orig_h)
+        local_resp: bool | None = local_nets.contains(resp_h)
     else:
         local_orig = local_resp = None
     service = ",".join(conn.service).lower() if conn.service else None
     return (
         conn.start_time,
         conn.uid,
-        addr_text(conn.orig_h),
-        conn.orig_p,
-        addr_text(conn.resp_h),
-        conn.resp_p,
-        conn.proto,
+        addr_text(orig_h),
+        orig_p,
+        addr_text(resp_h),
+        resp_p,
+        PROTO_NAMES.get(ip_proto, "unknown_transport"),
         service,
         duration,
         orig_bytes,
         resp_bytes,
-        conn.conn_state,
+        conn.analyzer.conn_state(conn),
         local_orig,
         local_resp,
         conn.missed_bytes,
@@ -81,7 +92,7 @@ def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
         resp.num_pkts,
         resp.num_bytes_ip,
         set(conn.tunnel_parents) if conn.tunnel_parents else None,
-        conn.ip_proto,
+        ip_proto,
     )
 
 # -- L1 (live daemon): extra conn.log columns after Zeek's, only when shunting is possible --

@@ -369,7 +369,7 @@ class ServiceDetection:
     def _confirm(self, conn: Any, name: str) -> None:
         if name in conn.service:
             return
-        conn.service.append(name)
+        conn.service = [*conn.service, name]   # a shared empty tuple until the first one
         timeout = self.settings.analyzer_inactivity_timeouts.get(name)
         if timeout:
             self.sink.set_inactivity_timeout(conn, timeout)
@@ -384,13 +384,15 @@ class ServiceDetection:
         if limit > 0 and conn.orig.size + conn.resp.size > limit:
             return
         if self.settings.track_removed_services:
-            conn.service.append("-" + name)
+            conn.service = [*conn.service, "-" + name]
         else:
-            conn.service.remove(name)
+            services = list(conn.service)
+            services.remove(name)
+            conn.service = services
         state.failed.append(name)
         failed = getattr(conn, "failed_services", None)
         if failed is not None:
-            failed.append(name)
+            conn.failed_services = [*failed, name]
 
     def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
         disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures

@@ -25,6 +25,8 @@ from shuntd.conn.tcpstate import (
 
 if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
+    from shuntd.conn.hooks import EngineHooks
+    from shuntd.conn.settings import EngineSettings
     from shuntd.conn.timers import Timer
     from shuntd.packet import Packet
 
@@ -46,9 +48,6 @@ HIST_DATA_PKT = 0x10
 HIST_ACK_PKT = 0x20
 HIST_MULTI_FLAG_PKT = 0x40
 
-_ZEROS = bytes(65536)  # stand-in payload when nobody consumes the stream (lengths only)
-_ZEROS_VIEW = memoryview(_ZEROS)
-
 ORIG_BIT = 1
 RESP_BIT = 2
 
@@ -65,12 +64,13 @@ class TCPEndpoint(EndpointCounters):
     __slots__ = (
         "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
         "seq_wraps", "ack_wraps", "FIN_cnt", "RST_cnt", "FIN_seq", "did_close",
-        "start_time", "last_time", "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
+        "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
         "scaled", "reasm",
     )
 
     def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
-        super().__init__()
+        self.num_pkts = 0         # EndpointCounters, without the call
+        self.num_bytes_ip = 0
         self.side = side
         self.analyzer = analyzer
         self.peer: TCPEndpoint = self  # set by the analyzer
@@ -85,8 +85,6 @@ class TCPEndpoint(EndpointCounters):
         self.RST_cnt = 0
         self.FIN_seq = 0
         self.did_close = False
-        self.start_time = 0.0
-        self.last_time = 0.0
         self.hist_last_SYN = 0
         self.hist_last_FIN = 0
         self.hist_last_RST = 0
@@ -189,15 +187,18 @@ class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "tracker", "settings", "hooks", "is_active", "seen_first_ACK",
+        "conn", "tracker", "is_active", "seen_first_ACK",
         "first_packet_seen", "is_partial", "close_deferred", "deferred_gen_event",
-        "timers", "established_pending", "want_stream",
+        "established_pending",
+        # Analyzer timers as times (None = not pending), checked through the connection's
+        # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
+        # chain started by a half close, the AttemptTimer and the delete timer. Rare extra
+        # timers (a second attempt timer, reset and partial-close timers) are heap Timers.
+        "expire_at", "expire2_at", "attempt_at", "close_at", "extra",
     )
 
     def __init__(self, tracker) -> None:
         self.tracker = tracker
-        self.settings = tracker.settings
-        self.hooks = tracker.hooks
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
         self.is_active = True
         self.seen_first_ACK = False
@@ -205,34 +206,90 @@ class TCPAnalyzer:
         self.is_partial = False
         self.close_deferred = False
         self.deferred_gen_event = False
-        self.timers: list[Timer] = []
+        self.expire_at: float | None = None
+        self.expire2_at: float | None = None
+        self.attempt_at: float | None = None
+        self.close_at: float | None = None
+        self.extra: list[Timer] | None = None
         self.established_pending = False
-        self.want_stream = tracker.want_stream
 
-    def make_endpoints(self) -> list[TCPEndpoint]:
+    # The tracker's, not copies: three slots less per connection.
+    @property
+    def settings(self) -> EngineSettings:
+        return self.tracker.settings
+
+    @property
+    def hooks(self) -> EngineHooks:
+        return self.tracker.hooks
+
+    @property
+    def want_stream(self) -> bool:
+        return self.tracker.want_stream
+
+    def make_endpoints(self) -> tuple[TCPEndpoint, TCPEndpoint]:
         a = TCPEndpoint(0, self)
         b = TCPEndpoint(1, self)
         a.peer = b
         b.peer = a
-        return [a, b]
+        return (a, b)
 
     def attach(self, conn: Connection) -> None:
         """Called once the connection exists: Zeek's adapter-creation ExpireTimer."""
         self.conn = conn
-        self._add_timer(self.tracker.network_time + self.settings.tcp_SYN_timeout,
-                        self._expire_timer)
+        when = self.expire_at = self.tracker.network_time + self.settings.tcp_SYN_timeout
+        self.tracker.arm(conn, when)
 
     # --- timers --------------------------------------------------------------------------------
-    def _add_timer(self, when: float, cb, at_termination: bool = False) -> None:
-        self.timers.append(self.tracker.timers.schedule(when, cb, at_termination))
+    def next_due(self) -> float | None:
+        """Earliest pending slot timer."""
+        best = self.expire_at
+        for when in (self.attempt_at, self.expire2_at, self.close_at):
+            if when is not None and (best is None or when < best):
+                best = when
+        return best
+
+    def run_due(self, due: float, now: float) -> None:
+        """Fire the slot timer due at `due` (ties in Zeek's scheduling order)."""
+        if self.expire_at == due:
+            self.expire_at = None
+            self._expire_timer(now, 1)
+        elif self.attempt_at == due:
+            self.attempt_at = None
+            self._attempt_timer(now)
+        elif self.expire2_at == due:
+            self.expire2_at = None
+            self._expire_timer(now, 2)
+        elif self.close_at == due:
+            self.close_at = None
+            self._delete_timer(now)
+
+    def termination_timers(self) -> None:
+        """At end of input, the pending slot AttemptTimer becomes a termination heap timer."""
+        if self.attempt_at is not None:
+            when, self.attempt_at = self.attempt_at, None
+            self._add_extra(when, self._attempt_timer, at_termination=True)
+
+    def _add_extra(self, when: float, cb, at_termination: bool = False) -> None:
+        timer = self.tracker.timers.schedule(when, cb, at_termination)
+        if self.extra is None:
+            self.extra = [timer]
+        else:
+            self.extra = [t for t in self.extra if not t.cancelled]  # drop fired ones
+            self.extra.append(timer)
 
     def cancel_timers(self) -> None:
-        cancel = self.tracker.timers.cancel
-        for t in self.timers:
-            cancel(t)
-        self.timers = []
+        """Zeek's CancelTimers: every analyzer timer (not the session's inactivity timer)."""
+        self.expire_at = self.expire2_at = self.attempt_at = self.close_at = None
+        if self.extra is not None:
+            cancel = self.tracker.timers.cancel
+            for t in self.extra:
+                cancel(t)
+            self.extra = None
 
-    def _expire_timer(self, t: float) -> None:
+    def _expire_timer(self, t: float, chain: int = 1) -> None:
+        """Zeek's ExpireTimer: remove an idle closed/empty connection, else check again
+        `tcp_session_timer` later (chain 1: the periodic check, 2: after a half close,
+        0: a further chain kept as a heap timer)."""
         conn = self.conn
         if conn.removed or not self.is_active:
             return
@@ -249,7 +306,18 @@ class TCPAnalyzer:
             if resp.state == INACTIVE and orig.state == INACTIVE:
                 self.tracker.remove(conn)
                 return
-        self._add_timer(t + self.settings.tcp_session_timer, self._expire_timer)
+        when = t + self.settings.tcp_session_timer
+        if chain == 0:
+            self._add_extra(when, self._expire_timer_extra)
+            return
+        if chain == 1:
+            self.expire_at = when
+        else:
+            self.expire2_at = when
+        self.tracker.arm(conn, when)
+
+    def _expire_timer_extra(self, t: float) -> None:
+        self._expire_timer(t, 0)
 
     def _attempt_timer(self, t: float) -> None:
         conn = self.conn
@@ -259,9 +327,37 @@ class TCPAnalyzer:
             self.is_active = False
             self.tracker.remove(conn)
 
+    def _reset_timer(self, t: float) -> None:
+        """Zeek's ResetTimer (only scheduled when connection_reset is handled)."""
+        conn = self.conn
+        if conn.removed or not self.is_active:
+            return
+        if not (conn.orig.did_close and conn.resp.did_close):
+            self._connection_reset()
+        self.tracker.remove(conn)
+
+    def _partial_close_timer(self, t: float) -> None:
+        """Zeek's PartialCloseTimer (only scheduled when connection_partial_close is handled)."""
+        conn = self.conn
+        if conn.removed or not self.is_active:
+            return
+        orig = conn.orig
+        resp = conn.resp
+        if (orig.state != INACTIVE and resp.state != INACTIVE
+                and (not orig.did_close or not resp.did_close)):
+            if orig.state == RESET or resp.state == RESET:
+                return  # the RST presumably caused the partial close: not reported
+            self.hooks.connection_partial_close(conn)
+            self.tracker.remove(conn)
+
     def _delete_timer(self, t: float) -> None:
         if not self.conn.removed:
             self.tracker.remove(self.conn)
+
+    def _connection_reset(self) -> None:
+        """Zeek's ConnectionReset: the connection_reset event, and the adapter goes inactive."""
+        self.is_active = False
+        self.hooks.connection_reset(self.conn)
 
     # --- flips ---------------------------------------------------------------------------------
     def flipped(self, conn: Connection) -> None:
@@ -309,8 +405,11 @@ class TCPAnalyzer:
         peer = endpoint.peer
         length = pkt.payload_len
 
-        # SetPartialStatus
-        if is_orig:
+        # SetPartialStatus (a no-op once both directions were seen)
+        both_seen = self.first_packet_seen == ORIG_BIT | RESP_BIT
+        if both_seen:
+            pass
+        elif is_orig:
             if not self.first_packet_seen & ORIG_BIT:
                 self.is_partial = (not f_syn) or bool(f_ack)
         elif not self.first_packet_seen & RESP_BIT and not self.is_partial:
@@ -325,9 +424,13 @@ class TCPAnalyzer:
             seg_len -= length
         seq_one_past = (base_seq + seg_len) & M32
 
-        # init_endpoint
+        # init_endpoint (established endpoints first: most packets)
         st = endpoint.state
-        if st == INACTIVE:
+        if st == ESTABLISHED or st == PARTIAL:
+            if f_syn:
+                endpoint.start_seq = endpoint.ack_seq = base_seq
+                endpoint.last_seq = seq_one_past
+        elif st == INACTIVE:
             if f_syn:
                 endpoint.ack_seq = base_seq
                 endpoint.start_seq = base_seq
@@ -335,13 +438,8 @@ class TCPAnalyzer:
             else:
                 endpoint.ack_seq = endpoint.start_seq = (base_seq - 1) & M32
                 endpoint.last_seq = base_seq
-            endpoint.start_time = t
         elif st == SYN_SENT or st == SYN_ACK_SENT:
             if f_syn and base_seq != endpoint.start_seq:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
-        elif st == ESTABLISHED or st == PARTIAL:
-            if f_syn:
                 endpoint.start_seq = endpoint.ack_seq = base_seq
                 endpoint.last_seq = seq_one_past
         elif st == RESET:
@@ -442,7 +540,6 @@ class TCPAnalyzer:
             pass
         elif length > 0:
             endpoint.did_rxmit(conn)
-        endpoint.last_time = t
 
         if st == INACTIVE or flags & 0x07:
             do_close, gen_event = self._update_state_machine(
@@ -460,28 +557,31 @@ class TCPAnalyzer:
             elif rel_ack > reasm.trim_seq:
                 reasm.ack_received(rel_ack)
 
-        # CheckPIA_FirstPacket
-        if is_orig:
-            self.first_packet_seen |= ORIG_BIT
-        else:
-            self.first_packet_seen |= RESP_BIT
+        # CheckPIA_FirstPacket (bits are only ever set or swapped: both stay both)
+        if not both_seen:
+            if is_orig:
+                self.first_packet_seen |= ORIG_BIT
+            else:
+                self.first_packet_seen |= RESP_BIT
 
         if length > 0 and not f_rst and not seq_underflow:
             payload = pkt.payload
             if len(payload) >= length:
                 rel_data_seq = rel_seq + 1 if f_syn else rel_seq
-                if self.want_stream:
-                    data: bytes | memoryview = bytes(payload[:length])
-                elif length <= len(_ZEROS):
-                    data = _ZEROS_VIEW[:length]   # only lengths matter: no copy of the frame
+                reasm = endpoint.reasm
+                if reasm is None:
+                    reasm = endpoint.reassembler()
+                if self.tracker.want_stream:
+                    reasm.data_sent(rel_data_seq, bytes(payload[:length]))
                 else:
-                    data = bytes(length)
-                endpoint.reassembler().data_sent(rel_data_seq, data)
+                    reasm.data_len_sent(rel_data_seq, length)  # only lengths matter
 
-        reasm = endpoint.reasm
-        if (reasm is None or not reasm.did_eof) and (
-                endpoint.FIN_cnt > 0 or endpoint.state == CLOSED or endpoint.state == RESET):
-            endpoint.reassembler().check_eof()
+        if endpoint.FIN_cnt or endpoint.state >= CLOSED:   # CLOSED or RESET
+            reasm = endpoint.reasm
+            if reasm is None:
+                endpoint.reassembler().check_eof()
+            elif not reasm.did_eof:
+                reasm.check_eof()
 
         if do_close:
             self._connection_closed(endpoint, peer, gen_event)
@@ -550,7 +650,7 @@ class TCPAnalyzer:
                 do_close = gen_event = True
             if flags & RST:
                 ep.set_state(RESET)
-                self.is_active = False      # ConnectionReset
+                self._connection_reset()
                 do_close = True
             return do_close, gen_event
         if st == ESTABLISHED or st == PARTIAL:
@@ -567,7 +667,7 @@ class TCPAnalyzer:
                 ep.set_state(RESET)
                 do_close = True
                 if peer.state != RESET or peer.prev_state != ESTABLISHED:
-                    self.is_active = False  # ConnectionReset
+                    self._connection_reset()
             return do_close, gen_event
         if st == CLOSED:
             do_close = False
@@ -575,7 +675,9 @@ class TCPAnalyzer:
                 ep.set_state(RESET)
                 if not ep.did_close:
                     do_close = True
-                # ResetTimer only exists when a script handles connection_reset (none here).
+                if self.tracker.want_reset_timer:  # Zeek: only if connection_reset is handled
+                    self._add_extra(self.tracker.current_ts + self.settings.tcp_reset_delay,
+                                    self._reset_timer, at_termination=True)
             return do_close, False
         return False, False  # RESET: weirds only
 
@@ -587,8 +689,14 @@ class TCPAnalyzer:
             if is_orig:
                 ep.set_state(SYN_ACK_SENT if flags & ACK else SYN_SENT)
                 if self.settings.tcp_attempt_delay:
-                    self._add_timer(self.tracker.current_ts + self.settings.tcp_attempt_delay,
-                                    self._attempt_timer, at_termination=True)
+                    when = self.tracker.current_ts + self.settings.tcp_attempt_delay
+                    if when == self.expire_at:
+                        when = self.expire_at   # share the float (24 B per connection)
+                    if self.attempt_at is None:
+                        self.attempt_at = when
+                        self.tracker.arm(conn, when)
+                    else:   # a second orig SYN after a flip: Zeek has two AttemptTimers
+                        self._add_extra(when, self._attempt_timer, at_termination=True)
             else:
                 if flags & ACK:
                     pass  # bad_SYN_ack weird only
@@ -649,11 +757,19 @@ class TCPAnalyzer:
                     self.is_active = False  # ConnectionFinished
             self.cancel_timers()
             delay = self.settings.tcp_close_delay
-            self._add_timer(conn.last_time + delay if delay else conn.last_time,
-                            self._delete_timer)
+            when = self.close_at = conn.last_time + delay if delay else conn.last_time
+            self.tracker.arm(conn, when)
         elif ep.prev_state != INACTIVE:
-            self._add_timer(conn.last_time + self.settings.tcp_session_timer,
-                            self._expire_timer)
+            # A second ExpireTimer chain, looking for the other side closing too.
+            when = conn.last_time + self.settings.tcp_session_timer
+            if self.expire2_at is None:
+                self.expire2_at = when
+                self.tracker.arm(conn, when)
+            else:
+                self._add_extra(when, self._expire_timer_extra)
+        elif self.tracker.want_partial_close_timer:  # only if connection_partial_close is handled
+            self._add_extra(conn.last_time + self.settings.tcp_partial_close_delay,
+                            self._partial_close_timer)
 
     def endpoint_eof(self, ep: TCPEndpoint) -> None:
         if self.close_deferred:

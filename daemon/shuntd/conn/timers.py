@@ -100,7 +100,7 @@ class TimerManager:
     def expire_all(self) -> None:
         """Termination: dispatch everything once; only `at_termination` timers act."""
         pending = sorted(self.heap)
-        self.heap = []
+        self.heap.clear()   # same list object: the tracker peeks at it on every packet
         for _when, _seq, callback, arg, at_termination in pending:
             # Timers scheduled by these callbacks are dropped: the run is ending.
             if callback is None or not at_termination:
@@ -109,4 +109,4 @@ class TimerManager:
                 callback(self.now)
             else:
                 callback(arg, self.now)
-        self.heap = []
+        self.heap.clear()

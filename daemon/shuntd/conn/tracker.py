@@ -29,6 +29,11 @@ _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 RecordSink = Callable[[Connection, tuple], None]
 
+# A stored key shares its parts with other connections' keys: one int object per port
+# number (made once, 1.8 MB) and one bytes object per recently seen address.
+_PORT_INTS = tuple(range(65536))
+_ADDR_MEMO_MAX = 65536
+
 
 def _discard(conn: Connection, row: tuple) -> None:
     """Default sink: records are only passed to `hooks.connection_logged`."""
@@ -66,6 +71,9 @@ class ConnTracker:
         self.hooks = hooks or EngineHooks()
         self.sink = sink or _discard
         self.timers = TimerManager(self.settings.max_timer_expires)
+        self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
+        self._conn_timer_cb = self._conn_timer  # one bound method shared by all entries
+        self._addrs: dict[bytes, bytes] = {}    # see _shared_key
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
@@ -83,6 +91,11 @@ class ConnTracker:
         self._want_tick = type(self.hooks).tick is not EngineHooks.tick
         self._want_packet = type(self.hooks).packet is not EngineHooks.packet
         self.tunnels = Tunnels(self)  # decapsulation, tunnel_parents (conn/tunnels.py)
+        # Zeek schedules these TCP timers only when a script handles the event.
+        hooks_type = type(self.hooks)
+        self.want_reset_timer = hooks_type.connection_reset is not EngineHooks.connection_reset
+        self.want_partial_close_timer = (hooks_type.connection_partial_close
+                                         is not EngineHooks.connection_partial_close)
 
     # --- clock ---------------------------------------------------------------------------------
     def advance(self, ts: float) -> None:
@@ -97,15 +110,16 @@ class ConnTracker:
         """Account one decoded, defragmented packet; returns its connection if any."""
         self.stats.packets += 1
         ts = self.current_ts = pkt.ts
-        if ts > self.network_time:
+        now = self.network_time
+        if ts > now:
             # The timer manager's clock moves with every packet: timers scheduled while this
             # packet is handled (polls, thresholds) count from now, not from the last expiry.
-            self.network_time = self.timers.now = ts
-        heap = self.timers.heap  # peek inline: most packets have no due timer
-        if heap and heap[0][0] <= self.network_time:
-            self.timers.advance(self.network_time)
+            now = self.network_time = self.timers.now = ts
+        heap = self._heap  # peek inline: most packets have no due timer
+        if heap and heap[0][0] <= now:
+            self.timers.advance(now)
         if self._want_tick:
-            self.hooks.tick(self.network_time)
+            self.hooks.tick(now)
         if pkt.frag:
             self.stats.fragments += 1
             return None
@@ -116,11 +130,13 @@ class ConnTracker:
         if proto == 6 or proto == 17:
             src = pkt.src
             dst = pkt.dst
-            if src < dst or (src == dst and pkt.sport <= pkt.dport):
-                key = (proto, src, pkt.sport, dst, pkt.dport)
+            sport = pkt.sport
+            dport = pkt.dport
+            if src < dst or (src == dst and sport <= dport):
+                key = (proto, src, sport, dst, dport)
                 side = 0
             else:
-                key = (proto, dst, pkt.dport, src, pkt.sport)
+                key = (proto, dst, dport, src, sport)
                 side = 1
         elif proto == 1 or proto == 58:
             sp, dp, one_way = icmp_ports(proto, pkt.sport, pkt.dport)
@@ -230,7 +246,8 @@ class ConnTracker:
         if flip and pkt.dst == BROADCAST4:
             flip = False
         sides = analyzer.make_endpoints()  # type: ignore[attr-defined]
-        conn = Connection(self.uids.next(), key, pkt.ts, side, sides, analyzer, self)
+        key = self._shared_key(key)
+        conn = Connection(None, key, pkt.ts, side, sides, analyzer, self)
         self.conns[key] = conn
         self.stats.connections += 1
         if flip:
@@ -240,32 +257,91 @@ class ConnTracker:
         self.hooks.new_connection(conn)
         return conn
 
+    # --- per-connection deadline ---------------------------------------------------------------
+    def arm(self, conn: Connection, when: float) -> None:
+        """Make `conn`'s single heap entry fire no later than `when`.
+
+        Every timer of a connection (inactivity, and the TCP analyzer's expire/attempt/close
+        checks) is a time in one of its slots; the heap holds one entry per connection at (or
+        before) the earliest of them. Moving a check later costs nothing (the entry finds
+        nothing due and re-arms itself); only moving it earlier pushes a new entry.
+        """
+        timer = conn.timer
+        if timer is not None:
+            if timer[0] <= when:
+                return
+            self.timers.cancel(timer)
+        conn.timer = self.timers.schedule(when, self._conn_timer_cb, arg=conn)
+
+    def _conn_timer(self, conn: Connection, now: float) -> None:
+        """The connection's heap entry fired: run its earliest due check, re-arm for the next.
+
+        One check per firing, so checks of different connections interleave in time order
+        as Zeek's separate timers would (the re-armed entry fires again in the same
+        `advance` when the next check is also due)."""
+        conn.timer = None
+        if conn.removed:
+            return
+        an = conn.analyzer
+        inact = conn.inact_at
+        tcp_due = an.next_due() if type(an) is TCPAnalyzer else None
+        if inact is not None and (tcp_due is None or inact <= tcp_due):
+            if inact <= now:
+                conn.inact_at = None
+                self._inactivity_timer(conn, now)
+        elif tcp_due is not None and tcp_due <= now:
+            an.run_due(tcp_due, now)  # type: ignore[union-attr]
+        if not conn.removed:
+            self._rearm(conn)
+
+    def _rearm(self, conn: Connection) -> None:
+        when = conn.inact_at
+        an = conn.analyzer
+        if type(an) is TCPAnalyzer:
+            tcp_due = an.next_due()
+            if tcp_due is not None and (when is None or tcp_due < when):
+                when = tcp_due
+        if when is not None:
+            self.arm(conn, when)
+
+    def _shared_key(self, key: tuple) -> tuple:
+        """An equal key made of shared objects: a million stored keys then do not hold a
+        million copies of busy servers' addresses and of port numbers (memory only)."""
+        proto, a, pa, b, pb = key
+        addrs = self._addrs
+        shared_a = addrs.get(a)
+        shared_b = addrs.get(b)
+        if shared_a is None or shared_b is None:
+            if len(addrs) >= _ADDR_MEMO_MAX:
+                addrs.clear()
+            if shared_a is None:
+                shared_a = addrs.setdefault(a, a)
+            if shared_b is None:
+                shared_b = addrs.setdefault(b, b)
+        ports = _PORT_INTS
+        return (proto, shared_a, ports[pa] if 0 <= pa < 65536 else pa, shared_b,
+                ports[pb] if 0 <= pb < 65536 else pb)
+
     def set_inactivity_timeout(self, conn: Connection, timeout: float) -> None:
         """Session::SetInactivityTimeout: re-arm at last_time + timeout (0 = never)."""
         if timeout == conn.inactivity_timeout:
             return
-        if conn.inactivity_timer is not None:
-            self.timers.cancel(conn.inactivity_timer)
-            conn.inactivity_timer = None
-        if timeout > 0:
-            conn.inactivity_timer = self.timers.schedule(
-                conn.last_time + timeout, self._inactivity_timer, arg=conn)
         conn.inactivity_timeout = timeout
+        if timeout > 0:
+            when = conn.inact_at = conn.last_time + timeout
+            self.arm(conn, when)
+        else:
+            conn.inact_at = None
 
     def _inactivity_timer(self, conn: Connection, t: float) -> None:
-        if conn.removed:
-            return
-        conn.inactivity_timer = None
         timeout = conn.inactivity_timeout
         if conn.last_time + timeout <= t:
             if self.hooks.connection_timing_out(conn):
-                conn.inactivity_timer = self.timers.schedule(
-                    t + timeout, self._inactivity_timer, arg=conn)
+                conn.inact_at = t + timeout
                 return
             self.remove(conn)
         else:
-            conn.inactivity_timer = self.timers.schedule(
-                conn.last_time + timeout, self._inactivity_timer, arg=conn)
+            conn.inact_at = conn.last_time + timeout
 
     def remove(self, conn: Connection) -> None:
         """Finish a connection: state_remove hook, record, sink (exactly once)."""
@@ -274,10 +350,11 @@ class ConnTracker:
         conn.removed = True
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
-        if conn.inactivity_timer is not None:
-            self.timers.cancel(conn.inactivity_timer)
-            conn.inactivity_timer = None
-        if isinstance(conn.analyzer, TCPAnalyzer):
+        if conn.timer is not None:
+            self.timers.cancel(conn.timer)
+            conn.timer = None
+        conn.inact_at = None
+        if type(conn.analyzer) is TCPAnalyzer:
             conn.analyzer.cancel_timers()
         self.hooks.connection_state_remove(conn)
         row = conn_record(conn, self.local_nets)
@@ -289,6 +366,13 @@ class ConnTracker:
     def finish(self) -> None:
         """End of input (spec §5.5): expire termination timers, then drain in key order."""
         self.timers.now = max(self.timers.now, self.network_time)
+        # Termination timers (TCP attempt/reset) live in connection slots: hand them to the
+        # timer manager, in connection creation order, so they fire in time order with the
+        # other termination timers (Zeek's timer_mgr->Expire()).
+        for conn in list(self.conns.values()):
+            an = conn.analyzer
+            if type(an) is TCPAnalyzer:
+                an.termination_timers()
         self.timers.expire_all()
         for conn in sorted(self.conns.values(), key=session_key_bytes):
             self.remove(conn)

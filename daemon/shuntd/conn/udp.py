@@ -21,7 +21,9 @@ class UDPEndpoint(SummedEndpoint):
     __slots__ = ("chk_cnt", "chk_thresh")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.num_pkts = 0          # the base classes' fields, set here without the calls
+        self.num_bytes_ip = 0
+        self.nbytes = None
         self.chk_cnt = 0
         self.chk_thresh = 1
 
@@ -35,8 +37,8 @@ class UDPAnalyzer:
         self.conn: Connection = None  # type: ignore[assignment]
 
     @staticmethod
-    def make_endpoints() -> list[UDPEndpoint]:
-        return [UDPEndpoint(), UDPEndpoint()]
+    def make_endpoints() -> tuple[UDPEndpoint, UDPEndpoint]:
+        return (UDPEndpoint(), UDPEndpoint())
 
     def attach(self, conn: Connection) -> None:
         self.conn = conn
