@@ -604,4 +604,4 @@ class Tunnels:
 def _confirm(conn: Connection, name: str) -> None:
     """AnalyzerConfirmation of a packet analyzer: its name joins the connection's services."""
     if name not in conn.service:
-        conn.service.append(name)
+        conn.service = [*conn.service, name]
