@@ -375,7 +375,7 @@ static __always_inline __u32 tcp_payload(const struct pkt_info *p)
     return (p->proto == IPPROTO_TCP && p->ip_len > hdrs) ? p->ip_len - hdrs : 0;
 }
 
-/* TCP bookkeeping of a dropped packet of a flow entry (shuntd.h: SHUNT_F_TCP_*, tcp_next*):
+/* TCP bookkeeping of a dropped packet of a flow entry (shuntd.h: SHUNT_F_TCP_*, flow_value.tcp):
  * the history letter it would have given (first time only: two atomics, at most four
  * times per entry), and its sequence/ack numbers (plain loads and stores on the entry's
  * line; a race between CPUs on one flow can only lose a step forward, never count a wrap
@@ -400,29 +400,21 @@ static __always_inline void tcp_track(struct flow_value *v, __u8 side,
         }
     }
     /* Zeek's seq_one_past and ack bookkeeping (UpdateSeq/UpdateAckSeq): forward only. */
-    __u32 next = p->seq + payload + ((f & TCP_FLAG_FIN_BIT) ? 1 : 0);
-    if (f & TCP_FLAG_RST_BIT)
-        next = p->seq;
-    __u32 *cur = side == 1 ? &v->tcp_next1 : &v->tcp_next2;
-    if ((__s32)(next - *cur) > 0) {
-        if (next < *cur) {
-            if (side == 1)
-                v->tcp_next_wraps1++;
-            else
-                v->tcp_next_wraps2++;
-        }
-        *cur = next;
+    struct tcp_side *t = &v->tcp[side == 1 ? 0 : 1];
+    __u32 next = (f & TCP_FLAG_RST_BIT) ? p->seq
+                                        : p->seq + payload + (f & TCP_FLAG_FIN_BIT);
+    __u32 cur = t->next;
+    if ((__s32)(next - cur) > 0) {
+        if (next < cur)
+            t->next_wraps++;
+        t->next = next;
     }
-    if ((f & TCP_FLAG_ACK_BIT) && !(f & TCP_FLAG_RST_BIT)) {
-        __u32 *ack = side == 1 ? &v->tcp_ack1 : &v->tcp_ack2;
-        if ((__s32)(p->ack - *ack) > 0) {
-            if (p->ack < *ack) {
-                if (side == 1)
-                    v->tcp_ack_wraps1++;
-                else
-                    v->tcp_ack_wraps2++;
-            }
-            *ack = p->ack;
+    if ((f & (TCP_FLAG_ACK_BIT | TCP_FLAG_RST_BIT)) == TCP_FLAG_ACK_BIT) {
+        __u32 ack = t->ack;
+        if ((__s32)(p->ack - ack) > 0) {
+            if (p->ack < ack)
+                t->ack_wraps++;
+            t->ack = p->ack;
         }
     }
 }

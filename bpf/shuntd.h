@@ -97,6 +97,14 @@ struct pair_key {
 #define SHUNT_F_TCP_LETTERS_SHIFT 8
 #define SHUNT_F_TCP_RANK_SHIFT 12
 
+/* Per-side TCP sequence tracking of a flow entry (see flow_value.tcp). 12 bytes. */
+struct tcp_side {
+    __u32 next;        /* highest seq + payload (+1 for FIN) sent, as Zeek's last_seq */
+    __u32 ack;         /* highest ack sent (not from RST packets) */
+    __u16 next_wraps;  /* times `next` passed 2^32 since the daemon set it */
+    __u16 ack_wraps;
+};
+
 /* Value of both `flows` and `ip_pairs`. Counters are updated with atomic adds, so they
  * are exact with several CPUs on one entry. 96 bytes. */
 struct flow_value {
@@ -116,14 +124,7 @@ struct flow_value {
      * own at shunt time). Updated as Zeek updates them: only when the value moves forward
      * (by less than 2^31). Lets the daemon bring sequence numbers (orig_bytes, resp_bytes)
      * up to date when a shunt ends. */
-    __u32 tcp_next1;
-    __u32 tcp_ack1;
-    __u32 tcp_next2;
-    __u32 tcp_ack2;
-    __u16 tcp_next_wraps1;
-    __u16 tcp_ack_wraps1;
-    __u16 tcp_next_wraps2;
-    __u16 tcp_ack_wraps2;
+    struct tcp_side tcp[2];  /* [0] side 1, [1] side 2 */
 };
 
 /* shunt_event.type */

@@ -76,7 +76,7 @@ class ConnShunt:
         self.orig_side = 1            # side of the originator in the key
         self.start = 0.0
         # (next seq, ack sent) of tracker side 0, then side 1, when this episode began:
-        # XDP tracks them from there (shuntd.h, tcp_next*).
+        # XDP tracks them from there (shuntd.h, flow_value.tcp).
         self.anchor: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.orig_pkts = self.orig_bytes = self.resp_pkts = self.resp_bytes = 0
 

@@ -63,10 +63,10 @@ class ShuntCounters:
     def from_value(cls, v: Any) -> ShuntCounters:
         return cls(int(v.pkts1), int(v.bytes1), int(v.pkts2), int(v.bytes2),
                    int(v.last_seen_ns), int(v.lease_expiry_ns), int(v.flags),
-                   int(v.trigger), int(v.event_seq), int(v.tcp_next1), int(v.tcp_ack1),
-                   int(v.tcp_next2), int(v.tcp_ack2),
-                   (int(v.tcp_next_wraps1), int(v.tcp_ack_wraps1), int(v.tcp_next_wraps2),
-                    int(v.tcp_ack_wraps2)))
+                   int(v.trigger), int(v.event_seq), int(v.tcp[0].next), int(v.tcp[0].ack),
+                   int(v.tcp[1].next), int(v.tcp[1].ack),
+                   (int(v.tcp[0].next_wraps), int(v.tcp[0].ack_wraps),
+                    int(v.tcp[1].next_wraps), int(v.tcp[1].ack_wraps)))
 
     @property
     def last_seen(self) -> float | None:
@@ -149,7 +149,7 @@ class ShuntTable:
                 tcp_start: tuple[int, int, int, int] | None = None) -> ShuntResult:
         value = self.prog.new_value(self._deadline(lease_seconds), trigger)
         if tcp_start is not None:
-            value.tcp_next1, value.tcp_ack1, value.tcp_next2, value.tcp_ack2 = tcp_start
+            value.tcp[0].next, value.tcp[0].ack, value.tcp[1].next, value.tcp[1].ack = tcp_start
         err = libbpf.map_update(m.fd, key, value, libbpf.BPF_NOEXIST)
         if err == 0:
             m.count += 1
