@@ -399,10 +399,10 @@ static __always_inline void tcp_track(struct flow_value *v, __u8 side,
             }
         }
     }
-    /* Zeek's seq_one_past and ack bookkeeping (UpdateSeq/UpdateAckSeq): forward only. */
+    /* Zeek's UpdateSeq/UpdateAckSeq, forward only; a FIN's sequence slot is left to the FIN
+     * event (the analyser counts it only when it sees the FIN). */
     struct tcp_side *t = &v->tcp[side == 1 ? 0 : 1];
-    __u32 next = (f & TCP_FLAG_RST_BIT) ? p->seq
-                                        : p->seq + payload + (f & TCP_FLAG_FIN_BIT);
+    __u32 next = (f & TCP_FLAG_RST_BIT) ? p->seq : p->seq + payload;
     __u32 cur = t->next;
     if ((__s32)(next - cur) > 0) {
         if (next < cur)

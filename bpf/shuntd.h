@@ -99,7 +99,7 @@ struct pair_key {
 
 /* Per-side TCP sequence tracking of a flow entry (see flow_value.tcp). 12 bytes. */
 struct tcp_side {
-    __u32 next;        /* highest seq + payload (+1 for FIN) sent, as Zeek's last_seq */
+    __u32 next;        /* highest seq + payload sent (Zeek's last_seq, without the FIN) */
     __u32 ack;         /* highest ack sent (not from RST packets) */
     __u16 next_wraps;  /* times `next` passed 2^32 since the daemon set it */
     __u16 ack_wraps;
@@ -118,12 +118,12 @@ struct flow_value {
     __u64 event_seq;       /* number of ring events emitted for this entry so far */
     __u32 trigger;         /* opaque tag of the daemon (why it shunted), unused in XDP */
     __u32 pad0;
-    /* TCP flow entries only: each side's highest "next sequence number" (seq + payload,
-     * +1 for FIN, as Zeek's last_seq) and highest ack it sent, with how often
-     * each wrapped past 2^32 since the daemon wrote the starting values (the connection's
-     * own at shunt time). Updated as Zeek updates them: only when the value moves forward
-     * (by less than 2^31). Lets the daemon bring sequence numbers (orig_bytes, resp_bytes)
-     * up to date when a shunt ends. */
+    /* TCP flow entries only: each side's highest "next sequence number" (seq + payload; a
+     * FIN's own slot is not counted, the FIN event brings it) and highest ack it sent, with
+     * how often each wrapped past 2^32 since the daemon wrote the starting values (the
+     * connection's own at shunt time). Updated as Zeek updates them: only when the value
+     * moves forward (by less than 2^31). Lets the daemon bring sequence numbers
+     * (orig_bytes, resp_bytes) up to date when a shunt ends. */
     struct tcp_side tcp[2];  /* [0] side 1, [1] side 2 */
 };
 

@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             n = 0
             for ts, frame, wire_len, linktype in ring.poll(0.02):
                 n += 1
-                pkt = decode(frame, linktype, ts, wire_len, ignore)
+                pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
                 if pkt is not None and pkt.frag:
                     tracker.advance(ts)
                     pkt = defrag.add(pkt)
