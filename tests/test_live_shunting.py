@@ -300,3 +300,54 @@ def test_checksum_left_to_the_nic_is_not_a_bad_checksum(lab: Lab, tmp_path: Path
     # originator's packets all count, none as a bad checksum.
     assert r["orig_bytes"] == "5000" and "C" not in r["history"].upper(), r
     assert r["history"].startswith("SAD") and int(r["orig_pkts"]) >= 4, r
+
+
+def test_xdp_records_zeek_letters_in_order_and_sequence_wraps():
+    """BPF_PROG_TEST_RUN on the real program: the letters dropped packets would have given
+    (Zeek: D = no SYN/FIN/RST with payload, A = without payload with ACK; FIN/RST give none)
+    with their order, the highest next seq/ack per side with wraps past 2^32, and SYN passed
+    uncounted (a new connection on the same ports)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    from shuntd.datapath.program import HEADER, XdpProgram
+    from shuntd.datapath.table import ShuntTable
+
+    a, b = "10.0.0.1", "10.0.0.2"  # a < b: a is side 1
+
+    def tcp(src, sport, dst, dport, flags, seq, ack, payload=b""):
+        return bytes(Ether() / IP(src=src, dst=dst)
+                     / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / payload)
+
+    prog = XdpProgram.compile(flows_max=16, pairs_max=4)
+    table = ShuntTable(prog, lease_seconds=30)
+    try:
+        key, side = table.flow_key(a, 1000, b, 80, 6)
+        assert side == 1
+        start_a, start_b = 0xFFFFFF00, 5000
+        table.shunt_key(key, tcp_start=(start_a, start_b, start_b, start_a))
+        frames = [
+            tcp(b, 80, a, 1000, "A", start_b, start_a),                 # a (side 2 ack)
+            tcp(a, 1000, b, 80, "PA", start_a, start_b, b"x" * 0x200),  # D, wraps 2^32
+            tcp(b, 80, a, 1000, "A", start_b, 0x100),                   # ack wraps too
+            tcp(a, 1000, b, 80, "FA", 0x100, start_b),                  # FIN: no letter
+            tcp(b, 80, a, 1000, "PA", start_b, 0x101, b"y" * 10),       # d
+            tcp(a, 1000, b, 80, "A", 0x101, start_b + 10),              # A
+            tcp(a, 1000, b, 80, "PA", 0x50, start_b, b"z" * 5),         # old data: no step
+        ]
+        for f in frames:
+            assert prog.test_run(f).retval == 1  # XDP_DROP
+        syn = tcp(a, 1000, b, 80, "S", 77, 0)
+        assert prog.test_run(syn).retval == 2  # XDP_PASS
+        c = table.lookup_key(key)
+        assert (c.pkts1, c.pkts2) == (4, 3)
+        letters = (c.flags >> HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]) & 0xF
+        ranks = [(c.flags >> (HEADER["SHUNT_F_TCP_RANK_SHIFT"] + 2 * i)) & 3 for i in range(4)]
+        # letter i: 0 D side 1, 1 A side 1, 2 D side 2, 3 A side 2; order a, D, d, A
+        assert letters == 0xF and ranks == [1, 3, 2, 0]
+        assert (c.tcp_next1, c.tcp_ack1, c.tcp_next2, c.tcp_ack2) == (
+            0x100 + 1, start_b + 10, start_b + 10, 0x101)
+        assert c.tcp_wraps == (1, 0, 0, 1)
+    finally:
+        table.unshunt_key(key)
+        table.close()
+        prog.close()
