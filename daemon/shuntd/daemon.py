@@ -234,9 +234,21 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         renew_every = args.lease / 3
         now = time.monotonic()
         next_renew, next_cal, last_packet = now + renew_every, now + CALIBRATE_EVERY, now
+
+        def ring_events() -> float:
+            """Schedule the ring events that arrived (each applies at its own time, before
+            later packets); returns the time up to which they are known."""
+            for ev in dp.ring.poll(0):
+                metrics.ring_event(_event_kind(ev))
+                shunts.apply(ev)
+            return time.time()
+
         while not flags.stop:
             n = 0
+            horizon = ring_events()
             for ts, frame, wire_len, linktype in ring.poll(0.02):
+                if ts > horizon:  # captured after the events were read: read them again
+                    horizon = ring_events()
                 n += 1
                 pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
                 if pkt is not None and pkt.frag:
@@ -246,9 +258,6 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                     process(pkt)
                 if n >= MAX_BATCH:
                     break
-            for ev in dp.ring.poll(0):
-                metrics.ring_event(_event_kind(ev))
-                shunts.apply(ev)
             now = time.monotonic()
             if n:
                 last_packet = now
