@@ -62,7 +62,9 @@ static __always_inline __u64 map_now(const struct shunt_config *cfg)
 
 #define IPV6_EXT_MAX 6   /* extension headers walked before giving up on L4 */
 #define TCP_FLAG_FIN_BIT 0x01
+#define TCP_FLAG_SYN_BIT 0x02
 #define TCP_FLAG_RST_BIT 0x04
+#define TCP_FLAG_ACK_BIT 0x10
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define be16_host(x) __builtin_bswap16(x)
@@ -366,6 +368,57 @@ static __always_inline __u8 make_flow_key(struct flow_key *k, const struct pkt_i
     return swap ? 2 : 1;
 }
 
+/* TCP payload bytes of the packet (0 for other protocols). */
+static __always_inline __u32 tcp_payload(const struct pkt_info *p)
+{
+    __u32 hdrs = p->l3_hdr_len + p->tcp_hdr_len;
+    return (p->proto == IPPROTO_TCP && p->ip_len > hdrs) ? p->ip_len - hdrs : 0;
+}
+
+/* TCP bookkeeping of a dropped packet of a flow entry (shuntd.h: SHUNT_F_TCP_*, flow_value.tcp):
+ * the history letter it would have given (first time only: two atomics, at most four
+ * times per entry), and its sequence/ack numbers (plain loads and stores on the entry's
+ * line; a race between CPUs on one flow can only lose a step forward, never count a wrap
+ * twice in practice). */
+static __always_inline void tcp_track(struct flow_value *v, __u8 side,
+                                      const struct pkt_info *p)
+{
+    __u8 f = p->tcp_flags;
+    __u32 payload = tcp_payload(p);
+    if (!(f & (TCP_FLAG_SYN_BIT | TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT)) &&
+        (payload || (f & TCP_FLAG_ACK_BIT))) {
+        __u32 idx = (side == 1 ? 0 : 2) + (payload ? 0 : 1);
+        __u64 bit = 1ULL << (SHUNT_F_TCP_LETTERS_SHIFT + idx);
+        if (!(v->flags & bit)) {
+            __u64 old = __sync_fetch_and_or(&v->flags, bit);
+            if (!(old & bit)) {
+                __u64 seen = old >> SHUNT_F_TCP_LETTERS_SHIFT;
+                __u64 rank = (seen & 1) + ((seen >> 1) & 1) + ((seen >> 2) & 1) +
+                             ((seen >> 3) & 1);
+                __sync_fetch_and_or(&v->flags, rank << (SHUNT_F_TCP_RANK_SHIFT + 2 * idx));
+            }
+        }
+    }
+    /* Zeek's UpdateSeq/UpdateAckSeq, forward only; a FIN's sequence slot is left to the FIN
+     * event (the analyser counts it only when it sees the FIN). */
+    struct tcp_side *t = &v->tcp[side == 1 ? 0 : 1];
+    __u32 next = (f & TCP_FLAG_RST_BIT) ? p->seq : p->seq + payload;
+    __u32 cur = t->next;
+    if ((__s32)(next - cur) > 0) {
+        if (next < cur)
+            t->next_wraps++;
+        t->next = next;
+    }
+    if ((f & (TCP_FLAG_ACK_BIT | TCP_FLAG_RST_BIT)) == TCP_FLAG_ACK_BIT) {
+        __u32 ack = t->ack;
+        if ((__s32)(p->ack - ack) > 0) {
+            if (p->ack < ack)
+                t->ack_wraps++;
+            t->ack = p->ack;
+        }
+    }
+}
+
 static __always_inline void emit_event(struct xdp_md *ctx, struct flow_value *v, __u8 type,
                                        __u8 entry, __u8 side, const struct flow_key *key,
                                        const struct pkt_info *p)
@@ -383,10 +436,9 @@ static __always_inline void emit_event(struct xdp_md *ctx, struct flow_value *v,
     e->tcp_flags = p->tcp_flags;
     e->entry = entry;
     e->pad0 = 0;
-    e->pad1 = 0;
+    e->tcp_letters = (__u16)(v->flags >> SHUNT_F_TCP_LETTERS_SHIFT) & 0xfff;
     e->ip_len = p->ip_len;
-    __u32 hdrs = p->l3_hdr_len + p->tcp_hdr_len;
-    e->payload_len = (p->proto == IPPROTO_TCP && p->ip_len > hdrs) ? p->ip_len - hdrs : 0;
+    e->payload_len = tcp_payload(p);
     e->seq = p->seq;
     e->ack = p->ack;
     e->ifindex = ctx->ingress_ifindex;
@@ -430,6 +482,8 @@ static __always_inline int on_hit(struct xdp_md *ctx, const struct shunt_config 
     }
     if (v->last_seen_ns != now)
         v->last_seen_ns = now;
+    if (entry == SHUNT_ENTRY_FLOW && p->proto == IPPROTO_TCP)
+        tcp_track(v, side, p);
     if (tcp_close) {
         __u8 type = (p->tcp_flags & TCP_FLAG_RST_BIT) ? SHUNT_EVENT_TCP_RST : SHUNT_EVENT_TCP_FIN;
         emit_event(ctx, v, type, entry, flow_side, flow_key, p);
@@ -499,6 +553,8 @@ int xdp_shunt(struct xdp_md *ctx)
         fside = make_flow_key(&fk, &p, acmp);
         struct flow_value *v = flows.lookup(&fk);
         if (v) {
+            if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_SYN_BIT))
+                return pass(&p);   /* a new connection on the same ports, or a handshake */
             int close = p.proto == IPPROTO_TCP &&
                         (p.tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT));
             return on_hit(ctx, cfg, v, SHUNT_ENTRY_FLOW, fside, &fk, &fk, fside, close, &p);

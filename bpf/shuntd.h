@@ -30,7 +30,9 @@
  * protocols (ESP, GRE, SCTP...) are looked up in `flows` with both ports 0 (Zeek's
  * unknown_transport key (src, 0, dst, 0, proto)), then in ip_pairs. Non-first fragments and
  * packets whose L4 header (or IPv6 extension chain) is truncated or malformed match
- * ip_pairs only. A bad or truncated L2/L3 header is passed without any lookup.
+ * ip_pairs only. A TCP packet with SYN that matches a flow entry is passed, uncounted: it opens
+ * a new connection on the same ports (reuse) or repeats the handshake, and the analyser must
+ * see it (IP pairs drop everything). A bad or truncated L2/L3 header is passed without any lookup.
  *
  * Clock ("map time"): nanoseconds of CLOCK_MONOTONIC at tick resolution. On the per-packet
  * path the program reads bpf_jiffies64() (a plain load, ~1 ns) and converts it with
@@ -48,7 +50,7 @@
 #ifndef SHUNTD_H
 #define SHUNTD_H
 
-#define SHUNTD_LAYOUT_VERSION 1
+#define SHUNTD_LAYOUT_VERSION 2
 
 /* Map sizes: override with -DSHUNTD_FLOWS_MAX=... etc. */
 #ifndef SHUNTD_FLOWS_MAX
@@ -86,9 +88,25 @@ struct pair_key {
 
 /* flow_value.flags */
 #define SHUNT_F_LEASE_EVENT_SENT 1
+/* TCP history letters of dropped packets (flow entries only), as Zeek's analyser would have
+ * recorded them: a packet without SYN/FIN/RST is a "data" packet (D) if it has payload, else
+ * an "ack" packet (A) if it has ACK. Bit SHUNT_F_TCP_LETTERS_SHIFT + i, letter i =
+ * 0 D of side 1, 1 A of side 1, 2 D of side 2, 3 A of side 2. The order in which they first
+ * appeared: rank of letter i (0..3, how many letters were set before it) in the two bits at
+ * SHUNT_F_TCP_RANK_SHIFT + 2 * i. */
+#define SHUNT_F_TCP_LETTERS_SHIFT 8
+#define SHUNT_F_TCP_RANK_SHIFT 12
+
+/* Per-side TCP sequence tracking of a flow entry (see flow_value.tcp). 12 bytes. */
+struct tcp_side {
+    __u32 next;        /* highest seq + payload sent (Zeek's last_seq, without the FIN) */
+    __u32 ack;         /* highest ack sent (not from RST packets) */
+    __u16 next_wraps;  /* times `next` passed 2^32 since the daemon set it */
+    __u16 ack_wraps;
+};
 
 /* Value of both `flows` and `ip_pairs`. Counters are updated with atomic adds, so they
- * are exact with several CPUs on one entry. 64 bytes. */
+ * are exact with several CPUs on one entry. 96 bytes. */
 struct flow_value {
     __u64 pkts1;           /* packets sent by side 1 and dropped */
     __u64 bytes1;          /* IP bytes of those packets */
@@ -100,6 +118,13 @@ struct flow_value {
     __u64 event_seq;       /* number of ring events emitted for this entry so far */
     __u32 trigger;         /* opaque tag of the daemon (why it shunted), unused in XDP */
     __u32 pad0;
+    /* TCP flow entries only: each side's highest "next sequence number" (seq + payload; a
+     * FIN's own slot is not counted, the FIN event brings it) and highest ack it sent, with
+     * how often each wrapped past 2^32 since the daemon wrote the starting values (the
+     * connection's own at shunt time). Updated as Zeek updates them: only when the value
+     * moves forward (by less than 2^31). Lets the daemon bring sequence numbers
+     * (orig_bytes, resp_bytes) up to date when a shunt ends. */
+    struct tcp_side tcp[2];  /* [0] side 1, [1] side 2 */
 };
 
 /* shunt_event.type */
@@ -128,7 +153,9 @@ struct shunt_event {
     __u8  tcp_flags;    /* raw TCP flags byte (FIN 0x01 SYN 0x02 RST 0x04 PSH 0x08 ACK 0x10) */
     __u8  entry;        /* SHUNT_ENTRY_FLOW / SHUNT_ENTRY_PAIR */
     __u8  pad0;
-    __u16 pad1;
+    __u16 tcp_letters;  /* TCP FIN/RST of a flow entry: bits 8..19 of the entry's flags
+                         * (SHUNT_F_TCP_*) just before this packet, i.e. the history letters
+                         * of the packets dropped before it, and their order */
     __u32 ip_len;       /* IP bytes of this packet */
     __u32 payload_len;  /* TCP payload bytes (ip_len - IP headers - TCP header), 0 otherwise */
     __u32 seq;          /* TCP sequence number, host order */

@@ -108,7 +108,8 @@ def _cases() -> dict[str, Case]:
         "tcp_data_offset_4": Case((fr.patch(tcp4, 14 + 20 + 12, b"\x40"),), "L4_UNPARSEABLE",
                                   False, -1, tcp_id4),
         # --- odd but well-formed by the rules: the packet belongs to its flow
-        "tcp_zero_length_option": Case((_zero_len_option_syn(),), None, True, 1, tcp_id4),
+        # (a SYN: a shunted flow passes it, as a new connection on the same ports)
+        "tcp_zero_length_option": Case((_zero_len_option_syn(),), None, False, 1, tcp_id4),
         "udp_length_below_8": Case((fr.patch(udp4, 14 + 20 + 4, b"\x00\x04"),), None, True, 1,
                                    udp_id4),
         # --- overlapping IPv4 fragments: the second overlaps the first with other bytes

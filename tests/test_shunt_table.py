@@ -252,7 +252,7 @@ def test_ipv6_flow_counts_payload_length_plus_40(prog, table):
 
     a6, b6 = "2001:db8::1", "2001:db8::2"
     table.shunt_flow(b6, 443, a6, 50000, 6)
-    f = bytes(Ether() / IPv6(src=a6, dst=b6) / TCP(sport=50000, dport=443) / (b"6" * 7))
+    f = bytes(Ether() / IPv6(src=a6, dst=b6) / TCP(sport=50000, dport=443, flags="A") / (b"6" * 7))
     assert prog.test_run(f).retval == XDP_DROP
     assert table.lookup_flow(a6, 50000, b6, 443, 6).side(1) == (1, 40 + 20 + 7)
 

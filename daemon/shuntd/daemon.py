@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("shuntd")
@@ -241,16 +243,24 @@ class Engine:
     def _sink(self, conn: Any, row: tuple) -> None:
         self.out.conn(row + self._conn_values(conn))
 
-    def capture(self, ring: Any, timeout: float = 0.02) -> int:
-        """Analyse what the ring holds now (up to MAX_BATCH frames); raises CaptureError."""
+    def capture(self, ring: Any, timeout: float = 0.02,
+                read_events: Callable[[], list[Any]] | None = None) -> int:
+        """Analyse what the ring holds now (up to MAX_BATCH frames); raises CaptureError.
+
+        `read_events` (the process that reads the BPF ring buffer) is called before the batch
+        and again for any frame captured after the last read, so each FIN/RST/lease event is
+        scheduled before the packets that followed it (each applies at its own time)."""
         from shuntd.packet import decode
 
         n = 0
         tracker, defrag, ignore = self.tracker, self.defrag, self.ignore
         process = tracker.process
+        horizon = self._read_events(read_events)
         for ts, frame, wire_len, linktype in ring.poll(timeout):
+            if ts > horizon:  # captured after the events were read: read them again
+                horizon = self._read_events(read_events)
             n += 1
-            pkt = decode(frame, linktype, ts, wire_len, ignore)
+            pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
             if pkt is not None and pkt.frag:
                 tracker.advance(ts)
                 pkt = defrag.add(pkt)
@@ -263,6 +273,14 @@ class Engine:
     def apply(self, events: list[Any]) -> None:
         for ev in events:
             self.shunts.apply(ev)
+
+    def _read_events(self, read_events: Callable[[], list[Any]] | None) -> float:
+        """Apply the ring events that arrived; returns the time up to which they are known
+        (infinity when events come from elsewhere, e.g. the parent of a worker)."""
+        if read_events is None:
+            return math.inf
+        self.apply(read_events())
+        return time.time()
 
     def tick(self, packets: int) -> None:
         """Network time follows the wall clock on a quiet link; leases are renewed."""
@@ -493,19 +511,22 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         log.info("running on %s (XDP %s)", args.iface, dp.mode.name.lower())
         _sd_notify("READY=1")
 
+        def ring_events() -> list[Any]:
+            evs = dp.ring.poll(0)
+            for ev in evs:
+                metrics.ring_event(_event_kind(ev))
+            return evs
+
         failed: str | None = None
         now = time.monotonic()
         next_cal = now + CALIBRATE_EVERY
         while not flags.stop and failed is None:
             try:
-                n = engine.capture(ring)
+                n = engine.capture(ring, read_events=ring_events)
             except CaptureError as exc:
                 failed = guard.capture_failed(str(exc))
                 break
-            evs = dp.ring.poll(0)
-            for ev in evs:
-                metrics.ring_event(_event_kind(ev))
-            engine.apply(evs)
+            engine.apply(ring_events())
             engine.tick(n)
             failed = guard.check()
             now = time.monotonic()

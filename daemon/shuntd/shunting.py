@@ -4,6 +4,15 @@ A connection's shunt state lives in `conn.ext["shunt"]` (`ConnShunt`): counters 
 map when an entry ends are added there, so a connection shunted twice reports the sum. What
 XDP dropped is never counted in orig_pkts etc.; it is reported in the extra conn.log columns
 (`SHUNT_CONN_FIELDS`) and in shunt.log, one record per shunt episode.
+
+What the dropped TCP packets would have told the analyser is brought back ("catch-up"), so
+conn_state, orig_bytes/resp_bytes and history come out as Zeek's: the XDP entry records the
+history letters (D/A per side, in order of first appearance) and each side's last sequence and
+ack numbers; a FIN/RST ring event carries its own seq/ack and the letters before it. Before
+the FIN/RST is fed to the TCP analyser, and again when the entry ends, the letters are added
+and each endpoint's sequence space is moved forward past the dropped data without a content
+gap (shunted data is not missed). Ring events are applied in capture order: each is a timer at
+its own timestamp, so every packet XDP passed before it is analysed first.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from shuntd.conn.record import addr_text
-from shuntd.datapath.program import key_endpoints
+from shuntd.conn.tcp import HIST_ACK_PKT, HIST_DATA_PKT, TCPAnalyzer, TCPEndpoint
+from shuntd.conn.tcpstate import INACTIVE, RESET
+from shuntd.datapath.program import CFG_IGNORE_VLANS, HEADER, key_endpoints
 from shuntd.datapath.ring import LeaseExpiredEvent, TcpCloseEvent
 from shuntd.datapath.table import ShuntCounters, ShuntResult, ShuntTable
 from shuntd.packet import Packet
@@ -36,6 +47,9 @@ SHUNT_LOG_FIELDS: list[tuple[str, str]] = [
 # Stable trigger codes so a later run can name an orphaned entry's trigger.
 _KNOWN_TRIGGERS = ("ssl", "bulk", "ip_pair", "ipsec", "wireguard", "manual", "test")
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+_LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
+_RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
+M32 = 0xFFFFFFFF
 
 
 def trigger_code(trigger: str) -> int:
@@ -54,14 +68,16 @@ class ConnShunt:
     """A connection's shunt history: trigger, live map key, counters of ended episodes."""
 
     __slots__ = ("trigger", "key", "orig_side", "start", "orig_pkts", "orig_bytes",
-                 "resp_pkts", "resp_bytes", "missed_before")
+                 "resp_pkts", "resp_bytes", "anchor")
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
         self.key: Any = None          # FlowKey while an entry is in the map
         self.orig_side = 1            # side of the originator in the key
         self.start = 0.0
-        self.missed_before = 0        # conn.missed_bytes when first shunted
+        # (next seq, ack sent) of tracker side 0, then side 1, when this episode began:
+        # XDP tracks them from there (shuntd.h, flow_value.tcp).
+        self.anchor: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.orig_pkts = self.orig_bytes = self.resp_pkts = self.resp_bytes = 0
 
 
@@ -80,6 +96,75 @@ def shunt_conn_values(conn: Any) -> tuple:
     if st is None:
         return (False, None, 0, 0, 0, 0)
     return (True, st.trigger, st.orig_pkts, st.orig_bytes, st.resp_pkts, st.resp_bytes)
+
+
+def _seq64(ep: TCPEndpoint) -> int:
+    return (ep.seq_wraps << 32) | ep.last_seq
+
+
+def _ack64(ep: TCPEndpoint) -> int:
+    return (ep.ack_wraps << 32) | ep.ack_seq
+
+
+def _near(x32: int, ref64: int) -> int:
+    """The 64-bit value of a 32-bit seq/ack: the highest one not above `ref64`."""
+    return ref64 - ((ref64 - x32) & M32)
+
+
+def _skip(ep: TCPEndpoint, seq64: int, acked: bool) -> None:
+    """Move the reassembler past data XDP dropped, with no content gap (it was shunted, not
+    missed); `acked` also releases what the peer acknowledged, as the ack would have."""
+    rel = seq64 - ep.start_seq
+    reasm = ep.reassembler()
+    if rel > reasm.lrs:
+        reasm.lrs = rel
+    if acked and rel > reasm.trim_seq:
+        reasm.trim_to_seq(rel)
+
+
+def advance_seq(ep: TCPEndpoint, seq64: int) -> None:
+    """The endpoint sent dropped data up to `seq64` (its next sequence number)."""
+    if ep.state == INACTIVE or ep.state == RESET or seq64 <= _seq64(ep):
+        # Never seen (no origin to move from), reset (Zeek's update_last_seq ignores what
+        # follows a RST), or nothing new.
+        return
+    ep.last_seq, ep.seq_wraps = seq64 & M32, seq64 >> 32
+    _skip(ep, seq64, False)
+
+
+def advance_ack(ep: TCPEndpoint, ack64: int) -> None:
+    """The peer acknowledged the endpoint's data up to `ack64` in a dropped packet."""
+    if ep.state == INACTIVE or ack64 <= _ack64(ep):
+        return
+    ep.ack_seq, ep.ack_wraps = ack64 & M32, ack64 >> 32
+    _skip(ep, ack64, True)
+
+
+def _tcp_anchor(conn: Any) -> tuple[int, int, int, int]:
+    """(next, ack sent) of tracker side 0, then of side 1, as 64-bit values."""
+    e0, e1 = conn.sides
+    return (_seq64(e0), _ack64(e1), _seq64(e1), _ack64(e0))
+
+
+def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, ...]:
+    """The entry's (next, ack sent) per side as 64-bit values: XDP counts wraps since the
+    anchor (shuntd.h)."""
+    low = (c.tcp_next1, c.tcp_ack1, c.tcp_next2, c.tcp_ack2)
+    return tuple((((a >> 32) + w) << 32) | x for a, w, x in zip(anchor, c.tcp_wraps, low,
+                                                                strict=True))
+
+
+def add_letters(conn: Any, letters: int) -> None:
+    """History letters of dropped packets (bits 0-11 of SHUNT_F_TCP_*, shifted down), in the
+    order XDP first saw them; each is added once per endpoint role, as Zeek does."""
+    present = [i for i in range(4) if letters >> i & 1]
+    present.sort(key=lambda i: (letters >> (_RANK_SHIFT - _LETTERS_SHIFT + 2 * i)) & 3)
+    for i in present:
+        ep = conn.sides[i >> 1]  # letter i: side 1 (tracker side 0) for i < 2
+        if i & 1:
+            ep.check_history(conn, HIST_ACK_PKT, "A")
+        else:
+            ep.check_history(conn, HIST_DATA_PKT, "D")
 
 
 class ShuntManager:
@@ -101,6 +186,11 @@ class ShuntManager:
         self.shutting_down = False
         # Told of every insert attempt as (trigger, result): the daemon's metrics.
         self.on_insert: Callable[[str, str], None] | None = None
+        # The tracker's connection key has no VLAN (Zeek's default conn key): match XDP's
+        # flow and pair keys the same way, so tagged traffic is shunted like untagged.
+        prog = getattr(table, "prog", None)
+        if prog is not None:
+            prog.write_config(flags=int(prog.read_config().flags) | CFG_IGNORE_VLANS)
 
     # -- policy Actions ------------------------------------------------------------------
     def shunt(self, conn: Any, trigger: str) -> str:
@@ -117,7 +207,9 @@ class ShuntManager:
             return "exists"
         key, orig_side = self.table.flow_key(conn.orig_h, conn.orig_p, conn.resp_h,
                                              conn.resp_p, conn.ip_proto)
-        result = self.table.shunt_key(key, trigger_code(trigger))
+        anchor = _tcp_anchor(conn) if isinstance(conn.analyzer, TCPAnalyzer) else None
+        tcp_start = tuple(a & M32 for a in anchor) if anchor else None
+        result = self.table.shunt_key(key, trigger_code(trigger), tcp_start=tcp_start)
         if result is ShuntResult.FULL:
             self.refused_full += 1
             if not self._full_episode:
@@ -137,7 +229,6 @@ class ShuntManager:
                      self.refused_full)
         if st is None:
             st = ConnShunt(trigger)
-            st.missed_before = conn.missed_bytes
             if conn.ext is None:
                 conn.ext = {}
             conn.ext[EXT_KEY] = st
@@ -146,6 +237,8 @@ class ShuntManager:
         st.key = key
         st.orig_side = orig_side
         st.start = self.tracker.network_time
+        if anchor is not None:
+            st.anchor = anchor
         self.flows[bytes(key)] = conn
         return "ok"
 
@@ -192,6 +285,8 @@ class ShuntManager:
         c = self.table.unshunt_key(key)
         if c is None:
             return False
+        if isinstance(conn.analyzer, TCPAnalyzer) and (c.pkts1 or c.pkts2):
+            self._catch_up(conn, st, c)
         op, ob = c.side(st.orig_side)
         rp, rb = c.side(3 - st.orig_side)
         st.orig_pkts += op
@@ -207,12 +302,20 @@ class ShuntManager:
                               st.trigger, st.start, end, reason, op, ob, rp, rb))
         return True
 
+    @staticmethod
+    def _catch_up(conn: Any, st: ConnShunt, c: ShuntCounters) -> None:
+        """What the entry's dropped packets would have done to history and sequence space."""
+        add_letters(conn, (c.flags >> _LETTERS_SHIFT) & 0xFFF)
+        n0, a0, n1, a1 = _map_tcp(st.anchor, c)
+        e0, e1 = conn.sides
+        if c.pkts1:
+            advance_seq(e0, n0)
+            advance_ack(e1, a0)
+        if c.pkts2:
+            advance_seq(e1, n1)
+            advance_ack(e0, a1)
+
     def _on_removal(self, conn: Any) -> None:
-        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
-        if st is not None:
-            # Once shunted the analyser sees no content: the "gap" the FIN reveals is the
-            # shunted data, which XDP counted; it is not missed (missed_bytes stays honest).
-            conn.missed_bytes = min(conn.missed_bytes, st.missed_before)
         hist = conn.history
         if "R" in hist or "r" in hist:
             reason = "rst"
@@ -233,6 +336,13 @@ class ShuntManager:
         return time.time() - c.last_seen < self.shunted_inactivity_timeout
 
     def apply(self, event: TcpCloseEvent | LeaseExpiredEvent) -> None:
+        """Apply a ring event once the capture has caught up with it: as a timer at the
+        event's time, so packets XDP passed before it (still in the capture ring when the
+        event arrives) are analysed first."""
+        self.tracker.timers.schedule(event.ts, self._apply_now, at_termination=True,
+                                     arg=event)
+
+    def _apply_now(self, event: TcpCloseEvent | LeaseExpiredEvent, _now: float) -> None:
         if isinstance(event, TcpCloseEvent):
             self._apply_close(event)
             return
@@ -258,10 +368,26 @@ class ShuntManager:
         else:
             tkey, side = (6, dst, dport, src, sport), 1
         conn = self.tracker.conns.get(tkey)
-        if conn is None:
+        if conn is None or not isinstance(conn.analyzer, TCPAnalyzer):
             return
+        ep = conn.sides[side]
+        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
+        # Without the entry's numbers: the values closest ahead (TCP's own rule).
+        ref_next = _seq64(ep) + 0x7FFFFFFF
+        ref_ack = _ack64(ep.peer) + 0x7FFFFFFF
+        if not ev.via_pair and st is not None and st.key is not None:
+            add_letters(conn, ev.tcp_letters)
+            c = self.table.lookup_key(st.key)  # XDP side 1/2 = tracker side 0/1
+            if c is not None:
+                m = _map_tcp(st.anchor, c)
+                ref_next, ref_ack = m[2 * side], m[2 * side + 1]
+        # Everything before this FIN/RST was dropped: its data, and the data it acks.
+        end = ev.seq if ev.rst else ev.seq + ev.payload_len
+        advance_seq(ep, _near(end & M32, ref_next))
+        if ev.tcp_flags & 0x10 and not ev.rst:  # Zeek ignores a RST's ack (update_ack)
+            advance_ack(ep.peer, _near(ev.ack, ref_ack))
         pkt = Packet()
-        pkt.ts = max(ev.ts, self.tracker.network_time)
+        pkt.ts = max(ev.ts, conn.last_time)
         pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto = src, dst, sport, dport, 6
         pkt.tcp_flags, pkt.seq, pkt.ack = ev.tcp_flags, ev.seq, ev.ack
         pkt.window = 65535
@@ -274,7 +400,6 @@ class ShuntManager:
         pkt.checksum_ok = None
         pkt.vlan = pkt.inner_vlan = 0
         pkt.ip_version = 4 if len(src) == 4 else 6
-        self.tracker.advance(pkt.ts)
         conn.analyzer.process(conn, pkt, side, side == conn.orig_side)
 
     def _end_pair(self, p: PairShunt, reason: str) -> None:

@@ -64,8 +64,11 @@ PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
+TP_STATUS_CSUM_NOTREADY = 1 << 3  # locally sent, checksum left to the NIC (tx offload)
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
+TP_STATUS_CSUM_VALID = 1 << 7  # the driver or NIC already verified the checksum
+_CSUM_UNCHECKABLE = TP_STATUS_CSUM_NOTREADY | TP_STATUS_CSUM_VALID
 
 VLAN_TAG_LEN = 4
 ETH_P_8021Q = 0x8100
@@ -199,6 +202,10 @@ class CaptureRing:
         self._drop_outgoing = not config.include_outgoing
         self.fanout_group: int | None = None
         self.link_down_events = 0
+        # Of the frame `poll()` yielded last: the kernel says its checksum is not filled in
+        # yet (CSUM_NOTREADY) or already verified (CSUM_VALID). Either way the bytes cannot
+        # or need not be checked: pass it as `ignore_checksums` to decode().
+        self.csum_unchecked = False
         try:
             # Protocol 0: receive nothing until bound to our interface, so no packet of another
             # interface ever slips into the ring.
@@ -345,6 +352,7 @@ class CaptureRing:
                         snap = min(snap + VLAN_TAG_LEN, snaplen)
                         wire_len += VLAN_TAG_LEN
                     frame = view[start:start + snap]
+                    self.csum_unchecked = bool(status & _CSUM_UNCHECKABLE)
                     delivered += 1
                     yield sec + (nsec // 1000) / 1e6, frame, wire_len, linktype
                     frame.release()

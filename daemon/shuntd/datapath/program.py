@@ -377,7 +377,7 @@ class XdpProgram:
 
     def _check_layout(self) -> None:
         sizes = {"flow_key": (self.FlowKey, 44), "pair_key": (self.PairKey, 36),
-                 "flow_value": (self.FlowValue, 72), "shunt_event": (self.ShuntEvent, 88),
+                 "flow_value": (self.FlowValue, 96), "shunt_event": (self.ShuntEvent, 88),
                  "shunt_config": (self.ShuntConfig, 24)}
         for name, (cls, size) in sizes.items():
             if ctypes.sizeof(cls) != size:

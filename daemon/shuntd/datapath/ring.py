@@ -43,6 +43,7 @@ class TcpCloseEvent:
     ifindex: int
     event_seq: int  # per entry, 1 for its first event
     via_pair: bool  # the entry that matched was an IP pair
+    tcp_letters: int = 0  # flow entry: history letters dropped before it (shuntd.h)
 
     @property
     def fin(self) -> bool:
@@ -101,7 +102,8 @@ class RingPoller:
             return TcpCloseEvent(rst=e.type == EventType.TCP_RST, tcp_flags=int(e.tcp_flags),
                                  seq=int(e.seq), ack=int(e.ack), ip_len=int(e.ip_len),
                                  payload_len=int(e.payload_len),
-                                 via_pair=e.entry != ENTRY_FLOW, **common)
+                                 via_pair=e.entry != ENTRY_FLOW,
+                                 tcp_letters=int(e.tcp_letters), **common)
         if e.type == EventType.LEASE_EXPIRED:
             return LeaseExpiredEvent(is_pair=e.entry != ENTRY_FLOW, **common)
         return None

@@ -51,12 +51,22 @@ class ShuntCounters:
     flags: int
     trigger: int
     event_seq: int
+    # TCP flow entries (shuntd.h): each side's highest next seq and ack sent, and how often
+    # each wrapped since the entry was made; the history letters are in `flags`.
+    tcp_next1: int = 0
+    tcp_ack1: int = 0
+    tcp_next2: int = 0
+    tcp_ack2: int = 0
+    tcp_wraps: tuple[int, int, int, int] = (0, 0, 0, 0)  # next1, ack1, next2, ack2
 
     @classmethod
     def from_value(cls, v: Any) -> ShuntCounters:
         return cls(int(v.pkts1), int(v.bytes1), int(v.pkts2), int(v.bytes2),
                    int(v.last_seen_ns), int(v.lease_expiry_ns), int(v.flags),
-                   int(v.trigger), int(v.event_seq))
+                   int(v.trigger), int(v.event_seq), int(v.tcp[0].next), int(v.tcp[0].ack),
+                   int(v.tcp[1].next), int(v.tcp[1].ack),
+                   (int(v.tcp[0].next_wraps), int(v.tcp[0].ack_wraps),
+                    int(v.tcp[1].next_wraps), int(v.tcp[1].ack_wraps)))
 
     @property
     def last_seen(self) -> float | None:
@@ -120,10 +130,11 @@ class ShuntTable:
         key, _ = self.flow_key(src, sport, dst, dport, proto, vlan, inner_vlan)
         return self.shunt_key(key, trigger, lease_seconds)
 
-    def shunt_key(self, key: Any, trigger: int = 0,
-                  lease_seconds: float | None = None) -> ShuntResult:
-        """Insert a flow entry built with flow_key()."""
-        return self._insert(self._flows, key, trigger, lease_seconds)
+    def shunt_key(self, key: Any, trigger: int = 0, lease_seconds: float | None = None,
+                  tcp_start: tuple[int, int, int, int] | None = None) -> ShuntResult:
+        """Insert a flow entry built with flow_key(). `tcp_start`: the TCP connection's
+        (next1, ack1, next2, ack2) now, from where XDP tracks them (shuntd.h)."""
+        return self._insert(self._flows, key, trigger, lease_seconds, tcp_start)
 
     def shunt_pair(self, a: Address, b: Address, vlan: int = 0, inner_vlan: int = 0,
                    trigger: int = 0, lease_seconds: float | None = None) -> ShuntResult:
@@ -134,9 +145,11 @@ class ShuntTable:
             self.prog.pair_added(key)  # else XDP never consults ip_pairs for this pair
         return result
 
-    def _insert(self, m: _Map, key: Any, trigger: int,
-                lease_seconds: float | None) -> ShuntResult:
+    def _insert(self, m: _Map, key: Any, trigger: int, lease_seconds: float | None,
+                tcp_start: tuple[int, int, int, int] | None = None) -> ShuntResult:
         value = self.prog.new_value(self._deadline(lease_seconds), trigger)
+        if tcp_start is not None:
+            value.tcp[0].next, value.tcp[0].ack, value.tcp[1].next, value.tcp[1].ack = tcp_start
         err = libbpf.map_update(m.fd, key, value, libbpf.BPF_NOEXIST)
         if err == 0:
             m.count += 1
