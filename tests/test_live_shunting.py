@@ -351,3 +351,53 @@ def test_xdp_records_zeek_letters_in_order_and_sequence_wraps():
         table.unshunt_key(key)
         table.close()
         prog.close()
+
+
+SHUNT_EVERYTHING = """\
+from shuntd.policy import shunt
+
+
+def new_connection(conn):
+    shunt(conn, "test")
+
+
+def connection_established(conn):
+    shunt(conn, "test")
+"""
+
+
+def test_tunnels_are_never_shunted_by_flow(lab: Lab, tmp_path: Path):
+    """XDP sees only outer headers: shunting a VXLAN connection would drop everything inside
+    it, and an inner connection's key never matches in the kernel. Both are refused (counted as
+    result=error, logged once) and every packet reaches the analyser."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    pair = lab.veth_to_netns()
+    lab.pin_dir(pair.host)
+    d = Daemon(lab, pair, tmp_path / "vxlan", "--policy",
+               str(policy_file(tmp_path, SHUNT_EVERYTHING)))
+
+    def vx(src: str, dst: str, inner: bytes) -> bytes:
+        return bytes(Ether(dst=pair.host_mac, src=pair.peer_mac) / IP(src=src, dst=dst)
+                     / UDP(sport=40000, dport=4789) / VXLAN(vni=7) / Ether(inner))
+
+    inner = handshake(pair, 46000) + rest(pair, 46000)
+    frames = [vx(A, B, f) for f in inner]
+    lab.send_frames(pair, frames[:2])
+    time.sleep(0.7)
+    lab.send_frames(pair, frames[2:])
+    time.sleep(0.7)
+    assert d.stop() == 0, d.stderr()
+    rows = d.log("conn")
+    (outer,) = [r for r in rows if r["id.resp_p"] == "4789"]
+    (tcp,) = [r for r in rows if r["id.orig_p"] == "46000"]
+    assert outer["is_shunted"] == "F" and tcp["is_shunted"] == "F", (outer, tcp)
+    assert outer["service"] == "vxlan" and tcp["tunnel_parents"] == outer["uid"]
+    assert int(outer["orig_pkts"]) == len(frames)        # the analyser saw every packet
+    assert tcp["history"] == "ShADdFf" and tcp["conn_state"] == "SF"
+    assert "not shunting" in d.stderr()
+    tunnels = d.log("tunnel")  # Zeek's tunnel.log, live as offline
+    assert [(t["tunnel_type"], t["action"]) for t in tunnels][:1] == [("Tunnel::VXLAN",
+                                                                      "Tunnel::DISCOVER")]

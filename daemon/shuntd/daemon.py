@@ -184,10 +184,12 @@ class LiveSources:
 class LogOut:
     """Finished rows in the process that owns the logs: written whole, and counted."""
 
-    def __init__(self, conn_log: Any, shunt_log: Any, long_log: Any, metrics: Any) -> None:
+    def __init__(self, conn_log: Any, shunt_log: Any, long_log: Any, metrics: Any,
+                 tunnel_log: Any = None) -> None:
         self.conn_log = conn_log
         self.shunt_log = shunt_log
         self.long_log = long_log
+        self.tunnel_log = tunnel_log
         self.metrics = metrics
 
     def conn(self, row: tuple) -> None:
@@ -201,6 +203,10 @@ class LogOut:
     def long(self, row: tuple) -> None:
         if self.long_log is not None:
             self.long_log.write(row)
+
+    def tunnel(self, row: tuple) -> None:
+        if self.tunnel_log is not None:
+            self.tunnel_log.write(row)
 
     def inserted(self, trigger: str, result: str) -> None:
         self.metrics.shunt_insert(trigger, result)
@@ -228,6 +234,7 @@ class Engine:
         self.policies = _PolicySet(dispatcher, list(args.policy),
                                    getattr(args, "policy_options", None))
         self.tracker = ConnTracker(settings, hooks=dispatcher, sink=self._sink)
+        self.tracker.tunnels.write_log = out.tunnel  # tunnel.log, created with its first row
         self.shunts = ShuntManager(dp.table, self.tracker, dispatcher, out.shunt,
                                    args.shunted_inactivity_timeout)
         self.shunts.on_insert = out.inserted
@@ -420,6 +427,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
 
     from shuntd.capture.ring import CaptureError, RingConfig
     from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
+    from shuntd.conn.tunnels import TUNNEL_FIELDS
     from shuntd.datapath.errors import DatapathError
     from shuntd.datapath.loader import open_datapath
     from shuntd.events import EVENTS, HOOKS
@@ -438,6 +446,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                          fmt=args.log_format)
     long_log = None if args.no_conn_long else open_log(
         str(log_dir), LogSchema("conn_long", CONN_FIELDS), fmt=args.log_format)
+    tunnel_log = open_log(str(log_dir), LogSchema("tunnel", TUNNEL_FIELDS), fmt=args.log_format)
     workers = getattr(args, "workers", 1) or 1
     try:
         try:
@@ -457,7 +466,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                            workers=(lambda: live.workers()) if workers > 1 else None)
             metrics = Metrics(MetricSources(**sources), interface=args.iface,
                               xdp_mode=dp.mode.name.lower())
-            out = LogOut(conn_log, shunt_log, long_log, metrics)
+            out = LogOut(conn_log, shunt_log, long_log, metrics, tunnel_log)
             if dp.adopted:
                 n = ShuntManager(dp.table, None, None, out.shunt).clear_orphans()
                 log.info("adopted pinned maps of an earlier run: %d orphaned entries logged", n)
@@ -486,6 +495,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         shunt_log.close()
         if long_log is not None:
             long_log.close()
+        tunnel_log.close()
 
 
 def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut, metrics: Any,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shuntd.conn.record import addr_text
+from shuntd.conn.settings import TUNNEL_UDP_PORTS
 from shuntd.conn.tcp import HIST_ACK_PKT, HIST_DATA_PKT, TCPAnalyzer, TCPEndpoint
 from shuntd.conn.tcpstate import INACTIVE, RESET
 from shuntd.datapath.program import CFG_IGNORE_VLANS, HEADER, key_endpoints
@@ -50,6 +51,25 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
 M32 = 0xFFFFFFFF
+
+
+# Services of connections that carry other traffic: XDP sees only outer headers, so shunting
+# one would drop everything inside it, unseen.
+TUNNEL_SERVICES = frozenset({"vxlan", "geneve", "gtpv1", "teredo", "ayiya"})
+
+
+def _tunnel_refusal(conn: Any, in_tunnel: bool) -> str | None:
+    """Why `conn` must not be shunted by flow (None: it may be). `in_tunnel`: the packet being
+    analysed came out of a tunnel (its connection gets tunnel_parents after its events)."""
+    if in_tunnel or conn.tunnel_parents:
+        return "it is inside a tunnel, which XDP does not decapsulate"
+    carried = TUNNEL_SERVICES.intersection(conn.service)
+    if carried:
+        return f"it is a {', '.join(sorted(carried))} tunnel: shunting it would hide its contents"
+    if conn.ip_proto == 17 and conn.resp_p in TUNNEL_UDP_PORTS:
+        return (f"UDP port {conn.resp_p} carries tunnels (before any confirmation): "
+                "shunting it could hide their contents")
+    return None
 
 
 def trigger_code(trigger: str) -> int:
@@ -183,6 +203,7 @@ class ShuntManager:
         self.pairs: dict[bytes, PairShunt] = {}
         self.refused_full = 0
         self._full_episode = False
+        self._tunnel_warned = False
         self.shutting_down = False
         # Told of every insert attempt as (trigger, result): the daemon's metrics.
         self.on_insert: Callable[[str, str], None] | None = None
@@ -205,6 +226,13 @@ class ShuntManager:
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
         if st is not None and st.key is not None:
             return "exists"
+        why = _tunnel_refusal(conn, self.tracker.tunnels.depth > 0)
+        if why is not None:
+            if not self._tunnel_warned:
+                self._tunnel_warned = True
+                log.warning("not shunting %s: %s (fail open; further refusals are counted "
+                            "as result=error, not logged)", conn.uid, why)
+            return "error"
         key, orig_side = self.table.flow_key(conn.orig_h, conn.orig_p, conn.resp_h,
                                              conn.resp_p, conn.ip_proto)
         anchor = _tcp_anchor(conn) if isinstance(conn.analyzer, TCPAnalyzer) else None

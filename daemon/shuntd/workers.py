@@ -114,7 +114,8 @@ class _WorkerOut:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.rows: dict[str, list[Any]] = {"conn": [], "shunt": [], "long": [], "inserted": []}
+        self.rows: dict[str, list[Any]] = {"conn": [], "shunt": [], "long": [], "tunnel": [],
+                                             "inserted": []}
         self.pending = 0
 
     def _add(self, kind: str, item: Any) -> None:
@@ -131,6 +132,9 @@ class _WorkerOut:
 
     def long(self, row: tuple) -> None:
         self._add("long", row)
+
+    def tunnel(self, row: tuple) -> None:
+        self._add("tunnel", row)
 
     def inserted(self, trigger: str, result: str) -> None:
         self._add("inserted", (trigger, result))
@@ -478,6 +482,8 @@ def _handle(w: _Worker, msg: Any, out: LogOut) -> str | None:
             out.shunt(row)
         for row in rows["long"]:
             out.long(row)
+        for row in rows["tunnel"]:
+            out.tunnel(row)
         for trigger, result in rows["inserted"]:
             out.inserted(trigger, result)
     elif kind == "status":
