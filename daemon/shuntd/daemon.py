@@ -22,6 +22,7 @@ log = logging.getLogger("shuntd")
 IDLE_ADVANCE = 0.1   # seconds without packets before network time follows the wall clock
 CALIBRATE_EVERY = 60.0
 MAX_BATCH = 4096     # frames per loop turn, so ring events and timers are not starved
+LOG_CLOSE_RETRY = 5.0  # seconds a stop waits for a full disk before giving up on held records
 
 
 def _positive(text: str) -> float:
@@ -123,8 +124,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
+    from shuntd.logs.zeek import LogSpaceError
+
     try:
         return _run(args, settings)
+    except LogSpaceError as exc:  # disk full past --log-hold-max: stop loudly (logs/zeek.py)
+        print(f"shuntd: {exc}", file=sys.stderr)
+        return 1
     except PolicyLoadError as exc:
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
@@ -161,9 +167,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     conn_log = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS + SHUNT_CONN_FIELDS),
-                        fmt=args.log_format)
+                        fmt=args.log_format, hold_max=args.log_hold_max)
     shunt_log = open_log(str(log_dir), LogSchema("shunt", SHUNT_LOG_FIELDS),
-                         fmt=args.log_format)
+                         fmt=args.log_format, hold_max=args.log_hold_max)
     events = dispatcher_from_args(args, str(log_dir), args.log_format)
     dispatcher = events.dispatcher
     policies = _PolicySet(dispatcher, list(args.policy),
@@ -190,7 +196,10 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             MetricSources(**datapath_sources(dp.prog, dp.table,
                                              prog_fd=dp.prog.prog_fd(frags=dp.frags)),
                           capture_stats=capture_sources({"0": ring}),
-                          connections_active=lambda: len(tracker.conns) if tracker else 0),
+                          connections_active=lambda: len(tracker.conns) if tracker else 0,
+                          connections_evicted=lambda: tracker.bound.evicted if tracker else 0,
+                          log_state=lambda: {w.schema.path: (w.held_records, w.write_errors)
+                                             for w in (conn_log, shunt_log)}),
             interface=args.iface, xdp_mode=dp.mode.name.lower())
 
         def sink(conn: Any, row: tuple) -> None:
@@ -249,6 +258,8 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             for ev in dp.ring.poll(0):
                 metrics.ring_event(_event_kind(ev))
                 shunts.apply(ev)
+            conn_log.tick()   # disk full: retry held records once a second
+            shunt_log.tick()
             now = time.monotonic()
             if n:
                 last_packet = now
@@ -277,7 +288,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         shunts.shutdown_pairs()
         if shunts.refused_full:
             log.info("%d shunts refused: map full", shunts.refused_full)
-        return 0
+        for w in (conn_log, shunt_log):  # disk full: a few more seconds, then fail loudly
+            w.close(retry_seconds=LOG_CLOSE_RETRY)
+        return 1 if conn_log.unwritten or shunt_log.unwritten else 0
     finally:
         if server is not None:
             server.close()

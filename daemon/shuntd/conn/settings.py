@@ -132,3 +132,5 @@ class EngineSettings:
     report_gaps_for_partial: bool = False
     # ConnSize analyzer on (orig_pkts/..._ip_bytes are set).
     conn_size: bool = True
+    # Bound on tracked connections; past it the longest-inactive are evicted (conn/bound.py).
+    max_connections: int = 1_000_000
