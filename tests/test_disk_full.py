@@ -193,12 +193,20 @@ def test_live_daemon_holds_records_until_space_returns(lab, tmp_path: Path, tiny
 
 def test_live_daemon_stops_loudly_when_the_hold_bound_is_passed(lab, tmp_path: Path,
                                                                 tiny: Path):
-    from test_live_daemon import Daemon
+    """Past --log-hold-max shuntd exits 1 with one clear line; what is still shunted stays in
+    the pinned map, and the next start logs it as orphaned with its counters."""
+    from test_live_daemon import SHUNT_AT_ESTABLISHED, Daemon, handshake, policy_file, rest
 
     pair = lab.veth_to_netns()
-    lab.pin_dir(pair.host)
-    d = Daemon(lab, pair, tmp_path / "d", "--log-dir", str(tiny), "--policy", "tls",
+    pin = lab.pin_dir(pair.host)
+    pol = policy_file(tmp_path, SHUNT_AT_ESTABLISHED)
+    d = Daemon(lab, pair, tmp_path / "d", "--log-dir", str(tiny), "--policy", str(pol),
                "--tcp-close-delay", "0", "--log-hold-max", "1000")
+    # An open connection, shunted: its data is dropped and counted by XDP.
+    lab.send_frames(pair, handshake(pair, 46999))
+    time.sleep(0.7)
+    shunted = rest(pair, 46999)[:6]          # the ACK and the data, no FIN: still open
+    lab.send_frames(pair, shunted)
     fill(tiny)
     _live_conversations(lab, pair, 46000, 20)
     rc = d.proc.wait(20)
@@ -206,3 +214,15 @@ def test_live_daemon_stops_loudly_when_the_hold_bound_is_passed(lab, tmp_path: P
     err = d.stderr()
     assert "held records passed the bound of 1000 bytes; stopping" in err
     assert "records could not be written" in err
+    assert (pin / "flows").exists()          # kept for the next start
+    d2 = Daemon(lab, pair, tmp_path / "d2", "--policy", str(pol))
+    assert d2.stop() == 0, d2.stderr()
+    (orphan,) = [r for r in d2.log("shunt") if "46999" in (r["id.orig_p"], r["id.resp_p"])]
+    assert orphan["end_reason"] == "orphaned"
+    from test_live_daemon import sent_totals
+    sent = sent_totals(shunted)
+    got = {(orphan["id.orig_h"]): (int(orphan["orig_shunted_pkts"]),
+                                   int(orphan["orig_shunted_bytes"])),
+           (orphan["id.resp_h"]): (int(orphan["resp_shunted_pkts"]),
+                                   int(orphan["resp_shunted_bytes"]))}
+    assert got == sent

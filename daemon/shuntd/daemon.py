@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from shuntd.datapath.loader import open_datapath
     from shuntd.defrag import Defragmenter
     from shuntd.eventopts import dispatcher_from_args
-    from shuntd.logs.zeek import LogSchema, open_log
+    from shuntd.logs.zeek import LogSchema, LogSpaceError, open_log
     from shuntd.metrics import (
         Metrics,
         MetricSources,
@@ -184,6 +184,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         return 1
     ring: CaptureRing | None = None
     server: MetricsServer | None = None
+    keep_pins = False
     try:
         try:
             ring = CaptureRing(args.iface, RingConfig(block_count=args.ring_blocks))
@@ -291,12 +292,17 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         for w in (conn_log, shunt_log):  # disk full: a few more seconds, then fail loudly
             w.close(retry_seconds=LOG_CLOSE_RETRY)
         return 1 if conn_log.unwritten or shunt_log.unwritten else 0
+    except LogSpaceError:
+        # Disk full: keep the pinned maps, so the next start logs what is still shunted as
+        # `orphaned` (as after a crash) instead of those counters being deleted here.
+        keep_pins = True
+        raise
     finally:
         if server is not None:
             server.close()
         if ring is not None:
             ring.close()
-        dp.close(unpin=True)
+        dp.close(unpin=not keep_pins)
         conn_log.close()
         shunt_log.close()
         events.close()
