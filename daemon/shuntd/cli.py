@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from shuntd.conn.settings import EngineSettings, bare_server_ports
+from shuntd.logs.zeek import DEFAULT_HOLD_BYTES
 
 _TIMEOUT_OPTIONS = (
     # (option, EngineSettings field, help)
@@ -29,6 +30,9 @@ _TIMEOUT_OPTIONS = (
     ("--tcp-reset-delay", "tcp_reset_delay", "reset timer delay (5)"),
     ("--tcp-partial-close-delay", "tcp_partial_close_delay", "partial close delay (3)"),
 )
+
+
+OFFLINE_CLOSE_RETRY = 3.0  # seconds `-r` waits at the end for a full disk to get space
 
 
 def _seconds(text: str) -> float:
@@ -85,6 +89,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(option, dest=field, type=_seconds, default=None, metavar="SECS",
                        help=text)
     g.add_argument("--report-gaps-for-partial", action="store_true")
+    g.add_argument("--max-connections", type=int, default=1_000_000, metavar="N",
+                   help="bound on tracked connections; past it the longest-inactive are "
+                        "evicted and logged as on timeout (1000000)")
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
@@ -99,6 +106,11 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     changes["local_nets"] = tuple(c.strip() for c in args.local_nets.split(",") if c.strip())
     changes["private_address_space_is_local"] = not args.no_private_local
     changes["report_gaps_for_partial"] = bool(args.report_gaps_for_partial)
+    for option in ("max_connections", "log_hold_max"):  # plain ints, so the config says so
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, not "
+                             f"{getattr(args, option)}")
+    changes["max_connections"] = args.max_connections
     if args.bare is not None:
         tcp, udp = bare_server_ports([p.strip() for p in args.bare.split(",") if p.strip()])
         changes["likely_tcp_ports"] = tcp
@@ -118,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read packets from a pcap/pcapng file (offline mode)")
     p.add_argument("--log-dir", default=".", metavar="DIR", help="where conn.log goes (.)")
     p.add_argument("--log-format", choices=("tsv", "json"), default="tsv")
+    p.add_argument("--log-hold-max", type=int, default=DEFAULT_HOLD_BYTES,
+                   metavar="BYTES", help="disk full: bytes of records each log holds in "
+                   "memory, retried every second; past it shuntd stops with an error "
+                   f"({DEFAULT_HOLD_BYTES})")
     add_engine_arguments(p)
     # -- E3 (events): conn_long.log / contents extraction flags --
     from shuntd.eventopts import add_event_arguments
@@ -135,7 +151,7 @@ def run_offline(args: argparse.Namespace) -> int:
     # Imported here so `shuntd --help` works even if a lower layer is broken.
     from shuntd.conn.record import CONN_FIELDS
     from shuntd.conn.tracker import ConnTracker
-    from shuntd.logs.zeek import LogSchema, open_log
+    from shuntd.logs.zeek import LogSchema, LogSpaceError, open_log
     from shuntd.offline import run_trace
 
     try:
@@ -155,7 +171,8 @@ def run_offline(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        writer = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS), fmt=args.log_format)
+        writer = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS), fmt=args.log_format,
+                          hold_max=args.log_hold_max)
     except OSError as exc:
         print(f"shuntd: cannot write logs in {log_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -185,10 +202,17 @@ def run_offline(args: argparse.Namespace) -> int:
     tracker.tunnels.write_log = tunnel_log.write   # tunnel.log, created with its first row
     try:
         result = run_trace(trace, tracker)
+    except LogSpaceError as exc:  # disk full past --log-hold-max: stop loudly
+        print(f"shuntd: {exc}", file=sys.stderr)
+        return 1
     finally:
-        writer.close()
+        writer.close(retry_seconds=OFFLINE_CLOSE_RETRY)
         tunnel_log.close()
         events.close()  # E3: conn_long.log
+    if writer.unwritten:
+        print(f"shuntd: disk full: {writer.unwritten} of {writer.records} records not written "
+              f"to {writer.path}", file=sys.stderr)
+        return 1
     if result.error:
         print(f"shuntd: {result.error}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ MAX_BATCH = 4096     # frames per loop turn, so ring events and timers are not s
 MAX_WORKERS = 64
 ATTACH_CHECK_EVERY = 10.0  # seconds between checks that our XDP program is still attached
 EXIT_FAILED = 1      # the interface went away, capture failed, a worker died: systemd restarts
+LOG_CLOSE_RETRY = 5.0  # seconds a stop waits for a full disk before giving up on held records
 
 
 def _positive(text: str) -> float:
@@ -157,8 +158,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
+    from shuntd.logs.zeek import LogSpaceError
+
     try:
         return _run(args, settings)
+    except LogSpaceError as exc:  # disk full past --log-hold-max: stop loudly (logs/zeek.py)
+        print(f"shuntd: {exc}", file=sys.stderr)
+        return 1
     except PolicyLoadError as exc:
         print(f"shuntd: {exc}", file=sys.stderr)
         return 2
@@ -175,6 +181,7 @@ class LiveSources:
     def __init__(self, table: Any) -> None:
         self.rings: dict[str, Any] = {}
         self.connections: Any = lambda: 0
+        self.evicted: Any = lambda: 0   # connections evicted by --max-connections
         self.workers: Any = dict  # {worker: (connections, messages dropped)}, with workers
         self.occupancy: Any = lambda: {
             "flows": (table.occupancy, table.capacity),
@@ -207,6 +214,19 @@ class LogOut:
     def tunnel(self, row: tuple) -> None:
         if self.tunnel_log is not None:
             self.tunnel_log.write(row)
+
+    def tick(self) -> None:
+        """Disk full: retry held records (once a second at most, logs/zeek.py)."""
+        self.conn_log.tick()
+        self.shunt_log.tick()
+
+    def close(self) -> bool:
+        """Close the logs, giving a full disk a few more seconds; False if records were lost."""
+        ok = True
+        for w in (self.conn_log, self.shunt_log):
+            w.close(retry_seconds=LOG_CLOSE_RETRY)
+            ok = ok and not w.unwritten
+        return ok
 
     def inserted(self, trigger: str, result: str) -> None:
         self.metrics.shunt_insert(trigger, result)
@@ -431,7 +451,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from shuntd.datapath.errors import DatapathError
     from shuntd.datapath.loader import open_datapath
     from shuntd.events import EVENTS, HOOKS
-    from shuntd.logs.zeek import LogSchema, open_log
+    from shuntd.logs.zeek import LogSchema, LogSpaceError, open_log
     from shuntd.metrics import Metrics, MetricSources, capture_sources, datapath_sources
     from shuntd.policyfile import load_all
     from shuntd.shunting import SHUNT_LOG_FIELDS, ShuntManager
@@ -441,9 +461,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     # A bad policy fails before the interface is touched (each process loads its own copy).
     load_all(list(args.policy), EVENTS + HOOKS, getattr(args, "policy_options", None))
     conn_log = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS + SHUNT_CONN_FIELDS),
-                        fmt=args.log_format)
+                        fmt=args.log_format, hold_max=args.log_hold_max)
     shunt_log = open_log(str(log_dir), LogSchema("shunt", SHUNT_LOG_FIELDS),
-                         fmt=args.log_format)
+                         fmt=args.log_format, hold_max=args.log_hold_max)
     long_log = None if args.no_conn_long else open_log(
         str(log_dir), LogSchema("conn_long", CONN_FIELDS), fmt=args.log_format)
     tunnel_log = open_log(str(log_dir), LogSchema("tunnel", TUNNEL_FIELDS), fmt=args.log_format)
@@ -463,6 +483,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             sources.update(table_occupancy=lambda: live.occupancy(),
                            capture_stats=capture_sources(live.rings),
                            connections_active=lambda: live.connections(),
+                           connections_evicted=lambda: live.evicted(),
+                           log_state=lambda: {w.schema.path: (w.held_records, w.write_errors)
+                                              for w in (conn_log, shunt_log)},
                            workers=(lambda: live.workers()) if workers > 1 else None)
             metrics = Metrics(MetricSources(**sources), interface=args.iface,
                               xdp_mode=dp.mode.name.lower())
@@ -485,7 +508,14 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             except CaptureError as exc:
                 print(f"shuntd: {exc}", file=sys.stderr)
                 return 1
+            if not out.close() and rc == 0:
+                rc = EXIT_FAILED  # disk full: records were not written (named in the log)
             return rc
+        except LogSpaceError:
+            # Disk full: keep the pinned maps, so the next start logs what is still shunted as
+            # `orphaned` (as after a crash) instead of those counters being deleted here.
+            keep_pins = True
+            raise
         finally:
             # Every entry we made was ended and logged: remove the pins. Unless a worker died:
             # its entries stay pinned, and the next start logs them as orphaned.
@@ -514,6 +544,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         tracker = engine.tracker
         live.rings["0"] = ring
         live.connections = lambda: len(tracker.conns)
+        live.evicted = lambda: tracker.bound.evicted
         guard = _LinkGuard(dp, args.xdp_mode)
         server = serve_metrics(metrics, args.metrics_addr)
         if server is not None:
@@ -538,6 +569,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                 break
             engine.apply(ring_events())
             engine.tick(n)
+            out.tick()
             failed = guard.check()
             now = time.monotonic()
             if now >= next_cal:

@@ -262,6 +262,8 @@ class EventDispatcher(EngineHooks):
                     log.exception("removal hook %s raised", getattr(hook, "__qualname__", hook))
         if self.contents is not None:
             self.contents.close(conn)
+        if self._polling is not None:  # pending polls would keep the connection in memory
+            self._polling.forget(conn)
 
     def connection_logged(self, conn: Any, row: tuple) -> None:
         self.dispatch("connection_logged", conn, row)

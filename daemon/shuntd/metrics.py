@@ -266,6 +266,8 @@ class MetricSources:
     connections_active: number of connections the tracker holds (summed over the workers)
     workers:            {worker name: (connections it holds, messages to it dropped)}, only
                         with --workers > 1
+    connections_evicted: connections evicted by the connection bound (conn/bound.py)
+    log_state:          {log name: (records held while the disk is full, disk-full errors)}
     prog_run_stats:     ProgRunStats or None (read_prog_run_stats)
     """
 
@@ -274,6 +276,8 @@ class MetricSources:
     capture_stats: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     connections_active: Callable[[], int] | None = None
     workers: Callable[[], Mapping[str, tuple[int, int]]] | None = None
+    connections_evicted: Callable[[], int] | None = None
+    log_state: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     prog_run_stats: Callable[[], ProgRunStats | None] | None = None
 
 
@@ -331,6 +335,8 @@ class ShuntdCollector:
         yield from self._guard("capture_stats", s.capture_stats, _capture_families)
         yield from self._guard("connections_active", s.connections_active, _conn_families)
         yield from self._guard("workers", s.workers, _worker_families)
+        yield from self._guard("connections_evicted", s.connections_evicted, _evict_families)
+        yield from self._guard("log_state", s.log_state, _log_families)
         yield from self._guard("prog_run_stats", s.prog_run_stats, _run_families)
         errors = CounterMetricFamily("shuntd_metrics_source_errors",
                                      "Scrapes where reading a metrics source failed.",
@@ -411,6 +417,24 @@ def _worker_families(workers: Mapping[str, tuple[int, int]]) -> list[Metric]:
         conns.add_metric([str(worker)], n)
         dropped.add_metric([str(worker)], lost)
     return [conns, dropped]
+
+
+def _evict_families(evicted: int) -> list[Metric]:
+    return [CounterMetricFamily("shuntd_connections_evicted",
+                                "Connections evicted by the bound on tracked connections "
+                                "(logged as on timeout).", value=int(evicted))]
+
+
+def _log_families(logs: Mapping[str, tuple[int, int]]) -> list[Metric]:
+    held = GaugeMetricFamily("shuntd_log_records_held",
+                             "Records held in memory because the disk is full.", labels=["log"])
+    errors = CounterMetricFamily("shuntd_log_disk_full_errors",
+                                 "Log writes that failed because the disk was full.",
+                                 labels=["log"])
+    for name, (n, e) in sorted(logs.items()):
+        held.add_metric([name], n)
+        errors.add_metric([name], e)
+    return [held, errors]
 
 
 def _run_families(run: ProgRunStats | None) -> list[Metric]:

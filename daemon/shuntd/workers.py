@@ -237,9 +237,10 @@ def _worker_main(index: int, args: argparse.Namespace, settings: Any, dp: Any, r
     return 0
 
 
-def _status(engine: Engine) -> tuple[int, int, int]:
+def _status(engine: Engine) -> tuple[int, int, int, int]:
     table = engine.dp.table
-    return len(engine.tracker.conns), table.occupancy, table.pair_occupancy
+    tracker = engine.tracker
+    return len(tracker.conns), table.occupancy, table.pair_occupancy, tracker.bound.evicted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ class _Worker:
         self.closed = False          # channel closed by the worker
         self.exit_status: int | None = None
         self.failed: str | None = None
-        self.status = (0, 0, 0)      # connections, flow entries, pair entries
+        self.status = (0, 0, 0, 0)   # connections, flow entries, pair entries, evictions
         self.dropped = 0             # messages not delivered: backlog full
         self.heard = time.monotonic()  # last message from it
         self.silent = False
@@ -359,6 +360,7 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         for w in workers:
             live.rings[str(w.index)] = w.ring
         live.connections = lambda: sum(w.status[0] for w in workers)
+        live.evicted = lambda: sum(w.status[3] for w in workers)
         live.workers = lambda: {str(w.index): (w.status[0], w.dropped) for w in workers}
         table = dp.table
         live.occupancy = lambda: {
@@ -428,6 +430,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
                 w.closed = True
             w.flush()
         _broadcast_events(dp, metrics, workers)
+        out.tick()  # disk full: retry held records
         for w in workers:
             if w.closed:
                 w.reap()

@@ -18,14 +18,18 @@ log = logging.getLogger(__name__)
 PollCallback = Callable[[Any, int], float]
 
 
+POLLS_KEY = "_polls"  # conn.ext: the connection's pending polls, cancelled by `forget`
+
+
 class _Poll:
-    __slots__ = ("conn", "callback", "cnt", "when")
+    __slots__ = ("conn", "callback", "cnt", "when", "timer")
 
     def __init__(self, conn: Any, callback: PollCallback, cnt: int, when: float) -> None:
         self.conn = conn
         self.callback = callback
         self.cnt = cnt
         self.when = when
+        self.timer: Any = None
 
 
 class ConnPolling:
@@ -39,7 +43,22 @@ class ConnPolling:
     def watch(self, conn: Any, callback: PollCallback, cnt: int, interval: float) -> None:
         when = self.timers.now + max(0.0, float(interval))
         poll = _Poll(conn, callback, cnt, when)
-        self.timers.schedule(when, lambda now: self._check(poll, now), at_termination=True)
+        poll.timer = self.timers.schedule(when, lambda now: self._check(poll, now),
+                                          at_termination=True)
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        ext.setdefault(POLLS_KEY, []).append(poll)
+
+    def forget(self, conn: Any) -> None:
+        """Cancel the polls of a removed connection. A poll would stop silently when it ran
+        anyway, but its pending timer would keep the whole connection in memory until then
+        (conn_long.log's first poll is 10 minutes away: bench/soak.py found it)."""
+        polls = conn.ext.pop(POLLS_KEY, None) if conn.ext else None
+        for poll in polls or ():
+            if poll.timer is not None:
+                self.timers.cancel(poll.timer)
+                poll.timer = None
 
     def _check(self, poll: _Poll, now: float) -> None:
         conn = poll.conn
@@ -59,4 +78,5 @@ class ConnPolling:
             return
         poll.cnt += 1
         poll.when = now + interval
-        self.timers.schedule(poll.when, lambda t: self._check(poll, t), at_termination=True)
+        poll.timer = self.timers.schedule(poll.when, lambda t: self._check(poll, t),
+                                          at_termination=True)

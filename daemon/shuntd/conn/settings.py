@@ -135,3 +135,5 @@ class EngineSettings:
     # Tunnel::delay_teredo_confirmation / delay_gtp_confirmation (conn/tunnels.py).
     delay_teredo_confirmation: bool = True
     delay_gtp_confirmation: bool = False
+    # Bound on tracked connections; past it the longest-inactive are evicted (conn/bound.py).
+    max_connections: int = 1_000_000

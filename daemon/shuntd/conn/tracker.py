@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from shuntd.conn.bound import ConnBound
 from shuntd.conn.connection import Connection
 from shuntd.conn.hooks import EngineHooks
 from shuntd.conn.icmp import ICMPAnalyzer
@@ -78,6 +79,7 @@ class ConnTracker:
         self.network_time = 0.0
         self.current_ts = 0.0
         self.stats = TrackerStats()
+        self.bound = ConnBound(self.settings.max_connections)  # connection bound (conn/bound.py)
         self.uids = UidGenerator(uid_seed)
         self.local_nets = LocalNets(self.settings.local_nets,
                                     self.settings.private_address_space_is_local)
@@ -218,6 +220,8 @@ class ConnTracker:
 
     # --- connections ---------------------------------------------------------------------------
     def _new_connection(self, pkt: Packet, key: tuple, side: int) -> Connection:
+        if len(self.conns) >= self.bound.limit:  # connection bound (conn/bound.py)
+            self.bound.make_room(self)
         proto = key[0]
         s = self.settings
         flip = False

@@ -9,11 +9,19 @@ fields take text, or packed bytes (4 or 16) which are formatted like Zeek does.
 
 A record is formatted completely before anything is written, and the file only ever
 receives whole lines (one `os.write` of complete lines), so a crash never leaves half a line.
+
+Disk full (ENOSPC, EDQUOT, EFBIG) never loses a record silently. The policy: log one error,
+truncate a partly written line away, hold the unwritten lines in memory (at most `hold_max`
+bytes per log), retry at most once a second (on the next write or `tick()`), log when they are
+written again. Past the bound the writer raises `LogSpaceError`, which the daemon turns into a
+loud non-zero exit; `close()` makes a last attempt and logs how many records it could not write.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import socket
@@ -28,6 +36,19 @@ SET_SEPARATOR = ","
 EMPTY_FIELD = "(empty)"
 UNSET_FIELD = "-"
 OPEN_CLOSE_FORMAT = "%Y-%m-%d-%H-%M-%S"
+
+DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+RETRY_EVERY = 1.0                 # seconds between write attempts while the disk is full
+DEFAULT_HOLD_BYTES = 64 << 20     # per log: unwritten lines held in memory while it is full
+
+log = logging.getLogger("shuntd.logs")
+
+
+class LogSpaceError(BaseException):
+    """The disk stayed full and the held records passed the bound: the daemon must stop.
+
+    A BaseException so that no handler isolation (`except Exception` around policies and
+    removal hooks, which write shunt.log) can swallow it: stopping loudly is the policy."""
 
 _SET_TYPE_PREFIXES = ("set[", "vector[")
 _TIME_TYPES = frozenset(("time", "interval"))
@@ -222,7 +243,8 @@ class LogWriter:
     """One open log file. Created on the first `write` (Zeek writes no file for no records)."""
 
     def __init__(self, directory: str | Path, schema: LogSchema, fmt: str = "tsv",
-                 buffered: bool = False, json_include_unset: bool = False) -> None:
+                 buffered: bool = False, json_include_unset: bool = False,
+                 hold_max: int = DEFAULT_HOLD_BYTES) -> None:
         if fmt not in ("tsv", "json"):
             raise ValueError(f"log format must be 'tsv' or 'json', not {fmt!r}")
         self.schema = schema
@@ -231,6 +253,14 @@ class LogWriter:
         self.buffered = buffered
         self.json_include_unset = json_include_unset
         self.records = 0
+        self.hold_max = hold_max
+        self.full = False          # the last write attempt hit a full disk
+        self.write_errors = 0      # disk-full write attempts (metric)
+        self.unwritten = 0         # records given up at close (disk still full)
+        self._held = bytearray()   # encoded lines not yet in the file (disk full)
+        self._size = 0             # bytes of whole lines in the file
+        self._last_try = 0.0
+        self._full_since = 0.0
         self._fd: int | None = None
         self._pending: list[str] = []
         self._pending_bytes = 0
@@ -257,18 +287,59 @@ class LogWriter:
         self._pending.append(line)
         self._pending_bytes += len(line)
         self.records += 1
-        if not self.buffered or self._pending_bytes >= 1 << 16:
+        if self.full:
+            self._write_while_full()
+        elif not self.buffered or self._pending_bytes >= 1 << 16:
             self.flush()
 
-    def flush(self) -> None:
-        if self._pending and self._fd is not None:
-            data = "".join(self._pending).encode("utf-8", "surrogateescape")
+    def flush(self) -> bool:
+        """Write what is pending; False if the disk is full (the lines stay held)."""
+        if self._fd is None:
+            return True
+        if self._pending:
+            data: bytes | bytearray = "".join(self._pending).encode("utf-8", "surrogateescape")
             self._pending.clear()
             self._pending_bytes = 0
-            _write_all(self._fd, data)
+            if self._held:
+                self._held += data
+                data = self._held
+        elif self._held:
+            data = self._held
+        else:
+            return True
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:] if done else data)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            self._disk_full(data, done, exc)
+            return False
+        self._size += done
+        if self.full:
+            log.warning("%s: written again after the disk was full for %.0f s (%d held "
+                        "records written)", self.path, time.monotonic() - self._full_since,
+                        _record_lines(data))
+            self.full = False
+            self._held = bytearray()
+        return True
 
-    def close(self) -> None:
-        """Flush and write `#close` (TSV); idempotent."""
+    def tick(self) -> None:
+        """Retry held lines if the last attempt is a second old (call from a loop)."""
+        if self.full and time.monotonic() - self._last_try >= RETRY_EVERY:
+            self.flush()
+
+    @property
+    def held_records(self) -> int:
+        """Records formatted but not yet in the file (disk full)."""
+        if not self.full:
+            return 0
+        return _record_lines(self._held) + sum(not x.startswith("#") for x in self._pending)
+
+    def close(self, retry_seconds: float = 0.0) -> None:
+        """Flush and write `#close` (TSV); idempotent. If the disk is full, retry every second
+        for `retry_seconds`, then log how many records could not be written (`unwritten`)."""
         if self._closed:
             return
         self._closed = True
@@ -276,9 +347,40 @@ class LogWriter:
             return
         if self.fmt == "tsv":
             self._pending.append(f"#close{SEPARATOR}{time.strftime(OPEN_CLOSE_FORMAT)}\n")
-        self.flush()
+        deadline = time.monotonic() + retry_seconds
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(RETRY_EVERY)
+        if self.full:
+            self.unwritten = self.held_records
+            log.error("%s: disk full: %d records could not be written", self.path,
+                      self.unwritten)
         os.close(self._fd)
         self._fd = None
+
+    def _disk_full(self, data: bytes | bytearray, done: int, exc: OSError) -> None:
+        """Keep whole lines only in the file; hold the rest."""
+        keep = data.rfind(b"\n", 0, done) + 1
+        if keep < done:
+            os.ftruncate(self._fd, self._size + keep)  # type: ignore[arg-type]
+        self._size += keep
+        self._held = bytearray(data[keep:])
+        self._last_try = time.monotonic()
+        self.write_errors += 1
+        if not self.full:
+            self.full = True
+            self._full_since = self._last_try
+            log.error("%s: %s: holding records in memory (up to %d bytes), retrying every "
+                      "second", self.path, exc.strerror, self.hold_max)
+
+    def _write_while_full(self) -> None:
+        if len(self._held) + self._pending_bytes > self.hold_max:
+            if not self.flush():
+                raise LogSpaceError(
+                    f"{self.path}: disk full for {time.monotonic() - self._full_since:.0f} s "
+                    f"and {self.held_records} held records passed the bound of "
+                    f"{self.hold_max} bytes; stopping")
+        elif time.monotonic() - self._last_try >= RETRY_EVERY:
+            self.flush()
 
     def __enter__(self) -> LogWriter:
         return self
@@ -415,18 +517,17 @@ def _set_elements(v: Any) -> list[Any]:
     return [v]
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _record_lines(data: bytes | bytearray) -> int:
+    """Record lines in encoded log text (header and `#close` lines start with `#`)."""
+    return sum(1 for line in bytes(data).split(b"\n") if line and not line.startswith(b"#"))
 
 
 def open_log(directory: str | Path, schema: LogSchema, fmt: str = "tsv",
-             buffered: bool = False, json_include_unset: bool = False) -> LogWriter:
+             buffered: bool = False, json_include_unset: bool = False,
+             hold_max: int = DEFAULT_HOLD_BYTES) -> LogWriter:
     """Writer for `<directory>/<schema.path>.log`; the file appears with the first record.
 
     `buffered=False` (default) writes each record as it comes (live daemon: logs are read
     while we run); `buffered=True` batches whole lines up to 64 KiB (offline runs).
     """
-    return LogWriter(directory, schema, fmt, buffered, json_include_unset)
+    return LogWriter(directory, schema, fmt, buffered, json_include_unset, hold_max)
