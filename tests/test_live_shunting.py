@@ -401,3 +401,24 @@ def test_tunnels_are_never_shunted_by_flow(lab: Lab, tmp_path: Path):
     tunnels = d.log("tunnel")  # Zeek's tunnel.log, live as offline
     assert [(t["tunnel_type"], t["action"]) for t in tunnels][:1] == [("Tunnel::VXLAN",
                                                                       "Tunnel::DISCOVER")]
+
+
+def test_a_restart_keeps_the_previous_runs_logs(lab: Lab, tmp_path: Path):
+    """A restart (after a crash too) must not overwrite conn.log: the earlier file is set aside
+    under Zeek's rotated name, conn.<last write>.log, and the new run starts a fresh one."""
+    from test_live_daemon import conversation
+
+    pair = lab.veth_to_netns()
+    lab.pin_dir(pair.host)
+    logs = tmp_path / "restart"
+    first = Daemon(lab, pair, logs)
+    conversation(lab, pair, 47001)
+    assert first.stop() == 0, first.stderr()
+    assert [r["id.orig_p"] for r in first.log("conn")] == ["47001"]
+    second = Daemon(lab, pair, logs)
+    conversation(lab, pair, 47002)
+    assert second.stop() == 0, second.stderr()
+    assert [r["id.orig_p"] for r in second.log("conn")] == ["47002"]
+    kept = sorted(logs.glob("conn.*.log"))
+    assert len(kept) == 1, kept
+    assert "47001" in kept[0].read_text() and "kept the previous run's log" in second.stderr()

@@ -451,13 +451,15 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from shuntd.datapath.errors import DatapathError
     from shuntd.datapath.loader import open_datapath
     from shuntd.events import EVENTS, HOOKS
-    from shuntd.logs.zeek import LogSchema, LogSpaceError, open_log
+    from shuntd.logs.zeek import LogSchema, LogSpaceError, open_log, set_aside
     from shuntd.metrics import Metrics, MetricSources, capture_sources, datapath_sources
     from shuntd.policyfile import load_all
     from shuntd.shunting import SHUNT_LOG_FIELDS, ShuntManager
 
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    for kept in set_aside(log_dir, ("conn", "shunt", "conn_long", "tunnel")):
+        log.info("kept the previous run's log as %s", kept)
     # A bad policy fails before the interface is touched (each process loads its own copy).
     load_all(list(args.policy), EVENTS + HOOKS, getattr(args, "policy_options", None))
     conn_log = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS + SHUNT_CONN_FIELDS),

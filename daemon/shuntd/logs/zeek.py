@@ -522,6 +522,30 @@ def _record_lines(data: bytes | bytearray) -> int:
     return sum(1 for line in bytes(data).split(b"\n") if line and not line.startswith(b"#"))
 
 
+def set_aside(directory: str | Path, names: Sequence[str]) -> list[Path]:
+    """Rename each non-empty `<name>.log` left by an earlier run to `<name>.<its last write,
+    %Y-%m-%d-%H-%M-%S>.log` (Zeek's rotated-log naming), so a restart, after a crash too,
+    never overwrites records. Returns the new paths."""
+    kept = []
+    for name in names:
+        path = Path(directory) / f"{name}.log"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_size == 0:
+            continue
+        stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.localtime(st.st_mtime))
+        target = path.with_name(f"{name}.{stamp}.log")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{name}.{stamp}-{n}.log")
+        path.rename(target)
+        kept.append(target)
+    return kept
+
+
 def open_log(directory: str | Path, schema: LogSchema, fmt: str = "tsv",
              buffered: bool = False, json_include_unset: bool = False,
              hold_max: int = DEFAULT_HOLD_BYTES) -> LogWriter:
