@@ -105,7 +105,10 @@ def test_operations_tuning_table_defaults_are_the_parsers():
         assert option in options, f"docs/operations.md tuning table: no option {option}"
         real = _real_default(options[option])
         number = re.match(r"[\d,]+(?:\.\d+)?", default.strip())
-        if number:
+        literal = re.fullmatch(r"`([^`]+)`", default.strip())
+        if literal:  # written as the option's own syntax: parse it as the option would
+            assert options[option].type(literal.group(1)) == real, (option, default, real)
+        elif number:
             assert float(number.group().replace(",", "")) == float(real), \
                 f"{option}: docs say {default.strip()}, parser default {real}"
         else:

@@ -1,4 +1,4 @@
-"""`shuntd` command line. Offline mode: `shuntd -r TRACE` writes DIR/conn.log like `zeek -r`.
+"""`shuntd`: live, `shuntd --iface IFACE` (root); offline, `shuntd -r TRACE` (like `zeek -r`).
 
 All engine options are parsed here, in one place (`add_engine_arguments` /
 `settings_from_args`), so a TOML config can later fill the same `EngineSettings`.
