@@ -137,3 +137,16 @@ def test_readme_policy_is_ten_lines_and_loads(tmp_path, capsys):
     path.write_text(source.replace("def bytes_threshold_crossed", "def bytes_threshold_crossed("))
     assert cli.main(["--check-config", "--policy", str(path)]) == 2
     assert "readme_policy.py: line" in capsys.readouterr().err
+
+
+def test_policies_md_example_loads(tmp_path):
+    from shuntd.events import EVENTS, HOOKS
+    from shuntd.policyfile import load
+
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "policies.md").read_text(), re.S)
+    assert blocks
+    for i, source in enumerate(blocks):
+        path = tmp_path / f"example{i}.py"
+        path.write_text(source)
+        path.chmod(0o644)
+        assert load(str(path), EVENTS + HOOKS).handlers
