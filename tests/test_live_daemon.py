@@ -261,6 +261,8 @@ def test_prometheus_scrapes_shunted_packets_of_a_live_daemon(lab: Lab, tmp_path:
         exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         lint = promtool_check_metrics(exposition)
         assert lint.returncode == 0, lint.stdout + lint.stderr
+        from docs_check import undocumented
+        assert undocumented(exposition.decode()) == []  # docs/metrics.md lists every family
     assert d.stop() == 0, d.stderr()
 
 

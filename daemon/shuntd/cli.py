@@ -1,4 +1,4 @@
-"""`shuntd` command line. Offline mode: `shuntd -r TRACE` writes DIR/conn.log like `zeek -r`.
+"""`shuntd`: live, `shuntd --iface IFACE` (root); offline, `shuntd -r TRACE` (like `zeek -r`).
 
 All engine options are parsed here, in one place (`add_engine_arguments` /
 `settings_from_args`), so a TOML config can later fill the same `EngineSettings`.
@@ -80,15 +80,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "off, TCP payload not copied; faster) and likely_server_ports of no "
                         "protocol; with PROTO,... only those protocols are loaded (e.g. "
                         "'http,ssl'); default: all base protocols")
-    g.add_argument("--likely-tcp-ports", type=_ports, default=None, metavar="PORT,...")
-    g.add_argument("--likely-udp-ports", type=_ports, default=None, metavar="PORT,...")
+    g.add_argument("--likely-tcp-ports", type=_ports, default=None, metavar="PORT,...",
+                   help="likely_server_ports for TCP: decides which side is the originator "
+                   "when the handshake was missed (default: those of the protocol analysers)")
+    g.add_argument("--likely-udp-ports", type=_ports, default=None, metavar="PORT,...",
+                   help="likely_server_ports for UDP (default: those of the protocol analysers)")
     g.add_argument("--port-inactivity-timeouts", type=_port_timeouts, default=None,
                    metavar="PORT=SECS,...", help="Conn::port_inactivity_timeouts "
                    "(default 21,22,23,513=3600)")
     for option, field, text in _TIMEOUT_OPTIONS:
         g.add_argument(option, dest=field, type=_seconds, default=None, metavar="SECS",
                        help=text)
-    g.add_argument("--report-gaps-for-partial", action="store_true")
+    g.add_argument("--report-gaps-for-partial", action="store_true",
+                   help="count missed_bytes (and raise content_gap) also for connections "
+                   "whose handshake was not seen (Zeek's report_gaps_for_partial)")
     g.add_argument("--max-connections", type=int, default=1_000_000, metavar="N",
                    help="bound on tracked connections; past it the longest-inactive are "
                         "evicted and logged as on timeout (1000000)")
@@ -129,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--read", metavar="TRACE", default=None,  # L1: or --iface
                    help="read packets from a pcap/pcapng file (offline mode)")
     p.add_argument("--log-dir", default=".", metavar="DIR", help="where conn.log goes (.)")
-    p.add_argument("--log-format", choices=("tsv", "json"), default="tsv")
+    p.add_argument("--log-format", choices=("tsv", "json"), default="tsv",
+                   help="Zeek's tab-separated logs, or JSON lines with the same field names "
+                   "(tsv)")
     p.add_argument("--log-hold-max", type=int, default=DEFAULT_HOLD_BYTES,
                    metavar="BYTES", help="disk full: bytes of records each log holds in "
                    "memory, retried every second; past it shuntd stops with an error "
@@ -219,6 +226,19 @@ def run_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_problem(args: argparse.Namespace, policy_options: dict) -> str | None:
+    """--check-config: what a start would refuse beyond the parser (settings, policy files)."""
+    from shuntd.events import EVENTS, HOOKS
+    from shuntd.policyfile import PolicyLoadError, load_all
+
+    try:
+        settings_from_args(args)
+        load_all(list(args.policy), EVENTS + HOOKS, policy_options)
+    except (ValueError, PolicyLoadError) as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # -- O1 (config): the TOML file fills parser defaults; the command line overrides it --
     from shuntd import config
@@ -234,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check_config:
         print(config.render_effective(parser, effective))
+        problem = _start_problem(args, effective.config.policy_options)
+        if problem:
+            print(f"shuntd: {problem}", file=sys.stderr)
+            return 2
         return 0
     args.policy_options = effective.config.policy_options  # -> policyfile.load_all(options=)
     # -- end O1 --

@@ -358,7 +358,8 @@ def cmd_detach(args: argparse.Namespace, maps: PinnedMaps | None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from shuntd.datapath.pins import PIN_ROOT
 
-    p = argparse.ArgumentParser(prog="shuntctl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="shuntctl",  # the docstring's first paragraph
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--pin-root", default=str(PIN_ROOT), help=f"({PIN_ROOT})")
     sub = p.add_subparsers(dest="command", required=True)
 

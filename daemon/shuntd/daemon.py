@@ -57,13 +57,16 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shunted-inactivity-timeout", type=_positive, default=60.0,
                    metavar="SECS", help="keep a shunted connection while XDP sees traffic "
                    "for it within this time (60)")
-    g.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto")
+    g.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
+                   help="native (driver) XDP, generic (SKB) XDP, or auto: native, falling "
+                   "back to generic (auto)")
     g.add_argument("--ring-blocks", type=int, default=64, metavar="N",
                    help="capture ring blocks of 1 MiB (64), per worker")
     g.add_argument("--workers", type=_workers, default=1, metavar="N",
                    help="worker processes sharing the interface by flow hash (1)")
     g.add_argument("--flows-max", type=int, default=None, metavar="N",
-                   help="size of the flow shunt map (compile-time default)")
+                   help="entries of the flow shunt map; a full map refuses new shunts "
+                   "(131072)")
     g.add_argument("--metrics-addr", type=_metrics_addr, default="127.0.0.1:9450",
                    metavar="HOST:PORT", help="serve Prometheus metrics here; `none` turns "
                    "them off (127.0.0.1:9450)")

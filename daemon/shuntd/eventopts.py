@@ -33,7 +33,8 @@ def add_event_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--extract-contents", action="store_true",
                    help="write each established TCP connection's streams to "
                         "contents_<orig>-<resp>_{orig,resp}.dat files (Conn::default_extract)")
-    g.add_argument("--contents-prefix", default="contents", metavar="PREFIX")
+    g.add_argument("--contents-prefix", default="contents", metavar="PREFIX",
+                   help="file name prefix of --extract-contents files (contents)")
 
 
 class EventLogs:

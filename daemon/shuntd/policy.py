@@ -79,6 +79,6 @@ def set_bytes_threshold(conn: Any, nbytes: int, is_orig: bool) -> bool:
 
 
 def set_packets_threshold(conn: Any, npackets: int) -> bool:
-    """Raise `packets_threshold_crossed(conn, threshold)` once both directions together have
-    sent `npackets` packets."""
+    """Raise `packets_threshold_crossed(conn, threshold, is_orig)` when a direction has sent
+    `npackets` packets (both directions are watched; each fires once)."""
     return _actions().set_packets_threshold(conn, npackets)
