@@ -414,11 +414,34 @@ def test_a_restart_keeps_the_previous_runs_logs(lab: Lab, tmp_path: Path):
     first = Daemon(lab, pair, logs)
     conversation(lab, pair, 47001)
     assert first.stop() == 0, first.stderr()
-    assert [r["id.orig_p"] for r in first.log("conn")] == ["47001"]
+    assert [r["id.orig_p"] for r in first.log("conn") if r["proto"] == "tcp"] == ["47001"]
     second = Daemon(lab, pair, logs)
     conversation(lab, pair, 47002)
     assert second.stop() == 0, second.stderr()
-    assert [r["id.orig_p"] for r in second.log("conn")] == ["47002"]
+    assert [r["id.orig_p"] for r in second.log("conn") if r["proto"] == "tcp"] == ["47002"]
     kept = sorted(logs.glob("conn.*.log"))
     assert len(kept) == 1, kept
     assert "47001" in kept[0].read_text() and "kept the previous run's log" in second.stderr()
+
+
+def test_sighup_reopens_the_logs_for_logrotate(lab: Lab, tmp_path: Path):
+    """logrotate moves conn.log away and sends SIGHUP (`systemctl reload`): the moved file is
+    closed whole (`#close`), the next record starts a new conn.log with its header."""
+    from test_live_daemon import conversation
+
+    pair = lab.veth_to_netns()
+    lab.pin_dir(pair.host)
+    logs = tmp_path / "rotate"
+    d = Daemon(lab, pair, logs, "--tcp-close-delay", "0.2")
+    conversation(lab, pair, 48001)
+    assert _wait_for(lambda: _row(d, 48001)), d.stderr()
+    (logs / "conn.log").rename(logs / "conn.1.log")
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    conversation(lab, pair, 48002)
+    assert d.stop() == 0, d.stderr()
+    old = (logs / "conn.1.log").read_text().splitlines()
+    assert old[-1].startswith("#close") and any("\t48001\t" in x for x in old)
+    new = (logs / "conn.log").read_text().splitlines()
+    assert new[0].startswith("#separator") and any("\t48002\t" in x for x in new)
+    assert not any("\t48001\t" in x for x in new)

@@ -223,6 +223,12 @@ class LogOut:
         self.conn_log.tick()
         self.shunt_log.tick()
 
+    def reopen(self) -> None:
+        """SIGHUP: let logrotate's moved files go; the next record of each log opens it anew."""
+        for w in (self.conn_log, self.shunt_log, self.long_log, self.tunnel_log):
+            if w is not None and not w.reopen():
+                log.warning("%s: not reopened while the disk is full", w.path)
+
     def close(self) -> bool:
         """Close the logs, giving a full disk a few more seconds; False if records were lost."""
         ok = True
@@ -583,6 +589,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             if flags.reload:
                 flags.reload = False
                 engine.reload()
+                out.reopen()
 
         _sd_notify("STOPPING=1")
         log.info("stopping: logging %d open connections", len(tracker.conns))

@@ -457,6 +457,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
             log.info("reloading the policies of %d workers", len(workers))
             for w in workers:
                 w.post(("reload",))
+            out.reopen()  # the parent writes the logs: logrotate's moved files go
         if stop_deadline is not None:
             if all(w.done or not w.alive for w in workers):
                 for w in workers:

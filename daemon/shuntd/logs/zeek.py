@@ -265,6 +265,7 @@ class LogWriter:
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._closed = False
+        self._reopened = False     # opened again after `reopen`: append, never truncate
         self._render = self._tsv_line if fmt == "tsv" else self._json_line
         self._kinds = tuple(_kind(t) for t in schema.types)
         self._json_keys = tuple(json.dumps(n) + ":" for n in schema.names)
@@ -357,6 +358,23 @@ class LogWriter:
         os.close(self._fd)
         self._fd = None
 
+    def reopen(self) -> bool:
+        """Close the file (with `#close`) so the next record opens `path` again: after
+        logrotate moved it away (SIGHUP), a new file; otherwise the same file, appended to
+        with a new header. Not while records are held (disk full): False then."""
+        if self._fd is None or self._closed:
+            return True
+        if self.full:
+            return False
+        if self.fmt == "tsv":
+            self._pending.append(f"#close{SEPARATOR}{time.strftime(OPEN_CLOSE_FORMAT)}\n")
+        if not self.flush():
+            return False
+        os.close(self._fd)
+        self._fd = None
+        self._reopened = True
+        return True
+
     def _disk_full(self, data: bytes | bytearray, done: int, exc: OSError) -> None:
         """Keep whole lines only in the file; hold the rest."""
         keep = data.rfind(b"\n", 0, done) + 1
@@ -402,7 +420,9 @@ class LogWriter:
         return f"{self.schema.path}: cannot log record: {exc}"
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if self._reopened else os.O_TRUNC)
+        self._fd = os.open(self.path, flags, 0o644)
+        self._size = os.fstat(self._fd).st_size
         if self.fmt == "tsv":
             self._pending.append(self.header())
 
