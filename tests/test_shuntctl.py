@@ -67,11 +67,16 @@ def test_list_shunt_unshunt_flush_detach(lab: Lab):
     lab.send_frames(pair, [udp(C, 1, A, 2)] * 4)
     assert dp.table.lookup_pair(A, C).pkts1 + dp.table.lookup_pair(A, C).pkts2 == 4
 
-    r = ctl("unshunt", pair.host, "--flow", f"{A}:6000", f"{B}:8080", "--json")
+    # Our bpf_link is on the interface, as a running shuntd's is: deleting its entries behind
+    # its back would lose their counters from the logs, so that needs --force.
+    r = ctl("unshunt", pair.host, "--flow", f"{A}:6000", f"{B}:8080")
+    assert r.returncode == 1 and "shuntd is running" in r.stderr, r.stderr
+    assert dp.table.lookup_flow(A, 6000, B, 8080, 6) is not None
+    r = ctl("unshunt", pair.host, "--flow", f"{A}:6000", f"{B}:8080", "--json", "--force")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"pkts1": 0, "bytes1": 0, "pkts2": 0, "bytes2": 0}
     assert dp.table.lookup_flow(A, 6000, B, 8080, 6) is None
-    r = ctl("unshunt", pair.host, "--flow", f"{A}:6000", f"{B}:8080")
+    r = ctl("unshunt", pair.host, "--flow", f"{A}:6000", f"{B}:8080", "--force")
     assert r.returncode == 1 and "not shunted" in r.stderr
 
     status = ctl("status", pair.host, "--json")
@@ -81,7 +86,9 @@ def test_list_shunt_unshunt_flush_detach(lab: Lab):
     assert st["prog_id"] == xdp_prog_id(pair.host) and st["links"]
     assert st["stats"]["dropped_flow"] == 5 and st["stats"]["dropped_pair"] == 4
 
-    r = ctl("flush", pair.host, "--json")
+    r = ctl("flush", pair.host)
+    assert r.returncode == 1 and "shuntd is running" in r.stderr, r.stderr
+    r = ctl("flush", pair.host, "--json", "--force")
     assert r.returncode == 0 and json.loads(r.stdout) == {"removed": 2}
     assert list(dp.table.entries()) == [] and list(dp.table.pair_entries()) == []
     assert dp.prog.read_config().pairs_active == 0

@@ -284,8 +284,28 @@ def cmd_shunt(args: argparse.Namespace, maps: PinnedMaps) -> int:
     raise CtlError(f"shunt failed: {result.value} {maps.table.last_error}".rstrip())
 
 
+def _refuse_behind_shuntd(args: argparse.Namespace, what: str) -> None:
+    """A running shuntd (its bpf_link on the interface) owns the entries: deleting them here
+    would lose their counters from conn.log and shunt.log, so that needs --force."""
+    from shuntd.datapath.errors import InterfaceError
+    from shuntd.datapath.iface import interface_info
+
+    if args.force:
+        return
+    try:
+        links = xdp_links(interface_info(args.iface).index)
+    except InterfaceError:
+        return
+    if links:
+        raise CtlError(f"shuntd is running on {args.iface}: {what} would lose the entries' "
+                       "counters from conn.log and shunt.log (a policy's unshunt(conn), or "
+                       "stopping shuntd, logs them); --force does it anyway and prints them",
+                       EXIT_FAILED)
+
+
 def cmd_unshunt(args: argparse.Namespace, maps: PinnedMaps) -> int:
     kind, target = _target(args)
+    _refuse_behind_shuntd(args, f"unshunting a {kind} by hand")
     if kind == "flow":
         counters = maps.table.unshunt_flow(*target)
     else:
@@ -300,6 +320,7 @@ def cmd_unshunt(args: argparse.Namespace, maps: PinnedMaps) -> int:
 
 
 def cmd_flush(args: argparse.Namespace, maps: PinnedMaps) -> int:
+    _refuse_behind_shuntd(args, "flushing the maps")
     t = maps.table
     flows = [k for k, _ in t.entries()]
     pairs = [k for k, _ in t.pair_entries()]
@@ -377,10 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--flow", nargs=2, metavar=("SRC:PORT", "DST:PORT"))
         sp.add_argument("--proto", default="tcp", help="tcp, udp, icmp, icmp6 or a number")
         sp.add_argument("--pair", nargs=2, metavar=("A", "B"))
+        if name == "unshunt":
+            sp.add_argument("--force", action="store_true",
+                            help="even while shuntd runs (the counters are printed, not logged)")
         if name == "shunt":
             sp.add_argument("--lease", type=float, default=300.0,
                             help="seconds until XDP passes the flow again (300)")
-    add("flush", "remove every shunted flow and pair")
+    add("flush", "remove every shunted flow and pair").add_argument(
+        "--force", action="store_true",
+        help="even while shuntd runs (the entries' counters are not logged)")
     add("detach", "emergency fail-open: pass-all, then remove the XDP program")
     return p
 
