@@ -14,13 +14,15 @@ Every loop of the replay and every step gets fresh addresses (tcpreplay --unique
 per-step offset applied here; both add to one address of a pair what they take from the other,
 so checksums stay valid), so each TLS session is a new connection the daemon must recognise.
 
-The daemon runs with its default capture ring (64 blocks, each closed after 20 ms: about 1.3 s
-of traffic at these rates). It absorbs the daemon's pauses (GC, other load), and an overload
-shows as drops once it has built 1.3 s of backlog: above ~20% over capacity in a 6 s step;
-smaller overloads pass in both modes alike, so the ratio is not skewed by it. tcpreplay is
-pinned to CPU 0 (where veth's receive path, XDP included, also runs), the daemon to CPU 1, each
-in its own session whose scheduling autogroup gets --nice -10, so that other work on the machine
-disturbs them less (with autogroups, a plain `nice` does not count against other sessions).
+The daemon runs with its default capture ring (64 MiB in 256 blocks, each handed over after at
+most 4 ms: at least 1 s of traffic). It absorbs the daemon's pauses (other load), and an overload
+shows as drops once it has built that backlog: roughly 20% over capacity in a 6 s step;
+smaller overloads pass in both modes alike, so the ratio is not skewed by it. Both modes run
+the same daemon with `--workers 1` (the machine this was written on has 2 cores: one for the
+daemon, one for tcpreplay and the veth receive path, XDP included), so they are on equal terms:
+tcpreplay is pinned to CPU 0, the daemon to CPU 1, each in its own session whose scheduling
+autogroup gets --nice -10, so that other work on the machine disturbs them less (with
+autogroups, a plain `nice` does not count against other sessions).
 
     .venv/bin/python bench/shunt_gain.py [--seconds 6] [--floor 4] [--mix PATH]
 
@@ -387,7 +389,8 @@ def main() -> int:
     frames, nbytes = mix_summary(base)
     print(f"mix: {args.mix} ({frames} frames, {nbytes / 1e6:.1f} MB a loop); steps of "
           f"{args.seconds:.0f} s; ring {args.ring_blocks} MiB; machine load "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared: expect noise)", flush=True)
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared: expect noise); both modes: "
+          "one daemon process (--workers 1), default ring and timers", flush=True)
 
     results: dict[str, tuple[Step | None, bool]] = {}
     with tempfile.TemporaryDirectory(prefix="shunt_gain.") as tmp:

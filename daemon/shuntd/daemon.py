@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shuntd.gcpace import GcPacer
+
 log = logging.getLogger("shuntd")
 
 IDLE_ADVANCE = 0.1   # seconds without packets before network time follows the wall clock
@@ -34,6 +36,13 @@ MAX_WORKERS = 64
 ATTACH_CHECK_EVERY = 10.0  # seconds between checks that our XDP program is still attached
 EXIT_FAILED = 1      # the interface went away, capture failed, a worker died: systemd restarts
 LOG_CLOSE_RETRY = 5.0  # seconds a stop waits for a full disk before giving up on held records
+# The kernel hands a partly filled ring block over after this many ms. Every packet of a session
+# that XDP passes while its handshake waits in an open block reaches Python: a shorter timeout
+# lands shunts sooner, for one wake-up per block. A block closed by its timeout holds only what
+# arrived meanwhile, so the ring is cut into small blocks (BLOCKS_PER_MIB per MiB of
+# --ring-blocks): 64 MiB are 256 blocks, 1 s of a stalled daemon even on a quiet link.
+RING_BLOCK_TIMEOUT_MS = 4
+BLOCKS_PER_MIB = 4
 
 
 def _positive(text: str) -> float:
@@ -61,7 +70,11 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                    help="native (driver) XDP, generic (SKB) XDP, or auto: native, falling "
                    "back to generic (auto)")
     g.add_argument("--ring-blocks", type=int, default=64, metavar="N",
-                   help="capture ring blocks of 1 MiB (64), per worker")
+                   help="capture ring size in MiB (64), per worker")
+    g.add_argument("--ring-block-timeout-ms", type=_block_timeout,
+                   default=RING_BLOCK_TIMEOUT_MS, metavar="MS",
+                   help="hand a capture ring block to shuntd after this long even if not "
+                   f"full: bounds how late a shunt decision lands ({RING_BLOCK_TIMEOUT_MS})")
     g.add_argument("--workers", type=_workers, default=1, metavar="N",
                    help="worker processes sharing the interface by flow hash (1)")
     g.add_argument("--flows-max", type=int, default=None, metavar="N",
@@ -79,6 +92,16 @@ def _workers(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 1 <= n <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"must be 1..{MAX_WORKERS}: {text!r}")
+    return n
+
+
+def _block_timeout(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 1..1000 (ms): {text!r}")
     return n
 
 
@@ -267,17 +290,27 @@ class Engine:
         self.shunts = ShuntManager(dp.table, self.tracker, dispatcher, out.shunt,
                                    args.shunted_inactivity_timeout)
         self.shunts.on_insert = out.inserted
-        dispatcher.handler_context = lambda: policy.acting(self.shunts)
+        acting = policy.acting(self.shunts)
+        dispatcher.handler_context = lambda: acting
         dispatcher.add_handler("connection_timing_out", self.shunts.timing_out)
         self.ignore = settings.ignore_checksums
         self.defrag = Defragmenter(ignore_checksums=self.ignore)
         self.renew_every = args.lease / 3
+        self.gc: GcPacer | None = None
         now = time.monotonic()
         self.next_renew = now + self.renew_every
         self.last_packet = now
 
     def _sink(self, conn: Any, row: tuple) -> None:
         self.out.conn(row + self._conn_values(conn))
+        if self.gc is not None:
+            self.gc.removed()
+
+    def pace_gc(self) -> None:
+        """From now on full garbage collections run from `tick()` (gcpace.py says why); call
+        once start-up is done, so what it made is frozen out of every collection."""
+        tracker = self.tracker
+        self.gc = GcPacer(lambda: len(tracker.conns))
 
     def capture(self, ring: Any, timeout: float = 0.02,
                 read_events: Callable[[], list[Any]] | None = None) -> int:
@@ -328,6 +361,8 @@ class Engine:
         if now >= self.next_renew:
             self.shunts.renew()
             self.next_renew = now + self.renew_every
+        if self.gc is not None:
+            self.gc.tick()
 
     def reload(self) -> None:
         from shuntd.policyfile import PolicyLoadError
@@ -504,7 +539,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             if dp.adopted:
                 n = ShuntManager(dp.table, None, None, out.shunt).clear_orphans()
                 log.info("adopted pinned maps of an earlier run: %d orphaned entries logged", n)
-            ring_config = RingConfig(block_count=args.ring_blocks)
+            ring_config = RingConfig(block_size=(1 << 20) // BLOCKS_PER_MIB,
+                                     block_count=args.ring_blocks * BLOCKS_PER_MIB,
+                                     retire_timeout_ms=args.ring_block_timeout_ms)
             flags = _Flags()
             flags.install()
             try:
@@ -552,6 +589,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
     try:
         engine = Engine(args, settings, dp, out)
         engine.policies.load()
+        engine.pace_gc()
         tracker = engine.tracker
         live.rings["0"] = ring
         live.connections = lambda: len(tracker.conns)

@@ -10,8 +10,6 @@ silently doing nothing.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 
@@ -39,14 +37,24 @@ class Actions(Protocol):
 _ACTIONS: contextvars.ContextVar[Actions] = contextvars.ContextVar("shuntd_policy_actions")
 
 
-@contextmanager
-def acting(actions: Actions) -> Iterator[None]:
-    """Make `actions` the target of the module-level functions below (used by the dispatcher)."""
-    token = _ACTIONS.set(actions)
-    try:
-        yield
-    finally:
-        _ACTIONS.reset(token)
+class acting:  # noqa: N801 - used like the function it replaces: `with acting(actions):`
+    """Make `actions` the target of the module-level functions below (used by the dispatcher).
+
+    A plain context manager rather than a generator, and reusable and reentrant (a handler
+    may cause another dispatch): the dispatcher enters one instance around every handler call.
+    """
+
+    __slots__ = ("actions", "tokens")
+
+    def __init__(self, actions: Actions) -> None:
+        self.actions = actions
+        self.tokens: list[contextvars.Token[Actions]] = []
+
+    def __enter__(self) -> None:
+        self.tokens.append(_ACTIONS.set(self.actions))
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIONS.reset(self.tokens.pop())
 
 
 def _actions() -> Actions:

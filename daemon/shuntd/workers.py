@@ -194,6 +194,7 @@ def _worker_main(index: int, args: argparse.Namespace, settings: Any, dp: Any, r
     except PolicyLoadError as exc:
         log.error("%s", exc)
         return 2
+    engine.pace_gc()
     out.send(("ready", os.getpid()))
     buf = bytearray(RECV_BUFFER)
     key_type = dp.prog.FlowKey

@@ -1,0 +1,71 @@
+"""When the live daemon runs Python's full garbage collection: rarely, and at a known cost.
+
+A connection dies in a reference cycle (its endpoints point at each other), so it is freed by a
+full (generation 2) collection, whose pause grows with everything alive: 100-700 ms once the
+engine holds some ten thousand connections. CPython's own rule runs one each time the old
+generation grew by a quarter, i.e. several per second while the connection table fills, and
+every pause lets the packets of each session whose shunt was due reach Python instead of XDP.
+
+So: start-up objects (modules, policies, BPF tables) are frozen out of every collection; the
+young generations are collected as usual but less often (a larger first threshold); the
+automatic full collection is off, and `tick()` runs one once as many connections were removed
+since the last as are alive now (at least `floor`). Garbage then never outgrows the live table
+(memory at most about twice the live connections'), the cost per removed connection is bounded,
+and a steady link pays one pause per table turnover instead of one per 25% of heap growth.
+`max_interval` also bounds the time between two full collections for other cyclic garbage.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+YOUNG_THRESHOLD = 10_000   # allocations minus deallocations between two generation-0 runs
+MIDDLE_THRESHOLD = 5       # generation-0 runs per generation-1 run
+OLD_NEVER = 1 << 30        # generation-1 runs per automatic full run: never, tick() runs it
+SLOW_PAUSE = 0.25          # seconds: a full collection longer than this is logged
+
+
+class GcPacer:
+    """Takes over full collections for one process; call `removed()` per connection logged
+    and `tick()` from the main loop."""
+
+    __slots__ = ("live", "floor", "max_interval", "pending", "next_due", "collections")
+
+    def __init__(self, live: Callable[[], int], floor: int = 20_000,
+                 max_interval: float = 600.0) -> None:
+        self.live = live
+        self.floor = floor
+        self.max_interval = max_interval
+        self.pending = 0
+        self.collections = 0
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_THRESHOLD, OLD_NEVER)
+        self.next_due = time.monotonic() + max_interval
+
+    def removed(self) -> None:
+        self.pending += 1
+
+    def tick(self) -> None:
+        if self.pending >= self.floor and self.pending >= self.live():
+            self.collect()
+        elif time.monotonic() >= self.next_due:
+            self.collect()
+
+    def collect(self) -> float:
+        """One full collection now; returns its duration in seconds."""
+        start = time.perf_counter()
+        gc.collect()
+        took = time.perf_counter() - start
+        self.pending = 0
+        self.collections += 1
+        self.next_due = time.monotonic() + self.max_interval
+        if took > SLOW_PAUSE:
+            log.info("full garbage collection took %.0f ms (%d connections alive)",
+                     took * 1e3, self.live())
+        return took

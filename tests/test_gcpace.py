@@ -1,0 +1,56 @@
+"""GcPacer: the live daemon's full garbage collections run once per connection-table turnover."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+from shuntd.gcpace import OLD_NEVER, GcPacer
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_full_collection_waits_for_a_table_turnover(restore_gc: None) -> None:
+    live = [50]
+    pacer = GcPacer(lambda: live[0], floor=10)
+    assert gc.get_threshold()[2] == OLD_NEVER  # no automatic full collection
+    assert gc.get_freeze_count() > 0           # start-up objects left out of every collection
+    for _ in range(49):
+        pacer.removed()
+    pacer.tick()
+    assert pacer.collections == 0              # fewer removed than alive
+    pacer.removed()
+    pacer.tick()
+    assert pacer.collections == 1 and pacer.pending == 0
+
+
+def test_floor_and_interval(restore_gc: None) -> None:
+    pacer = GcPacer(lambda: 0, floor=5, max_interval=3600)
+    for _ in range(4):
+        pacer.removed()
+    pacer.tick()
+    assert pacer.collections == 0              # below the floor
+    pacer.next_due = 0.0                       # the interval ran out
+    pacer.tick()
+    assert pacer.collections == 1
+
+
+def test_collect_frees_cycles(restore_gc: None) -> None:
+    pacer = GcPacer(lambda: 0)
+    gc.collect()
+    _Cycle()
+    assert gc.get_count()[0] > 0
+    pacer.collect()
+    assert not any(isinstance(o, _Cycle) for o in gc.get_objects())
