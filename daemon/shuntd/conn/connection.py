@@ -8,12 +8,21 @@ stale direction in a per-side counter. `orig`, `resp`, `orig_h`, ... are views o
 
 from __future__ import annotations
 
+from sys import intern
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shuntd.conn.timers import Timer
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+_INTERN_MAX = 16  # longer histories are rare and mostly unique: not worth a table entry
+
+
+def history_plus(history: str, code: str) -> str:
+    """`history + code`, interned while short: a million connections with the same few
+    histories ("ShAD", "ShADadFf", ...) then share a handful of string objects."""
+    h = history + code
+    return intern(h) if len(h) <= _INTERN_MAX else h
 
 
 class Connection:
@@ -120,11 +129,11 @@ class Connection:
         if self.hist_seen & mask:
             return True
         self.hist_seen |= mask
-        self.history += code
+        self.history = history_plus(self.history, code)
         return False
 
     def add_history(self, code: str) -> None:
-        self.history += code
+        self.history = history_plus(self.history, code)
 
     def mark_limit_reached(self) -> None:
         """Zeek's CheckHistory(0x400, 'X'): an analyzer hit a limit (always upper case)."""
@@ -136,7 +145,7 @@ class Connection:
         self.orig_side ^= 1
         self.analyzer.flipped(self)
         if add_caret:
-            self.history += "^"
+            self.history = history_plus(self.history, "^")
         self.tracker.hooks.connection_flipped(self)
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shuntd.conn.connection import history_plus
 from shuntd.conn.reassembly import Reassembler
 from shuntd.conn.size import EndpointCounters
 from shuntd.conn.tcpstate import (
@@ -153,7 +154,8 @@ class TCPEndpoint(EndpointCounters):
         return conn.check_history(mask, code)
 
     def add_history(self, conn: Connection, code: str) -> None:
-        conn.history += code if self.side == conn.orig_side else code.lower()
+        conn.history = history_plus(conn.history,
+                                    code if self.side == conn.orig_side else code.lower())
 
     def _scaled(self, conn: Connection, code: str) -> None:
         """Zeek's ScaledHistoryEntry: the letter at 1, 10, 100, ... occurrences."""
@@ -166,7 +168,8 @@ class TCPEndpoint(EndpointCounters):
         n = counter[0] = counter[0] + 1
         t = counter[1]
         if n == t:
-            conn.history += code if self.side == conn.orig_side else code.lower()
+            conn.history = history_plus(conn.history,
+                                    code if self.side == conn.orig_side else code.lower())
             if t < 0xFFFFFFFF // 10:
                 counter[1] = t * 10
 
@@ -520,7 +523,10 @@ class TCPAnalyzer:
                     elif delta_ack > 0:
                         if ack_seq < peer_ack:       # TCP_Endpoint::UpdateAckSeq
                             peer.ack_wraps += 1
-                        peer.ack_seq = ack_seq
+                        # Usually all the peer sent is acked: share its last_seq's int
+                        # object (32 B per endpoint) instead of keeping an equal one.
+                        peer_last = peer.last_seq
+                        peer.ack_seq = peer_last if ack_seq == peer_last else ack_seq
 
         # update_last_seq
         last_seq = endpoint.last_seq

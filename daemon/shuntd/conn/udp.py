@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shuntd.conn.connection import history_plus
 from shuntd.conn.size import SummedEndpoint
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class UDPAnalyzer:
         ep = conn.sides[side]
         ep.chk_cnt += 1
         if ep.chk_cnt == ep.chk_thresh:
-            conn.history += "C" if side == conn.orig_side else "c"
+            conn.history = history_plus(conn.history, "C" if side == conn.orig_side else "c")
             if ep.chk_thresh < 0xFFFFFFFF // 10:
                 ep.chk_thresh *= 10
 
