@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _INTERN_MAX = 16  # longer histories are rare and mostly unique: not worth a table entry
 
+# One shared int object per common once-only-letter mask (S, F, R, D, A of either side):
+# masks with resp bits are above the small-int cache, 32 B per connection otherwise.
+_COMMON_BITS = (0x1, 0x2, 0x4, 0x10, 0x20, 0x10000, 0x20000, 0x40000, 0x100000, 0x200000)
+_SEEN_MASKS: dict[int, int] = {}
+for _i in range(1 << len(_COMMON_BITS)):
+    _m = sum(b for n, b in enumerate(_COMMON_BITS) if _i >> n & 1)
+    _SEEN_MASKS[_m] = _m
+del _i, _m
+
 
 def history_plus(history: str, code: str) -> str:
     """`history + code`, interned while short: a million connections with the same few
@@ -128,7 +137,8 @@ class Connection:
         """Add `code` once per mask bit; True if it had been seen already (Zeek's semantics)."""
         if self.hist_seen & mask:
             return True
-        self.hist_seen |= mask
+        seen = self.hist_seen | mask
+        self.hist_seen = _SEEN_MASKS.get(seen, seen)
         self.history = history_plus(self.history, code)
         return False
 

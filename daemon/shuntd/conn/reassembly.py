@@ -25,7 +25,8 @@ def _is_clean(ep: TCPEndpoint) -> bool:
 
 
 class Reassembler:
-    """Blocks `[seq, upper, data]` sorted and non-overlapping; `lrs` = next seq to deliver."""
+    """Blocks `(seq, upper, data)` sorted and non-overlapping; `lrs` = next seq to deliver.
+    Blocks are tuples (smaller than lists); delivering one replaces it with a data-less copy."""
 
     __slots__ = ("ep", "lrs", "trim_seq", "blocks", "skip", "did_eof", "had_gap", "size")
 
@@ -33,7 +34,7 @@ class Reassembler:
         self.ep = ep
         self.lrs = 1
         self.trim_seq = 1
-        self.blocks: list[list] = []
+        self.blocks: list[tuple] = []
         self.skip = False
         self.did_eof = False
         self.had_gap = False
@@ -49,7 +50,7 @@ class Reassembler:
         if seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
             upper = seq + n
             self.size += n
-            blocks.append([seq, upper, None])
+            blocks.append((seq, upper, None))
             self.lrs = upper
             ep = self.ep
             acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
@@ -72,7 +73,7 @@ class Reassembler:
             # Fast path of _new_block: in-order data at the delivery point (the common case).
             upper = seq + n
             self.size += n
-            blocks.append([seq, upper, None])
+            blocks.append((seq, upper, None))
             self.lrs = upper
             if an.want_stream:
                 conn = an.conn
@@ -114,7 +115,7 @@ class Reassembler:
             self.size += upper - seq
             if seq == self.lrs:
                 # In-order data at the delivery point: deliver it straight away.
-                blocks.append([seq, upper, None])
+                blocks.append((seq, upper, None))
                 self.lrs = upper
                 an = self.ep.analyzer
                 if an.want_stream:
@@ -122,14 +123,14 @@ class Reassembler:
                     an.hooks.tcp_deliver(conn, self.ep.side == conn.orig_side, data)
                 self._trim_if_unacked()
                 return
-            blocks.append([seq, upper, data])
+            blocks.append((seq, upper, data))
             if seq <= self.lrs < upper:
                 self._block_inserted()
             return
         else:
             pieces = []
             cur = seq
-            i = bisect_right(blocks, [seq, M64 + 1]) - 1
+            i = bisect_right(blocks, (seq, M64 + 1)) - 1
             if i < 0:
                 i = 0
             for b in blocks[i:]:
@@ -138,12 +139,12 @@ class Reassembler:
                 if b[1] <= cur:
                     continue
                 if b[0] > cur:
-                    pieces.append([cur, b[0], data[cur - seq:b[0] - seq]])
+                    pieces.append((cur, b[0], data[cur - seq:b[0] - seq]))
                 cur = b[1]
                 if cur >= upper:
                     break
             if cur < upper:
-                pieces.append([cur, upper, data[cur - seq:]])
+                pieces.append((cur, upper, data[cur - seq:]))
             if not pieces:
                 return
             for p in pieces:
@@ -172,14 +173,15 @@ class Reassembler:
         an = ep.analyzer
         conn = an.conn
         hooks = an.hooks
-        for b in self.blocks:
+        blocks = self.blocks
+        for i, b in enumerate(blocks):
             if b[0] > self.lrs:
                 break
             if b[0] == self.lrs:
                 self.lrs = b[1]
                 data = b[2]
                 if data is not None:
-                    b[2] = None
+                    blocks[i] = (b[0], b[1], None)
                     if an.want_stream:
                         hooks.tcp_deliver(conn, ep.side == conn.orig_side, data)
 
