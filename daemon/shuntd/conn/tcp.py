@@ -59,14 +59,27 @@ def seq_delta(a: int, b: int) -> int:
     return d - 0x100000000 if d & 0x80000000 else d
 
 
+class EndpointRare:
+    """The part of a TCP endpoint only FIN, RST and the logarithmic letters touch: made on
+    first use, so the many open connections that saw none of them do not carry it."""
+
+    __slots__ = ("RST_cnt", "FIN_seq", "hist_last_FIN", "hist_last_RST", "scaled")
+
+    def __init__(self) -> None:
+        self.RST_cnt = 0
+        self.FIN_seq = 0
+        self.hist_last_FIN = 0
+        self.hist_last_RST = 0
+        # Counters of the C/T/W/G letters, [count, threshold] per letter.
+        self.scaled: dict[str, list[int]] = {}
+
+
 class TCPEndpoint(EndpointCounters):
     """One host's half of a TCP connection (Zeek's TCP_Endpoint)."""
 
     __slots__ = (
         "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
-        "seq_wraps", "ack_wraps", "FIN_cnt", "RST_cnt", "FIN_seq", "did_close",
-        "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
-        "scaled", "reasm",
+        "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "hist_last_SYN", "rare", "reasm",
     )
 
     def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
@@ -83,17 +96,49 @@ class TCPEndpoint(EndpointCounters):
         self.seq_wraps = 0
         self.ack_wraps = 0
         self.FIN_cnt = 0
-        self.RST_cnt = 0
-        self.FIN_seq = 0
         self.did_close = False
         self.hist_last_SYN = 0
-        self.hist_last_FIN = 0
-        self.hist_last_RST = 0
-        # Counters of the C/T/W/G letters, [count, threshold] per letter; made on first use
-        # because most connections never need them (saves 8 slots per endpoint).
-        self.scaled: dict[str, list[int]] | None = None
+        self.rare: EndpointRare | None = None   # RST_cnt, FIN_seq, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
+
+    def _rare(self) -> EndpointRare:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = EndpointRare()
+        return rare
+
+    @property
+    def RST_cnt(self) -> int:
+        return 0 if self.rare is None else self.rare.RST_cnt
+
+    @RST_cnt.setter
+    def RST_cnt(self, v: int) -> None:
+        self._rare().RST_cnt = v
+
+    @property
+    def FIN_seq(self) -> int:
+        return 0 if self.rare is None else self.rare.FIN_seq
+
+    @FIN_seq.setter
+    def FIN_seq(self, v: int) -> None:
+        self._rare().FIN_seq = v
+
+    @property
+    def hist_last_FIN(self) -> int:
+        return 0 if self.rare is None else self.rare.hist_last_FIN
+
+    @hist_last_FIN.setter
+    def hist_last_FIN(self, v: int) -> None:
+        self._rare().hist_last_FIN = v
+
+    @property
+    def hist_last_RST(self) -> int:
+        return 0 if self.rare is None else self.rare.hist_last_RST
+
+    @hist_last_RST.setter
+    def hist_last_RST(self, v: int) -> None:
+        self._rare().hist_last_RST = v
 
     def reassembler(self) -> Reassembler:
         reasm = self.reasm
@@ -159,9 +204,7 @@ class TCPEndpoint(EndpointCounters):
 
     def _scaled(self, conn: Connection, code: str) -> None:
         """Zeek's ScaledHistoryEntry: the letter at 1, 10, 100, ... occurrences."""
-        scaled = self.scaled
-        if scaled is None:
-            scaled = self.scaled = {}
+        scaled = self._rare().scaled
         counter = scaled.get(code)
         if counter is None:
             counter = scaled[code] = [0, 1]
