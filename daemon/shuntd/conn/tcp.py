@@ -63,10 +63,9 @@ class EndpointRare:
     """The part of a TCP endpoint only FIN, RST and the logarithmic letters touch: made on
     first use, so the many open connections that saw none of them do not carry it."""
 
-    __slots__ = ("RST_cnt", "FIN_seq", "hist_last_FIN", "hist_last_RST", "scaled")
+    __slots__ = ("FIN_seq", "hist_last_FIN", "hist_last_RST", "scaled")
 
     def __init__(self) -> None:
-        self.RST_cnt = 0
         self.FIN_seq = 0
         self.hist_last_FIN = 0
         self.hist_last_RST = 0
@@ -98,7 +97,7 @@ class TCPEndpoint(EndpointCounters):
         self.FIN_cnt = 0
         self.did_close = False
         self.hist_last_SYN = 0
-        self.rare: EndpointRare | None = None   # RST_cnt, FIN_seq, ... (properties below)
+        self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
 
@@ -107,14 +106,6 @@ class TCPEndpoint(EndpointCounters):
         if rare is None:
             rare = self.rare = EndpointRare()
         return rare
-
-    @property
-    def RST_cnt(self) -> int:
-        return 0 if self.rare is None else self.rare.RST_cnt
-
-    @RST_cnt.setter
-    def RST_cnt(self, v: int) -> None:
-        self._rare().RST_cnt = v
 
     @property
     def FIN_seq(self) -> int:
@@ -229,35 +220,87 @@ class TCPEndpoint(EndpointCounters):
         self._scaled(conn, "G")
 
 
+class AnalyzerRare:
+    """Analyzer state only half closes, deferred closes and extra timers need (made on
+    first use: most open connections never need it)."""
+
+    __slots__ = ("close_deferred", "deferred_gen_event", "expire2_at", "extra")
+
+    def __init__(self) -> None:
+        self.close_deferred = False
+        self.deferred_gen_event = False
+        self.expire2_at: float | None = None
+        self.extra: list[Timer] | None = None
+
+
 class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "tracker", "is_active", "seen_first_ACK",
-        "first_packet_seen", "is_partial", "close_deferred", "deferred_gen_event",
+        "conn", "tracker", "is_active", "first_packet_seen", "is_partial",
         "established_pending",
         # Analyzer timers as times (None = not pending), checked through the connection's
         # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
-        # chain started by a half close, the AttemptTimer and the delete timer. Rare extra
-        # timers (a second attempt timer, reset and partial-close timers) are heap Timers.
-        "expire_at", "expire2_at", "attempt_at", "close_at", "extra",
+        # chain started by a half close (in `rare`), the AttemptTimer and the delete timer.
+        # Rare extra timers (a second attempt timer, reset and partial-close timers) are
+        # heap Timers (`extra`, in `rare`).
+        "expire_at", "attempt_at", "close_at",
+        "rare",  # AnalyzerRare: close_deferred, deferred_gen_event, expire2_at, extra
     )
 
     def __init__(self, tracker) -> None:
         self.tracker = tracker
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
         self.is_active = True
-        self.seen_first_ACK = False
         self.first_packet_seen = 0
         self.is_partial = False
-        self.close_deferred = False
-        self.deferred_gen_event = False
         self.expire_at: float | None = None
-        self.expire2_at: float | None = None
         self.attempt_at: float | None = None
         self.close_at: float | None = None
-        self.extra: list[Timer] | None = None
         self.established_pending = False
+        self.rare: AnalyzerRare | None = None
+
+    def _rare(self) -> AnalyzerRare:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = AnalyzerRare()
+        return rare
+
+    @property
+    def close_deferred(self) -> bool:
+        return self.rare is not None and self.rare.close_deferred
+
+    @close_deferred.setter
+    def close_deferred(self, v: bool) -> None:
+        if v or self.rare is not None:
+            self._rare().close_deferred = v
+
+    @property
+    def deferred_gen_event(self) -> bool:
+        return self.rare is not None and self.rare.deferred_gen_event
+
+    @deferred_gen_event.setter
+    def deferred_gen_event(self, v: bool) -> None:
+        if v or self.rare is not None:
+            self._rare().deferred_gen_event = v
+
+    @property
+    def expire2_at(self) -> float | None:
+        return None if self.rare is None else self.rare.expire2_at
+
+    @expire2_at.setter
+    def expire2_at(self, v: float | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().expire2_at = v
+
+    @property
+    def extra(self) -> list[Timer] | None:
+        return None if self.rare is None else self.rare.extra
+
+    @extra.setter
+    def extra(self, v: list[Timer] | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().extra = v
 
     # The tracker's, not copies: three slots less per connection.
     @property
@@ -531,14 +574,9 @@ class TCPAnalyzer:
         if f_fin:
             endpoint.FIN_cnt += 1
             endpoint.FIN_seq = (rel_seq + seg_len) & M64
-        if f_rst:
-            endpoint.RST_cnt += 1
 
         rel_ack = 0
         if f_ack:
-            if (is_orig and not self.seen_first_ACK
-                    and (endpoint.state == ESTABLISHED or endpoint.state == SYN_SENT)):
-                self.seen_first_ACK = True
             if peer.state == INACTIVE:
                 rel_ack = 1
                 v = (ack_seq - 1) & M32
