@@ -34,7 +34,9 @@ class Reassembler:
         self.ep = ep
         self.lrs = 1
         self.trim_seq = 1
-        self.blocks: list[tuple] = []
+        # An empty tuple until the first block: then a list made with exactly that block
+        # (an appended-to empty list would over-allocate; 24 B per open connection).
+        self.blocks: list[tuple] | tuple[()] = ()
         self.skip = False
         self.did_eof = False
         self.had_gap = False
@@ -50,7 +52,10 @@ class Reassembler:
         if seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
             upper = seq + n
             self.size += n
-            blocks.append((seq, upper, None))
+            if blocks:
+                blocks.append((seq, upper, None))
+            else:
+                self.blocks = [(seq, upper, None)]
             self.lrs = upper
             ep = self.ep
             acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
@@ -73,7 +78,10 @@ class Reassembler:
             # Fast path of _new_block: in-order data at the delivery point (the common case).
             upper = seq + n
             self.size += n
-            blocks.append((seq, upper, None))
+            if blocks:
+                blocks.append((seq, upper, None))
+            else:
+                self.blocks = [(seq, upper, None)]
             self.lrs = upper
             if an.want_stream:
                 conn = an.conn
@@ -87,6 +95,7 @@ class Reassembler:
                 self._clear()
             return
         self._new_block(seq, data)
+        blocks = self.blocks  # _new_block may have made the list
         settings = an.settings
         limit = settings.tcp_max_above_hole_without_any_acks
         if limit and blocks and blocks[-1][1] - self.lrs > limit and ep.no_data_acked():
@@ -96,7 +105,7 @@ class Reassembler:
             self._clear()
 
     def _clear(self) -> None:
-        self.blocks = []
+        self.blocks = ()
         self.size = 0
         self.skip = True
 
@@ -115,7 +124,10 @@ class Reassembler:
             self.size += upper - seq
             if seq == self.lrs:
                 # In-order data at the delivery point: deliver it straight away.
-                blocks.append((seq, upper, None))
+                if blocks:
+                    blocks.append((seq, upper, None))
+                else:
+                    self.blocks = [(seq, upper, None)]
                 self.lrs = upper
                 an = self.ep.analyzer
                 if an.want_stream:
@@ -123,7 +135,10 @@ class Reassembler:
                     an.hooks.tcp_deliver(conn, self.ep.side == conn.orig_side, data)
                 self._trim_if_unacked()
                 return
-            blocks.append((seq, upper, data))
+            if blocks:
+                blocks.append((seq, upper, data))
+            else:
+                self.blocks = [(seq, upper, data)]
             if seq <= self.lrs < upper:
                 self._block_inserted()
             return
