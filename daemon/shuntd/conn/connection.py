@@ -41,9 +41,8 @@ class Connection:
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
         "_uid", "key", "start_time", "last_time", "orig_side", "sides",
-        "history", "hist_seen", "missed_bytes", "service", "failed_services", "ext",
-        "tunnel_parents", "analyzer", "removed", "inactivity_timeout", "inact_at", "timer",
-        "tracker",
+        "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
+        "inactivity_timeout", "inact_at", "timer", "tracker",
     )
 
     def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
@@ -56,12 +55,12 @@ class Connection:
         self.sides = sides            # (endpoint, endpoint), index = side in the flow key
         self.history = ""
         self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
-        self.missed_bytes = 0
         # Confirmed services in confirmation order; a tuple until service detection adds one.
         self.service: list[str] | tuple[str, ...] = ()
-        self.failed_services: list[str] | tuple[str, ...] = ()
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
-        self.tunnel_parents: set[str] | None = None
+        # missed_bytes, failed_services, tunnel_parents (properties below): most
+        # connections have none, so they share one lazily made object (16 B each).
+        self.rare: ConnRare | None = None
         self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
         self.removed = False
         self.inactivity_timeout = 0.0
@@ -71,6 +70,39 @@ class Connection:
         self.inact_at: float | None = None
         self.timer: Timer | None = None
         self.tracker = tracker
+
+    def _rare(self) -> ConnRare:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = ConnRare()
+        return rare
+
+    @property
+    def missed_bytes(self) -> int:
+        return 0 if self.rare is None else self.rare.missed_bytes
+
+    @missed_bytes.setter
+    def missed_bytes(self, v: int) -> None:
+        if v or self.rare is not None:
+            self._rare().missed_bytes = v
+
+    @property
+    def failed_services(self) -> list[str] | tuple[str, ...]:
+        return () if self.rare is None else self.rare.failed_services
+
+    @failed_services.setter
+    def failed_services(self, v: list[str] | tuple[str, ...]) -> None:
+        if v or self.rare is not None:
+            self._rare().failed_services = v
+
+    @property
+    def tunnel_parents(self) -> set[str] | None:
+        return None if self.rare is None else self.rare.tunnel_parents
+
+    @tunnel_parents.setter
+    def tunnel_parents(self, v: set[str] | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().tunnel_parents = v
 
     @property
     def uid(self) -> str:
@@ -160,6 +192,18 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self._uid} {self.proto} {self.history!r}>"
+
+
+class ConnRare:
+    """Connection fields few connections ever set (content gaps, failed service analyzers,
+    enclosing tunnels)."""
+
+    __slots__ = ("missed_bytes", "failed_services", "tunnel_parents")
+
+    def __init__(self) -> None:
+        self.missed_bytes = 0
+        self.failed_services: list[str] | tuple[str, ...] = ()
+        self.tunnel_parents: set[str] | None = None
 
 
 class ConnId:

@@ -63,9 +63,10 @@ class EndpointRare:
     """The part of a TCP endpoint only FIN, RST and the logarithmic letters touch: made on
     first use, so the many open connections that saw none of them do not carry it."""
 
-    __slots__ = ("FIN_seq", "hist_last_FIN", "hist_last_RST", "scaled")
+    __slots__ = ("FIN_seq", "hist_last_SYN", "hist_last_FIN", "hist_last_RST", "scaled")
 
     def __init__(self) -> None:
+        self.hist_last_SYN = 0
         self.FIN_seq = 0
         self.hist_last_FIN = 0
         self.hist_last_RST = 0
@@ -78,7 +79,7 @@ class TCPEndpoint(EndpointCounters):
 
     __slots__ = (
         "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
-        "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "hist_last_SYN", "rare", "reasm",
+        "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "rare", "reasm",
     )
 
     def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
@@ -96,7 +97,6 @@ class TCPEndpoint(EndpointCounters):
         self.ack_wraps = 0
         self.FIN_cnt = 0
         self.did_close = False
-        self.hist_last_SYN = 0
         self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
@@ -106,6 +106,15 @@ class TCPEndpoint(EndpointCounters):
         if rare is None:
             rare = self.rare = EndpointRare()
         return rare
+
+    @property
+    def hist_last_SYN(self) -> int:
+        return 0 if self.rare is None else self.rare.hist_last_SYN
+
+    @hist_last_SYN.setter
+    def hist_last_SYN(self, v: int) -> None:
+        if v or self.rare is not None:   # a SYN at relative 0 (the usual) needs no object
+            self._rare().hist_last_SYN = v
 
     @property
     def FIN_seq(self) -> int:
