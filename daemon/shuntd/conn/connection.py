@@ -40,7 +40,7 @@ class Connection:
     # Memory matters (1M connections must fit in 1 GiB): no slot holds what can be derived
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
-        "_uid", "key", "start_time", "last_time", "orig_side", "sides",
+        "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
         "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
         "inactivity_timeout", "inact_at", "timer", "tracker",
     )
@@ -52,7 +52,8 @@ class Connection:
         self.start_time = start_time
         self.last_time = start_time
         self.orig_side = orig_side
-        self.sides = sides            # (endpoint, endpoint), index = side in the flow key
+        # The endpoints by side in the flow key (two slots, not a tuple: 48 B less).
+        self.side0, self.side1 = sides
         self.history = ""
         self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
         # Confirmed services in confirmation order; a tuple until service detection adds one.
@@ -123,12 +124,20 @@ class Connection:
 
     # --- orig/resp views -------------------------------------------------------------------
     @property
+    def sides(self) -> tuple[Any, Any]:
+        """(endpoint, endpoint), index = side in the flow key."""
+        return (self.side0, self.side1)
+
+    def endpoint(self, side: int) -> Any:
+        return self.side1 if side else self.side0
+
+    @property
     def orig(self) -> Any:
-        return self.sides[self.orig_side]
+        return self.side1 if self.orig_side else self.side0
 
     @property
     def resp(self) -> Any:
-        return self.sides[self.orig_side ^ 1]
+        return self.side0 if self.orig_side else self.side1
 
     @property
     def orig_h(self) -> bytes:

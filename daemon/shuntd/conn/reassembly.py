@@ -28,7 +28,7 @@ class Reassembler:
     """Blocks `(seq, upper, data)` sorted and non-overlapping; `lrs` = next seq to deliver.
     Blocks are tuples (smaller than lists); delivering one replaces it with a data-less copy."""
 
-    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "skip", "did_eof", "had_gap", "size")
+    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "skip", "did_eof", "size")
 
     def __init__(self, ep: TCPEndpoint) -> None:
         self.ep = ep
@@ -39,7 +39,6 @@ class Reassembler:
         self.blocks: list[tuple] | tuple[()] = ()
         self.skip = False
         self.did_eof = False
-        self.had_gap = False
         self.size = 0          # bytes buffered in blocks
 
     # --- data in -----------------------------------------------------------------------------
@@ -263,7 +262,6 @@ class Reassembler:
         if clean or an.settings.report_gaps_for_partial:
             conn.missed_bytes += length
             an.hooks.content_gap(conn, is_orig, length)
-        self.had_gap = True
 
     # --- end of data ---------------------------------------------------------------------------
     def data_pending(self) -> bool:

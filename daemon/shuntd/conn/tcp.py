@@ -488,7 +488,7 @@ class TCPAnalyzer:
         return True
 
     def bad_checksum(self, conn: Connection, side: int) -> None:
-        conn.sides[side].checksum_error(conn)
+        conn.endpoint(side).checksum_error(conn)
 
     def process(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
         t = pkt.ts
@@ -499,7 +499,7 @@ class TCPAnalyzer:
         f_ack = flags & ACK
         base_seq = pkt.seq
         ack_seq = pkt.ack
-        endpoint: TCPEndpoint = conn.sides[side]
+        endpoint: TCPEndpoint = conn.side1 if side else conn.side0
         peer = endpoint.peer
         length = pkt.payload_len
 
