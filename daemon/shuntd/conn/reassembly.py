@@ -28,7 +28,7 @@ class Reassembler:
     """Blocks `(seq, upper, data)` sorted and non-overlapping; `lrs` = next seq to deliver.
     Blocks are tuples (smaller than lists); delivering one replaces it with a data-less copy."""
 
-    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "skip", "did_eof", "size")
+    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "did_eof", "size")
 
     def __init__(self, ep: TCPEndpoint) -> None:
         self.ep = ep
@@ -36,18 +36,23 @@ class Reassembler:
         self.trim_seq = 1
         # An empty tuple until the first block: then a list made with exactly that block
         # (an appended-to empty list would over-allocate; 24 B per open connection).
-        self.blocks: list[tuple] | tuple[()] = ()
-        self.skip = False
+        # None once skipping (Zeek's `skip_deliveries`: buffering stopped for good).
+        self.blocks: list[tuple] | tuple[()] | None = ()
         self.did_eof = False
         self.size = 0          # bytes buffered in blocks
+
+    @property
+    def skip(self) -> bool:
+        """Buffering stopped for good (a limit was hit)."""
+        return self.blocks is None
 
     # --- data in -----------------------------------------------------------------------------
     def data_len_sent(self, seq: int, n: int) -> None:
         """`data_sent` of `n` > 0 bytes nobody consumes (no tcp_deliver listener): the same
         bookkeeping without a payload object on the common in-order path."""
-        if self.skip:
-            return
         blocks = self.blocks
+        if blocks is None:   # skipping
+            return
         if seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
             upper = seq + n
             self.size += n
@@ -67,9 +72,9 @@ class Reassembler:
         self.data_sent(seq, _ZEROS_VIEW[:n] if n <= len(_ZEROS_VIEW) else bytes(n))
 
     def data_sent(self, seq: int, data: bytes) -> None:
-        if self.skip:
-            return
         blocks = self.blocks
+        if blocks is None:   # skipping
+            return
         ep = self.ep
         an = ep.analyzer
         n = len(data)
@@ -104,9 +109,8 @@ class Reassembler:
             self._clear()
 
     def _clear(self) -> None:
-        self.blocks = ()
+        self.blocks = None   # skip from now on
         self.size = 0
-        self.skip = True
 
     def _new_block(self, seq: int, data: bytes) -> None:
         n = len(data)
@@ -188,6 +192,8 @@ class Reassembler:
         conn = an.conn
         hooks = an.hooks
         blocks = self.blocks
+        if blocks is None:
+            return
         for i, b in enumerate(blocks):
             if b[0] > self.lrs:
                 break
@@ -213,6 +219,8 @@ class Reassembler:
         if seq > self.lrs:
             self._undelivered(seq)
         blocks = self.blocks
+        if blocks is None:
+            blocks = ()
         n = 0
         for b in blocks:
             if b[1] > seq:
@@ -230,11 +238,11 @@ class Reassembler:
         if up_to_seq <= 2 and an.is_partial:
             # Partial connection: the faked SYN octet / keep-alive artefact (Zeek ignores it).
             return
-        if not self.skip:
+        if self.blocks is not None:
             restart = True
             while restart:
                 restart = False
-                for b in self.blocks:
+                for b in self.blocks or ():
                     if b[0] < self.lrs:
                         continue
                     if b[0] >= up_to_seq:
@@ -265,7 +273,7 @@ class Reassembler:
 
     # --- end of data ---------------------------------------------------------------------------
     def data_pending(self) -> bool:
-        if self.skip:
+        if self.blocks is None:   # skipping
             return False
         ep = self.ep
         delivered = ep.start_seq + self.lrs
