@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from shuntd.conn.hooks import EngineHooks
     from shuntd.conn.settings import EngineSettings
     from shuntd.conn.timers import Timer
+    from shuntd.conn.tracker import ConnTracker
     from shuntd.packet import Packet
 
 M32 = 0xFFFFFFFF
@@ -77,17 +78,16 @@ class EndpointRare:
 class TCPEndpoint(EndpointCounters):
     """One host's half of a TCP connection (Zeek's TCP_Endpoint)."""
 
+    # `side` and `peer` are derived from the connection (two slots less per endpoint).
     __slots__ = (
-        "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
+        "analyzer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
         "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "rare", "reasm",
     )
 
-    def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
+    def __init__(self, analyzer: TCPAnalyzer) -> None:
         self.num_pkts = 0         # EndpointCounters, without the call
         self.num_bytes_ip = 0
-        self.side = side
         self.analyzer = analyzer
-        self.peer: TCPEndpoint = self  # set by the analyzer
         self.state = INACTIVE
         self.prev_state = INACTIVE
         self.start_seq = 0
@@ -100,6 +100,16 @@ class TCPEndpoint(EndpointCounters):
         self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
+
+    @property
+    def side(self) -> int:
+        """This endpoint's side in the flow key."""
+        return 1 if self.analyzer.conn.side1 is self else 0
+
+    @property
+    def peer(self) -> TCPEndpoint:
+        conn = self.analyzer.conn
+        return conn.side0 if conn.side1 is self else conn.side1
 
     def _rare(self) -> EndpointRare:
         rare = self.rare
@@ -233,12 +243,13 @@ class AnalyzerRare:
     """Analyzer state only half closes, deferred closes and extra timers need (made on
     first use: most open connections never need it)."""
 
-    __slots__ = ("close_deferred", "deferred_gen_event", "expire2_at", "extra")
+    __slots__ = ("close_deferred", "deferred_gen_event", "expire2_at", "close_at", "extra")
 
     def __init__(self) -> None:
         self.close_deferred = False
         self.deferred_gen_event = False
         self.expire2_at: float | None = None
+        self.close_at: float | None = None
         self.extra: list[Timer] | None = None
 
 
@@ -246,26 +257,24 @@ class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "tracker", "is_active", "first_packet_seen", "is_partial",
+        "conn", "is_active", "first_packet_seen", "is_partial",
         "established_pending",
         # Analyzer timers as times (None = not pending), checked through the connection's
         # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
         # chain started by a half close (in `rare`), the AttemptTimer and the delete timer.
         # Rare extra timers (a second attempt timer, reset and partial-close timers) are
         # heap Timers (`extra`, in `rare`).
-        "expire_at", "attempt_at", "close_at",
-        "rare",  # AnalyzerRare: close_deferred, deferred_gen_event, expire2_at, extra
+        "expire_at", "attempt_at",
+        "rare",  # AnalyzerRare: close_deferred, deferred_gen_event, expire2_at, close_at, extra
     )
 
-    def __init__(self, tracker) -> None:
-        self.tracker = tracker
+    def __init__(self) -> None:
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
         self.is_active = True
         self.first_packet_seen = 0
         self.is_partial = False
         self.expire_at: float | None = None
         self.attempt_at: float | None = None
-        self.close_at: float | None = None
         self.established_pending = False
         self.rare: AnalyzerRare | None = None
 
@@ -303,6 +312,15 @@ class TCPAnalyzer:
             self._rare().expire2_at = v
 
     @property
+    def close_at(self) -> float | None:
+        return None if self.rare is None else self.rare.close_at
+
+    @close_at.setter
+    def close_at(self, v: float | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().close_at = v
+
+    @property
     def extra(self) -> list[Timer] | None:
         return None if self.rare is None else self.rare.extra
 
@@ -311,7 +329,11 @@ class TCPAnalyzer:
         if v is not None or self.rare is not None:
             self._rare().extra = v
 
-    # The tracker's, not copies: three slots less per connection.
+    # The tracker's, not copies: four slots less per connection.
+    @property
+    def tracker(self) -> ConnTracker:
+        return self.conn.tracker
+
     @property
     def settings(self) -> EngineSettings:
         return self.tracker.settings
@@ -325,11 +347,7 @@ class TCPAnalyzer:
         return self.tracker.want_stream
 
     def make_endpoints(self) -> tuple[TCPEndpoint, TCPEndpoint]:
-        a = TCPEndpoint(0, self)
-        b = TCPEndpoint(1, self)
-        a.peer = b
-        b.peer = a
-        return (a, b)
+        return (TCPEndpoint(self), TCPEndpoint(self))
 
     def attach(self, conn: Connection) -> None:
         """Called once the connection exists: Zeek's adapter-creation ExpireTimer."""
@@ -500,7 +518,7 @@ class TCPAnalyzer:
         base_seq = pkt.seq
         ack_seq = pkt.ack
         endpoint: TCPEndpoint = conn.side1 if side else conn.side0
-        peer = endpoint.peer
+        peer = conn.side0 if side else conn.side1
         length = pkt.payload_len
 
         # SetPartialStatus (a no-op once both directions were seen)
@@ -567,7 +585,7 @@ class TCPAnalyzer:
             # Fast path for the common A/D letters: nothing to do once the letter was seen
             # (unless the history is exactly "H", which triggers the second-packet flip).
             mask = HIST_DATA_PKT if length else HIST_ACK_PKT
-            if endpoint.side != conn.orig_side:
+            if side != conn.orig_side:
                 mask <<= 16
             if not conn.hist_seen & mask or conn.history == "H":
                 self._update_history(conn, flags, endpoint, rel_seq, length)
@@ -667,7 +685,7 @@ class TCPAnalyzer:
                 reasm = endpoint.reasm
                 if reasm is None:
                     reasm = endpoint.reassembler()
-                if self.tracker.want_stream:
+                if conn.tracker.want_stream:
                     reasm.data_sent(rel_data_seq, bytes(payload[:length]))
                 else:
                     reasm.data_len_sent(rel_data_seq, length)  # only lengths matter

@@ -222,7 +222,7 @@ class ConnTracker:
         s = self.settings
         flip = False
         if proto == 6:
-            analyzer: object = TCPAnalyzer(self)
+            analyzer: object = TCPAnalyzer()
             flags = pkt.tcp_flags
             if not flags & SYN or flags & ACK:
                 likely = self._likely_tcp
