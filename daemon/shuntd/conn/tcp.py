@@ -336,15 +336,15 @@ class TCPAnalyzer:
 
     @property
     def settings(self) -> EngineSettings:
-        return self.tracker.settings
+        return self.conn.tracker.settings
 
     @property
     def hooks(self) -> EngineHooks:
-        return self.tracker.hooks
+        return self.conn.tracker.hooks
 
     @property
     def want_stream(self) -> bool:
-        return self.tracker.want_stream
+        return self.conn.tracker.want_stream
 
     def make_endpoints(self) -> tuple[TCPEndpoint, TCPEndpoint]:
         return (TCPEndpoint(self), TCPEndpoint(self))
@@ -359,9 +359,14 @@ class TCPAnalyzer:
     def next_due(self) -> float | None:
         """Earliest pending slot timer."""
         best = self.expire_at
-        for when in (self.attempt_at, self.expire2_at, self.close_at):
-            if when is not None and (best is None or when < best):
-                best = when
+        when = self.attempt_at
+        if when is not None and (best is None or when < best):
+            best = when
+        rare = self.rare
+        if rare is not None:
+            for when in (rare.expire2_at, rare.close_at):
+                if when is not None and (best is None or when < best):
+                    best = when
         return best
 
     def run_due(self, due: float, now: float) -> None:
