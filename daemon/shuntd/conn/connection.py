@@ -8,12 +8,30 @@ stale direction in a per-side counter. `orig`, `resp`, `orig_h`, ... are views o
 
 from __future__ import annotations
 
+from sys import intern
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shuntd.conn.timers import Timer
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+_INTERN_MAX = 16  # longer histories are rare and mostly unique: not worth a table entry
+
+# One shared int object per common once-only-letter mask (S, F, R, D, A of either side):
+# masks with resp bits are above the small-int cache, 32 B per connection otherwise.
+_COMMON_BITS = (0x1, 0x2, 0x4, 0x10, 0x20, 0x10000, 0x20000, 0x40000, 0x100000, 0x200000)
+_SEEN_MASKS: dict[int, int] = {}
+for _i in range(1 << len(_COMMON_BITS)):
+    _m = sum(b for n, b in enumerate(_COMMON_BITS) if _i >> n & 1)
+    _SEEN_MASKS[_m] = _m
+del _i, _m
+
+
+def history_plus(history: str, code: str) -> str:
+    """`history + code`, interned while short: a million connections with the same few
+    histories ("ShAD", "ShADadFf", ...) then share a handful of string objects."""
+    h = history + code
+    return intern(h) if len(h) <= _INTERN_MAX else h
 
 
 class Connection:
@@ -22,10 +40,9 @@ class Connection:
     # Memory matters (1M connections must fit in 1 GiB): no slot holds what can be derived
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
-        "_uid", "key", "start_time", "last_time", "orig_side", "sides",
-        "history", "hist_seen", "missed_bytes", "service", "failed_services", "ext",
-        "tunnel_parents", "analyzer", "removed", "inactivity_timeout", "inact_at", "timer",
-        "tracker",
+        "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
+        "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
+        "inactivity_timeout", "inact_at", "timer", "tracker",
     )
 
     def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
@@ -35,15 +52,16 @@ class Connection:
         self.start_time = start_time
         self.last_time = start_time
         self.orig_side = orig_side
-        self.sides = sides            # (endpoint, endpoint), index = side in the flow key
+        # The endpoints by side in the flow key (two slots, not a tuple: 48 B less).
+        self.side0, self.side1 = sides
         self.history = ""
         self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
-        self.missed_bytes = 0
         # Confirmed services in confirmation order; a tuple until service detection adds one.
         self.service: list[str] | tuple[str, ...] = ()
-        self.failed_services: list[str] | tuple[str, ...] = ()
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
-        self.tunnel_parents: set[str] | None = None
+        # missed_bytes, failed_services, tunnel_parents (properties below): most
+        # connections have none, so they share one lazily made object (16 B each).
+        self.rare: ConnRare | None = None
         self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
         self.removed = False
         self.inactivity_timeout = 0.0
@@ -53,6 +71,39 @@ class Connection:
         self.inact_at: float | None = None
         self.timer: Timer | None = None
         self.tracker = tracker
+
+    def _rare(self) -> ConnRare:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = ConnRare()
+        return rare
+
+    @property
+    def missed_bytes(self) -> int:
+        return 0 if self.rare is None else self.rare.missed_bytes
+
+    @missed_bytes.setter
+    def missed_bytes(self, v: int) -> None:
+        if v or self.rare is not None:
+            self._rare().missed_bytes = v
+
+    @property
+    def failed_services(self) -> list[str] | tuple[str, ...]:
+        return () if self.rare is None else self.rare.failed_services
+
+    @failed_services.setter
+    def failed_services(self, v: list[str] | tuple[str, ...]) -> None:
+        if v or self.rare is not None:
+            self._rare().failed_services = v
+
+    @property
+    def tunnel_parents(self) -> set[str] | None:
+        return None if self.rare is None else self.rare.tunnel_parents
+
+    @tunnel_parents.setter
+    def tunnel_parents(self, v: set[str] | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().tunnel_parents = v
 
     @property
     def uid(self) -> str:
@@ -73,12 +124,20 @@ class Connection:
 
     # --- orig/resp views -------------------------------------------------------------------
     @property
+    def sides(self) -> tuple[Any, Any]:
+        """(endpoint, endpoint), index = side in the flow key."""
+        return (self.side0, self.side1)
+
+    def endpoint(self, side: int) -> Any:
+        return self.side1 if side else self.side0
+
+    @property
     def orig(self) -> Any:
-        return self.sides[self.orig_side]
+        return self.side1 if self.orig_side else self.side0
 
     @property
     def resp(self) -> Any:
-        return self.sides[self.orig_side ^ 1]
+        return self.side0 if self.orig_side else self.side1
 
     @property
     def orig_h(self) -> bytes:
@@ -119,12 +178,13 @@ class Connection:
         """Add `code` once per mask bit; True if it had been seen already (Zeek's semantics)."""
         if self.hist_seen & mask:
             return True
-        self.hist_seen |= mask
-        self.history += code
+        seen = self.hist_seen | mask
+        self.hist_seen = _SEEN_MASKS.get(seen, seen)
+        self.history = history_plus(self.history, code)
         return False
 
     def add_history(self, code: str) -> None:
-        self.history += code
+        self.history = history_plus(self.history, code)
 
     def mark_limit_reached(self) -> None:
         """Zeek's CheckHistory(0x400, 'X'): an analyzer hit a limit (always upper case)."""
@@ -136,11 +196,23 @@ class Connection:
         self.orig_side ^= 1
         self.analyzer.flipped(self)
         if add_caret:
-            self.history += "^"
+            self.history = history_plus(self.history, "^")
         self.tracker.hooks.connection_flipped(self)
 
     def __repr__(self) -> str:
         return f"<Connection {self._uid} {self.proto} {self.history!r}>"
+
+
+class ConnRare:
+    """Connection fields few connections ever set (content gaps, failed service analyzers,
+    enclosing tunnels)."""
+
+    __slots__ = ("missed_bytes", "failed_services", "tunnel_parents")
+
+    def __init__(self) -> None:
+        self.missed_bytes = 0
+        self.failed_services: list[str] | tuple[str, ...] = ()
+        self.tunnel_parents: set[str] | None = None
 
 
 class ConnId:

@@ -39,7 +39,7 @@ class ICMPAnalyzer:
 
     @staticmethod
     def account(conn: Connection, side: int, l4_len: int) -> None:
-        conn.sides[side].add(l4_len - 8)
+        conn.endpoint(side).add(l4_len - 8)
 
     @staticmethod
     def conn_state(conn: Connection) -> str:

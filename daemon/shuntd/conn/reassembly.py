@@ -25,31 +25,41 @@ def _is_clean(ep: TCPEndpoint) -> bool:
 
 
 class Reassembler:
-    """Blocks `[seq, upper, data]` sorted and non-overlapping; `lrs` = next seq to deliver."""
+    """Blocks `(seq, upper, data)` sorted and non-overlapping; `lrs` = next seq to deliver.
+    Blocks are tuples (smaller than lists); delivering one replaces it with a data-less copy."""
 
-    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "skip", "did_eof", "had_gap", "size")
+    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "did_eof", "size")
 
     def __init__(self, ep: TCPEndpoint) -> None:
         self.ep = ep
         self.lrs = 1
         self.trim_seq = 1
-        self.blocks: list[list] = []
-        self.skip = False
+        # An empty tuple until the first block: then a list made with exactly that block
+        # (an appended-to empty list would over-allocate; 24 B per open connection).
+        # None once skipping (Zeek's `skip_deliveries`: buffering stopped for good).
+        self.blocks: list[tuple] | tuple[()] | None = ()
         self.did_eof = False
-        self.had_gap = False
         self.size = 0          # bytes buffered in blocks
+
+    @property
+    def skip(self) -> bool:
+        """Buffering stopped for good (a limit was hit)."""
+        return self.blocks is None
 
     # --- data in -----------------------------------------------------------------------------
     def data_len_sent(self, seq: int, n: int) -> None:
         """`data_sent` of `n` > 0 bytes nobody consumes (no tcp_deliver listener): the same
         bookkeeping without a payload object on the common in-order path."""
-        if self.skip:
-            return
         blocks = self.blocks
+        if blocks is None:   # skipping
+            return
         if seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
             upper = seq + n
             self.size += n
-            blocks.append([seq, upper, None])
+            if blocks:
+                blocks.append((seq, upper, None))
+            else:
+                self.blocks = [(seq, upper, None)]
             self.lrs = upper
             ep = self.ep
             acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
@@ -62,9 +72,9 @@ class Reassembler:
         self.data_sent(seq, _ZEROS_VIEW[:n] if n <= len(_ZEROS_VIEW) else bytes(n))
 
     def data_sent(self, seq: int, data: bytes) -> None:
-        if self.skip:
-            return
         blocks = self.blocks
+        if blocks is None:   # skipping
+            return
         ep = self.ep
         an = ep.analyzer
         n = len(data)
@@ -72,7 +82,10 @@ class Reassembler:
             # Fast path of _new_block: in-order data at the delivery point (the common case).
             upper = seq + n
             self.size += n
-            blocks.append([seq, upper, None])
+            if blocks:
+                blocks.append((seq, upper, None))
+            else:
+                self.blocks = [(seq, upper, None)]
             self.lrs = upper
             if an.want_stream:
                 conn = an.conn
@@ -86,6 +99,7 @@ class Reassembler:
                 self._clear()
             return
         self._new_block(seq, data)
+        blocks = self.blocks  # _new_block may have made the list
         settings = an.settings
         limit = settings.tcp_max_above_hole_without_any_acks
         if limit and blocks and blocks[-1][1] - self.lrs > limit and ep.no_data_acked():
@@ -95,9 +109,8 @@ class Reassembler:
             self._clear()
 
     def _clear(self) -> None:
-        self.blocks = []
+        self.blocks = None   # skip from now on
         self.size = 0
-        self.skip = True
 
     def _new_block(self, seq: int, data: bytes) -> None:
         n = len(data)
@@ -114,7 +127,10 @@ class Reassembler:
             self.size += upper - seq
             if seq == self.lrs:
                 # In-order data at the delivery point: deliver it straight away.
-                blocks.append([seq, upper, None])
+                if blocks:
+                    blocks.append((seq, upper, None))
+                else:
+                    self.blocks = [(seq, upper, None)]
                 self.lrs = upper
                 an = self.ep.analyzer
                 if an.want_stream:
@@ -122,14 +138,17 @@ class Reassembler:
                     an.hooks.tcp_deliver(conn, self.ep.side == conn.orig_side, data)
                 self._trim_if_unacked()
                 return
-            blocks.append([seq, upper, data])
+            if blocks:
+                blocks.append((seq, upper, data))
+            else:
+                self.blocks = [(seq, upper, data)]
             if seq <= self.lrs < upper:
                 self._block_inserted()
             return
         else:
             pieces = []
             cur = seq
-            i = bisect_right(blocks, [seq, M64 + 1]) - 1
+            i = bisect_right(blocks, (seq, M64 + 1)) - 1
             if i < 0:
                 i = 0
             for b in blocks[i:]:
@@ -138,12 +157,12 @@ class Reassembler:
                 if b[1] <= cur:
                     continue
                 if b[0] > cur:
-                    pieces.append([cur, b[0], data[cur - seq:b[0] - seq]])
+                    pieces.append((cur, b[0], data[cur - seq:b[0] - seq]))
                 cur = b[1]
                 if cur >= upper:
                     break
             if cur < upper:
-                pieces.append([cur, upper, data[cur - seq:]])
+                pieces.append((cur, upper, data[cur - seq:]))
             if not pieces:
                 return
             for p in pieces:
@@ -172,14 +191,17 @@ class Reassembler:
         an = ep.analyzer
         conn = an.conn
         hooks = an.hooks
-        for b in self.blocks:
+        blocks = self.blocks
+        if blocks is None:
+            return
+        for i, b in enumerate(blocks):
             if b[0] > self.lrs:
                 break
             if b[0] == self.lrs:
                 self.lrs = b[1]
                 data = b[2]
                 if data is not None:
-                    b[2] = None
+                    blocks[i] = (b[0], b[1], None)
                     if an.want_stream:
                         hooks.tcp_deliver(conn, ep.side == conn.orig_side, data)
 
@@ -197,6 +219,8 @@ class Reassembler:
         if seq > self.lrs:
             self._undelivered(seq)
         blocks = self.blocks
+        if blocks is None:
+            blocks = ()
         n = 0
         for b in blocks:
             if b[1] > seq:
@@ -214,11 +238,11 @@ class Reassembler:
         if up_to_seq <= 2 and an.is_partial:
             # Partial connection: the faked SYN octet / keep-alive artefact (Zeek ignores it).
             return
-        if not self.skip:
+        if self.blocks is not None:
             restart = True
             while restart:
                 restart = False
-                for b in self.blocks:
+                for b in self.blocks or ():
                     if b[0] < self.lrs:
                         continue
                     if b[0] >= up_to_seq:
@@ -246,11 +270,10 @@ class Reassembler:
         if clean or an.settings.report_gaps_for_partial:
             conn.missed_bytes += length
             an.hooks.content_gap(conn, is_orig, length)
-        self.had_gap = True
 
     # --- end of data ---------------------------------------------------------------------------
     def data_pending(self) -> bool:
-        if self.skip:
+        if self.blocks is None:   # skipping
             return False
         ep = self.ep
         delivered = ep.start_seq + self.lrs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shuntd.conn.connection import history_plus
 from shuntd.conn.reassembly import Reassembler
 from shuntd.conn.size import EndpointCounters
 from shuntd.conn.tcpstate import (
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from shuntd.conn.hooks import EngineHooks
     from shuntd.conn.settings import EngineSettings
     from shuntd.conn.timers import Timer
+    from shuntd.conn.tracker import ConnTracker
     from shuntd.packet import Packet
 
 M32 = 0xFFFFFFFF
@@ -58,22 +60,34 @@ def seq_delta(a: int, b: int) -> int:
     return d - 0x100000000 if d & 0x80000000 else d
 
 
+class EndpointRare:
+    """The part of a TCP endpoint only FIN, RST and the logarithmic letters touch: made on
+    first use, so the many open connections that saw none of them do not carry it."""
+
+    __slots__ = ("FIN_seq", "hist_last_SYN", "hist_last_FIN", "hist_last_RST", "scaled")
+
+    def __init__(self) -> None:
+        self.hist_last_SYN = 0
+        self.FIN_seq = 0
+        self.hist_last_FIN = 0
+        self.hist_last_RST = 0
+        # Counters of the C/T/W/G letters, [count, threshold] per letter.
+        self.scaled: dict[str, list[int]] = {}
+
+
 class TCPEndpoint(EndpointCounters):
     """One host's half of a TCP connection (Zeek's TCP_Endpoint)."""
 
+    # `side` and `peer` are derived from the connection (two slots less per endpoint).
     __slots__ = (
-        "side", "analyzer", "peer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
-        "seq_wraps", "ack_wraps", "FIN_cnt", "RST_cnt", "FIN_seq", "did_close",
-        "hist_last_SYN", "hist_last_FIN", "hist_last_RST",
-        "scaled", "reasm",
+        "analyzer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
+        "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "rare", "reasm",
     )
 
-    def __init__(self, side: int, analyzer: TCPAnalyzer) -> None:
+    def __init__(self, analyzer: TCPAnalyzer) -> None:
         self.num_pkts = 0         # EndpointCounters, without the call
         self.num_bytes_ip = 0
-        self.side = side
         self.analyzer = analyzer
-        self.peer: TCPEndpoint = self  # set by the analyzer
         self.state = INACTIVE
         self.prev_state = INACTIVE
         self.start_seq = 0
@@ -82,17 +96,59 @@ class TCPEndpoint(EndpointCounters):
         self.seq_wraps = 0
         self.ack_wraps = 0
         self.FIN_cnt = 0
-        self.RST_cnt = 0
-        self.FIN_seq = 0
         self.did_close = False
-        self.hist_last_SYN = 0
-        self.hist_last_FIN = 0
-        self.hist_last_RST = 0
-        # Counters of the C/T/W/G letters, [count, threshold] per letter; made on first use
-        # because most connections never need them (saves 8 slots per endpoint).
-        self.scaled: dict[str, list[int]] | None = None
+        self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
+
+    @property
+    def side(self) -> int:
+        """This endpoint's side in the flow key."""
+        return 1 if self.analyzer.conn.side1 is self else 0
+
+    @property
+    def peer(self) -> TCPEndpoint:
+        conn = self.analyzer.conn
+        return conn.side0 if conn.side1 is self else conn.side1
+
+    def _rare(self) -> EndpointRare:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = EndpointRare()
+        return rare
+
+    @property
+    def hist_last_SYN(self) -> int:
+        return 0 if self.rare is None else self.rare.hist_last_SYN
+
+    @hist_last_SYN.setter
+    def hist_last_SYN(self, v: int) -> None:
+        if v or self.rare is not None:   # a SYN at relative 0 (the usual) needs no object
+            self._rare().hist_last_SYN = v
+
+    @property
+    def FIN_seq(self) -> int:
+        return 0 if self.rare is None else self.rare.FIN_seq
+
+    @FIN_seq.setter
+    def FIN_seq(self, v: int) -> None:
+        self._rare().FIN_seq = v
+
+    @property
+    def hist_last_FIN(self) -> int:
+        return 0 if self.rare is None else self.rare.hist_last_FIN
+
+    @hist_last_FIN.setter
+    def hist_last_FIN(self, v: int) -> None:
+        self._rare().hist_last_FIN = v
+
+    @property
+    def hist_last_RST(self) -> int:
+        return 0 if self.rare is None else self.rare.hist_last_RST
+
+    @hist_last_RST.setter
+    def hist_last_RST(self, v: int) -> None:
+        self._rare().hist_last_RST = v
 
     def reassembler(self) -> Reassembler:
         reasm = self.reasm
@@ -153,20 +209,20 @@ class TCPEndpoint(EndpointCounters):
         return conn.check_history(mask, code)
 
     def add_history(self, conn: Connection, code: str) -> None:
-        conn.history += code if self.side == conn.orig_side else code.lower()
+        conn.history = history_plus(conn.history,
+                                    code if self.side == conn.orig_side else code.lower())
 
     def _scaled(self, conn: Connection, code: str) -> None:
         """Zeek's ScaledHistoryEntry: the letter at 1, 10, 100, ... occurrences."""
-        scaled = self.scaled
-        if scaled is None:
-            scaled = self.scaled = {}
+        scaled = self._rare().scaled
         counter = scaled.get(code)
         if counter is None:
             counter = scaled[code] = [0, 1]
         n = counter[0] = counter[0] + 1
         t = counter[1]
         if n == t:
-            conn.history += code if self.side == conn.orig_side else code.lower()
+            conn.history = history_plus(conn.history,
+                                    code if self.side == conn.orig_side else code.lower())
             if t < 0xFFFFFFFF // 10:
                 counter[1] = t * 10
 
@@ -183,55 +239,115 @@ class TCPEndpoint(EndpointCounters):
         self._scaled(conn, "G")
 
 
+class AnalyzerRare:
+    """Analyzer state only half closes, deferred closes and extra timers need (made on
+    first use: most open connections never need it)."""
+
+    __slots__ = ("close_deferred", "deferred_gen_event", "expire2_at", "close_at", "extra")
+
+    def __init__(self) -> None:
+        self.close_deferred = False
+        self.deferred_gen_event = False
+        self.expire2_at: float | None = None
+        self.close_at: float | None = None
+        self.extra: list[Timer] | None = None
+
+
 class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "tracker", "is_active", "seen_first_ACK",
-        "first_packet_seen", "is_partial", "close_deferred", "deferred_gen_event",
+        "conn", "is_active", "first_packet_seen", "is_partial",
         "established_pending",
         # Analyzer timers as times (None = not pending), checked through the connection's
         # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
-        # chain started by a half close, the AttemptTimer and the delete timer. Rare extra
-        # timers (a second attempt timer, reset and partial-close timers) are heap Timers.
-        "expire_at", "expire2_at", "attempt_at", "close_at", "extra",
+        # chain started by a half close (in `rare`), the AttemptTimer and the delete timer.
+        # Rare extra timers (a second attempt timer, reset and partial-close timers) are
+        # heap Timers (`extra`, in `rare`).
+        "expire_at", "attempt_at",
+        "rare",  # AnalyzerRare: close_deferred, deferred_gen_event, expire2_at, close_at, extra
     )
 
-    def __init__(self, tracker) -> None:
-        self.tracker = tracker
+    def __init__(self) -> None:
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
         self.is_active = True
-        self.seen_first_ACK = False
         self.first_packet_seen = 0
         self.is_partial = False
-        self.close_deferred = False
-        self.deferred_gen_event = False
         self.expire_at: float | None = None
-        self.expire2_at: float | None = None
         self.attempt_at: float | None = None
-        self.close_at: float | None = None
-        self.extra: list[Timer] | None = None
         self.established_pending = False
+        self.rare: AnalyzerRare | None = None
 
-    # The tracker's, not copies: three slots less per connection.
+    def _rare(self) -> AnalyzerRare:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = AnalyzerRare()
+        return rare
+
+    @property
+    def close_deferred(self) -> bool:
+        return self.rare is not None and self.rare.close_deferred
+
+    @close_deferred.setter
+    def close_deferred(self, v: bool) -> None:
+        if v or self.rare is not None:
+            self._rare().close_deferred = v
+
+    @property
+    def deferred_gen_event(self) -> bool:
+        return self.rare is not None and self.rare.deferred_gen_event
+
+    @deferred_gen_event.setter
+    def deferred_gen_event(self, v: bool) -> None:
+        if v or self.rare is not None:
+            self._rare().deferred_gen_event = v
+
+    @property
+    def expire2_at(self) -> float | None:
+        return None if self.rare is None else self.rare.expire2_at
+
+    @expire2_at.setter
+    def expire2_at(self, v: float | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().expire2_at = v
+
+    @property
+    def close_at(self) -> float | None:
+        return None if self.rare is None else self.rare.close_at
+
+    @close_at.setter
+    def close_at(self, v: float | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().close_at = v
+
+    @property
+    def extra(self) -> list[Timer] | None:
+        return None if self.rare is None else self.rare.extra
+
+    @extra.setter
+    def extra(self, v: list[Timer] | None) -> None:
+        if v is not None or self.rare is not None:
+            self._rare().extra = v
+
+    # The tracker's, not copies: four slots less per connection.
+    @property
+    def tracker(self) -> ConnTracker:
+        return self.conn.tracker
+
     @property
     def settings(self) -> EngineSettings:
-        return self.tracker.settings
+        return self.conn.tracker.settings
 
     @property
     def hooks(self) -> EngineHooks:
-        return self.tracker.hooks
+        return self.conn.tracker.hooks
 
     @property
     def want_stream(self) -> bool:
-        return self.tracker.want_stream
+        return self.conn.tracker.want_stream
 
     def make_endpoints(self) -> tuple[TCPEndpoint, TCPEndpoint]:
-        a = TCPEndpoint(0, self)
-        b = TCPEndpoint(1, self)
-        a.peer = b
-        b.peer = a
-        return (a, b)
+        return (TCPEndpoint(self), TCPEndpoint(self))
 
     def attach(self, conn: Connection) -> None:
         """Called once the connection exists: Zeek's adapter-creation ExpireTimer."""
@@ -243,9 +359,14 @@ class TCPAnalyzer:
     def next_due(self) -> float | None:
         """Earliest pending slot timer."""
         best = self.expire_at
-        for when in (self.attempt_at, self.expire2_at, self.close_at):
-            if when is not None and (best is None or when < best):
-                best = when
+        when = self.attempt_at
+        if when is not None and (best is None or when < best):
+            best = when
+        rare = self.rare
+        if rare is not None:
+            for when in (rare.expire2_at, rare.close_at):
+                if when is not None and (best is None or when < best):
+                    best = when
         return best
 
     def run_due(self, due: float, now: float) -> None:
@@ -390,7 +511,7 @@ class TCPAnalyzer:
         return True
 
     def bad_checksum(self, conn: Connection, side: int) -> None:
-        conn.sides[side].checksum_error(conn)
+        conn.endpoint(side).checksum_error(conn)
 
     def process(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
         t = pkt.ts
@@ -401,8 +522,8 @@ class TCPAnalyzer:
         f_ack = flags & ACK
         base_seq = pkt.seq
         ack_seq = pkt.ack
-        endpoint: TCPEndpoint = conn.sides[side]
-        peer = endpoint.peer
+        endpoint: TCPEndpoint = conn.side1 if side else conn.side0
+        peer = conn.side0 if side else conn.side1
         length = pkt.payload_len
 
         # SetPartialStatus (a no-op once both directions were seen)
@@ -469,7 +590,7 @@ class TCPAnalyzer:
             # Fast path for the common A/D letters: nothing to do once the letter was seen
             # (unless the history is exactly "H", which triggers the second-packet flip).
             mask = HIST_DATA_PKT if length else HIST_ACK_PKT
-            if endpoint.side != conn.orig_side:
+            if side != conn.orig_side:
                 mask <<= 16
             if not conn.hist_seen & mask or conn.history == "H":
                 self._update_history(conn, flags, endpoint, rel_seq, length)
@@ -485,14 +606,9 @@ class TCPAnalyzer:
         if f_fin:
             endpoint.FIN_cnt += 1
             endpoint.FIN_seq = (rel_seq + seg_len) & M64
-        if f_rst:
-            endpoint.RST_cnt += 1
 
         rel_ack = 0
         if f_ack:
-            if (is_orig and not self.seen_first_ACK
-                    and (endpoint.state == ESTABLISHED or endpoint.state == SYN_SENT)):
-                self.seen_first_ACK = True
             if peer.state == INACTIVE:
                 rel_ack = 1
                 v = (ack_seq - 1) & M32
@@ -520,7 +636,10 @@ class TCPAnalyzer:
                     elif delta_ack > 0:
                         if ack_seq < peer_ack:       # TCP_Endpoint::UpdateAckSeq
                             peer.ack_wraps += 1
-                        peer.ack_seq = ack_seq
+                        # Usually all the peer sent is acked: share its last_seq's int
+                        # object (32 B per endpoint) instead of keeping an equal one.
+                        peer_last = peer.last_seq
+                        peer.ack_seq = peer_last if ack_seq == peer_last else ack_seq
 
         # update_last_seq
         last_seq = endpoint.last_seq
@@ -571,7 +690,7 @@ class TCPAnalyzer:
                 reasm = endpoint.reasm
                 if reasm is None:
                     reasm = endpoint.reassembler()
-                if self.tracker.want_stream:
+                if conn.tracker.want_stream:
                     reasm.data_sent(rel_data_seq, bytes(payload[:length]))
                 else:
                     reasm.data_len_sent(rel_data_seq, length)  # only lengths matter

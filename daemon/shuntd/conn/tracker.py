@@ -167,7 +167,7 @@ class ConnTracker:
                 an.bad_checksum(conn, side)
                 return conn
             an.process(conn, pkt, side, is_orig)
-            ep = conn.sides[side]
+            ep = conn.side1 if side else conn.side0
             ep.num_pkts += 1
             ep.num_bytes_ip += pkt.ip_len
             if an.established_pending:
@@ -182,7 +182,7 @@ class ConnTracker:
             self._icmp(conn, pkt, side, is_orig)
         else:
             conn.last_time = pkt.ts
-            conn.sides[side].count(pkt.ip_len)
+            conn.endpoint(side).count(pkt.ip_len)
             self.hooks.packet(conn, pkt, is_orig)
         return conn
 
@@ -195,7 +195,7 @@ class ConnTracker:
         an.account(conn, side, is_orig, pkt.udp_len)
         self.hooks.udp_payload(conn, is_orig, pkt.payload)
         # ConnSize counts with the direction the packet had before any app-layer flip.
-        conn.sides[conn.orig_side if is_orig else conn.orig_side ^ 1].count(pkt.ip_len)
+        conn.endpoint(conn.orig_side if is_orig else conn.orig_side ^ 1).count(pkt.ip_len)
         self.hooks.packet(conn, pkt, side == conn.orig_side)
 
     def _icmp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
@@ -204,7 +204,7 @@ class ConnTracker:
         conn.last_time = pkt.ts
         ICMPAnalyzer.account(conn, side, pkt.l4_len)
         if 8 + len(pkt.payload) >= pkt.l4_len:
-            conn.sides[side].count(pkt.ip_len)
+            conn.endpoint(side).count(pkt.ip_len)
         self.hooks.packet(conn, pkt, is_orig)
 
     def _established(self, conn: Connection) -> None:
@@ -226,7 +226,7 @@ class ConnTracker:
         s = self.settings
         flip = False
         if proto == 6:
-            analyzer: object = TCPAnalyzer(self)
+            analyzer: object = TCPAnalyzer()
             flags = pkt.tcp_flags
             if not flags & SYN or flags & ACK:
                 likely = self._likely_tcp

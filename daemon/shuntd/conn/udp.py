@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shuntd.conn.connection import history_plus
 from shuntd.conn.size import SummedEndpoint
 
 if TYPE_CHECKING:
@@ -51,10 +52,10 @@ class UDPAnalyzer:
 
     def bad_checksum(self, conn: Connection, side: int) -> None:
         """`C`/`c`, logarithmic (role-bound counters)."""
-        ep = conn.sides[side]
+        ep = conn.endpoint(side)
         ep.chk_cnt += 1
         if ep.chk_cnt == ep.chk_thresh:
-            conn.history += "C" if side == conn.orig_side else "c"
+            conn.history = history_plus(conn.history, "C" if side == conn.orig_side else "c")
             if ep.chk_thresh < 0xFFFFFFFF // 10:
                 ep.chk_thresh *= 10
 
@@ -65,7 +66,7 @@ class UDPAnalyzer:
             conn.check_history(HIST_ORIG_DATA_PKT, "D")
         else:
             conn.check_history(HIST_RESP_DATA_PKT, "d")
-        conn.sides[side].add(udp_len - 8)
+        conn.endpoint(side).add(udp_len - 8)
 
     @staticmethod
     def conn_state(conn: Connection) -> str:
