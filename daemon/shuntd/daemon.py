@@ -241,21 +241,25 @@ class LogOut:
         if self.tunnel_log is not None:
             self.tunnel_log.write(row)
 
+    def writers(self) -> list[Any]:
+        return [w for w in (self.conn_log, self.shunt_log, self.long_log, self.tunnel_log)
+                if w is not None]
+
     def tick(self) -> None:
         """Disk full: retry held records (once a second at most, logs/zeek.py)."""
-        self.conn_log.tick()
-        self.shunt_log.tick()
+        for w in self.writers():
+            w.tick()
 
     def reopen(self) -> None:
         """SIGHUP: let logrotate's moved files go; the next record of each log opens it anew."""
-        for w in (self.conn_log, self.shunt_log, self.long_log, self.tunnel_log):
-            if w is not None and not w.reopen():
+        for w in self.writers():
+            if not w.reopen():
                 log.warning("%s: not reopened while the disk is full", w.path)
 
     def close(self) -> bool:
         """Close the logs, giving a full disk a few more seconds; False if records were lost."""
         ok = True
-        for w in (self.conn_log, self.shunt_log):
+        for w in self.writers():
             w.close(retry_seconds=LOG_CLOSE_RETRY)
             ok = ok and not w.unwritten
         return ok
@@ -495,7 +499,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     from shuntd.datapath.errors import DatapathError
     from shuntd.datapath.loader import open_datapath
     from shuntd.events import EVENTS, HOOKS
-    from shuntd.logs.zeek import LogSchema, LogSpaceError, open_log, set_aside
+    from shuntd.logs.zeek import LogSchema, open_log, set_aside
     from shuntd.metrics import Metrics, MetricSources, capture_sources, datapath_sources
     from shuntd.policyfile import load_all
     from shuntd.shunting import SHUNT_LOG_FIELDS, ShuntManager
@@ -511,8 +515,10 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
     shunt_log = open_log(str(log_dir), LogSchema("shunt", SHUNT_LOG_FIELDS),
                          fmt=args.log_format, hold_max=args.log_hold_max)
     long_log = None if args.no_conn_long else open_log(
-        str(log_dir), LogSchema("conn_long", CONN_FIELDS), fmt=args.log_format)
-    tunnel_log = open_log(str(log_dir), LogSchema("tunnel", TUNNEL_FIELDS), fmt=args.log_format)
+        str(log_dir), LogSchema("conn_long", CONN_FIELDS), fmt=args.log_format,
+        hold_max=args.log_hold_max)
+    tunnel_log = open_log(str(log_dir), LogSchema("tunnel", TUNNEL_FIELDS), fmt=args.log_format,
+                          hold_max=args.log_hold_max)
     workers = getattr(args, "workers", 1) or 1
     try:
         try:
@@ -531,7 +537,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                            connections_active=lambda: live.connections(),
                            connections_evicted=lambda: live.evicted(),
                            log_state=lambda: {w.schema.path: (w.held_records, w.write_errors)
-                                              for w in (conn_log, shunt_log)},
+                                              for w in out.writers()},
                            workers=(lambda: live.workers()) if workers > 1 else None)
             metrics = Metrics(MetricSources(**sources), interface=args.iface,
                               xdp_mode=dp.mode.name.lower())
@@ -559,8 +565,9 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             if not out.close() and rc == 0:
                 rc = EXIT_FAILED  # disk full: records were not written (named in the log)
             return rc
-        except LogSpaceError:
-            # Disk full: keep the pinned maps, so the next start logs what is still shunted as
+        except BaseException:
+            # Disk full past the bound, or anything unforeseen: the open connections were not
+            # logged, so keep the pinned maps; the next start logs what is still shunted as
             # `orphaned` (as after a crash) instead of those counters being deleted here.
             keep_pins = True
             raise
@@ -631,7 +638,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
 
         _sd_notify("STOPPING=1")
         log.info("stopping: logging %d open connections", len(tracker.conns))
-        engine.apply(dp.ring.poll(0))
+        engine.apply(ring_events())
         engine.finish()
         return 0 if failed is None else EXIT_FAILED
     finally:

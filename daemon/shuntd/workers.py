@@ -200,28 +200,44 @@ def _worker_main(index: int, args: argparse.Namespace, settings: Any, dp: Any, r
     key_type = dp.prog.FlowKey
     next_status = 0.0
     stopping = False
+    closed = False
+    control: list[Any] = []   # reload/stop messages met while reading events
+
+    def read_events() -> list[Any]:
+        """Drain the parent's messages now: ring events are returned (the engine schedules
+        them before packets captured after them), the rest kept for the loop."""
+        nonlocal closed
+        msgs, gone = _recv_ready(sock, buf)
+        closed = closed or gone
+        evs: list[Any] = []
+        for msg in msgs:
+            if msg[0] == "events":
+                evs += [dataclasses.replace(ev, key=key_type.from_buffer_copy(ev.key_bytes))
+                        for ev in msg[1]]
+            else:
+                control.append(msg)
+        return evs
+
     while not stopping:
         n = 0
         if ring is not None:
             try:
-                n = engine.capture(ring)
+                n = engine.capture(ring, read_events=read_events)
             except CaptureError as exc:
                 log.info("capture stopped: %s", exc)
                 out.send(("failed", str(exc)))
                 ring = None
         else:
             select.select([sock], [], [], 0.02)
-        msgs, closed = _recv_ready(sock, buf)
+        engine.apply(read_events())
         if closed:
             return EXIT_FAILED  # the parent is gone: nobody to log to
-        for msg in msgs:
-            if msg[0] == "events":
-                engine.apply([dataclasses.replace(ev, key=key_type.from_buffer_copy(ev.key_bytes))
-                              for ev in msg[1]])
-            elif msg[0] == "reload":
+        for msg in control:
+            if msg[0] == "reload":
                 engine.reload()
             elif msg[0] == "stop":
                 stopping = True
+        control.clear()
         engine.tick(n)
         now = time.monotonic()
         if now >= next_status:

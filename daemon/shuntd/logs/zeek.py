@@ -366,9 +366,14 @@ class LogWriter:
             return True
         if self.full:
             return False
+        close_line = f"#close{SEPARATOR}{time.strftime(OPEN_CLOSE_FORMAT)}\n"
         if self.fmt == "tsv":
-            self._pending.append(f"#close{SEPARATOR}{time.strftime(OPEN_CLOSE_FORMAT)}\n")
+            self._pending.append(close_line)
         if not self.flush():
+            # The disk filled up just now: take the `#close` back (records follow it here).
+            encoded = close_line.encode()
+            if self._held.endswith(encoded):
+                del self._held[-len(encoded):]
             return False
         os.close(self._fd)
         self._fd = None
