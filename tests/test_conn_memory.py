@@ -43,3 +43,17 @@ def test_removed_connections_leave_no_pending_timer(tmp_path):
     pending = [timer for timer in tracker.timers.heap if not timer.cancelled]
     assert pending == [], f"{len(pending)} timers still hold removed connections"
     events.close()
+
+
+def test_no_heap_entry_references_a_removed_connection(tmp_path):
+    """Cancelled heap entries stay until compaction; they must not pin their connection (and
+    its buffers) meanwhile: evictions by the connection bound cancel one per connection."""
+    args = build_parser().parse_args(["-r", "x", "--log-dir", str(tmp_path),
+                                      "--max-connections", "100"])
+    logged = []
+    tracker = ConnTracker(settings_from_args(args), sink=lambda conn, row: logged.append(conn))
+    for i in range(500):
+        tracker.process(decode(_udp_frame(20000 + i), 1, 1_000_000.0 + i * 0.01, 47, False))
+    assert len(logged) >= 400  # evicted, logged
+    held = [e for e in tracker.timers.heap if any(getattr(x, "removed", False) for x in e)]
+    assert held == [], f"{len(held)} heap entries still hold removed connections"

@@ -462,3 +462,21 @@ def test_tunnel_log_expires_idle_ip_tunnels(tmp_path: Path) -> None:
     assert actions == [(0.0, "Tunnel::IP", "Tunnel::DISCOVER"),
                        (3611.0, "Tunnel::IP", "Tunnel::EXPIRE"),
                        (3611.0, "Tunnel::IP", "Tunnel::DISCOVER")]
+
+
+def test_unwritable_tunnel_log_costs_no_conn_record(tmp_path: Path, capsys):
+    """tunnel.log that cannot be written (here: a directory in its place) is reported and the
+    exit status says so, but every conn.log record is still written."""
+    trace = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "zeek" / \
+        "stretch" / "tunnels.vxlan" / "trace.pcap"
+    if not trace.is_file():
+        pytest.skip("../shared/corpus is absent")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    (bad / "tunnel.log" / "d").mkdir(parents=True)
+    assert cli.main(["-r", str(trace), "--log-dir", str(good), "--no-conn-long"]) == 0
+    assert cli.main(["-r", str(trace), "--log-dir", str(bad), "--no-conn-long"]) == 1
+    assert "tunnel.log records not written" in capsys.readouterr().err
+
+    def rows(d: Path) -> list[str]:
+        return [x for x in (d / "conn.log").read_text().splitlines() if not x.startswith("#")]
+    assert len(rows(bad)) == len(rows(good)) == 5

@@ -220,6 +220,11 @@ def run_offline(args: argparse.Namespace) -> int:
         print(f"shuntd: disk full: {writer.unwritten} of {writer.records} records not written "
               f"to {writer.path}", file=sys.stderr)
         return 1
+    lost = tracker.tunnels.log_errors + tunnel_log.unwritten
+    if lost:
+        print(f"shuntd: {lost} tunnel.log records not written (conn.log is complete)",
+              file=sys.stderr)
+        return 1
     if result.error:
         print(f"shuntd: {result.error}", file=sys.stderr)
         return 1

@@ -41,6 +41,7 @@ class Timer(list):
 
     def cancel(self) -> None:
         self[_CALLBACK] = None
+        self[_ARG] = None  # a cancelled entry must not keep its connection alive in the heap
 
 
 class TimerManager:
@@ -60,6 +61,7 @@ class TimerManager:
         if timer[_CALLBACK] is None:
             return
         timer[_CALLBACK] = None
+        timer[_ARG] = None  # a cancelled entry must not keep its connection alive in the heap
         self._cancelled += 1
         heap = self.heap
         if self._cancelled > _COMPACT_MIN and self._cancelled * 8 > len(heap):

@@ -24,6 +24,7 @@ never enters this module.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from shuntd.conn.connection import Connection
     from shuntd.conn.tracker import ConnTracker
     from shuntd.packet import Packet
+
+log = logging.getLogger(__name__)
 
 MAX_DEPTH = 2                  # Tunnel::max_depth
 MAX_TUNNEL_CHANGES = 5         # tunnel_max_changes_per_connection
@@ -358,7 +361,7 @@ class Tunnels:
     """Decapsulates for one `ConnTracker` (which calls `ip` and `udp`)."""
 
     __slots__ = ("tracker", "depth", "ip_tunnels", "ignore_checksums", "delay_teredo",
-                 "delay_gtp", "write_log", "stack", "active", "defrag")
+                 "delay_gtp", "write_log", "log_errors", "stack", "active", "defrag")
 
     def __init__(self, tracker: ConnTracker) -> None:
         self.tracker = tracker
@@ -368,6 +371,7 @@ class Tunnels:
         # tunnel.log: set `write_log` to get rows; `stack` is the encapsulation chain of the
         # packet being processed, `active` Tunnel::active (id -> [uid, type, last read]).
         self.write_log: Callable[[tuple], None] | None = None
+        self.log_errors = 0   # tunnel.log rows that could not be written
         self.stack: list[tuple[str, tuple, str]] = []
         self.active: dict[tuple, list] = {}
         self.defrag: Defragmenter | None = None   # made by the first inner fragment
@@ -397,7 +401,8 @@ class Tunnels:
         self.stack.append(enc)
         try:
             conn = self.tracker.process(inner)
-            if conn is not None and self._encapsulation(conn, enc[0]) and self.write_log:
+            if (conn is not None and not conn.removed  # (evicted while it was made)
+                    and self._encapsulation(conn, enc[0]) and self.write_log):
                 self._register_all()
         finally:
             self.depth -= 1
@@ -461,8 +466,13 @@ class Tunnels:
 
     def _log(self, ts: float, uid: str, cid: tuple, ttype: str, action: str) -> None:
         if self.write_log is not None:
-            self.write_log((ts, uid, addr_text(cid[0]), cid[1], addr_text(cid[2]), cid[3],
-                            ttype, action))
+            row = (ts, uid, addr_text(cid[0]), cid[1], addr_text(cid[2]), cid[3], ttype, action)
+            try:
+                self.write_log(row)
+            except OSError as exc:  # tunnel.log unwritable: conn.log must not suffer for it
+                self.log_errors += 1
+                if self.log_errors == 1:
+                    log.error("tunnel.log: %s; further tunnel.log errors are counted", exc)
 
     def _ip_tunnel(self, pkt: Packet) -> tuple[str, tuple, str]:
         """The IP pair's tunnel (uid, tunnel.log id, type), made by its first packet."""
@@ -508,7 +518,7 @@ class Tunnels:
 
     def udp(self, conn: Connection, pkt: Packet, is_orig: bool) -> None:
         """After the UDP analyzer: forward by responder port, else detect Teredo/AYIYA."""
-        if pkt.checksum_ok is False and not self.ignore_checksums:
+        if conn.removed or (pkt.checksum_ok is False and not self.ignore_checksums):
             return
         data = pkt.payload
         name = UDP_TUNNEL_PORTS.get(conn.resp_p)
