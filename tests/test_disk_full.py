@@ -226,3 +226,34 @@ def test_live_daemon_stops_loudly_when_the_hold_bound_is_passed(lab, tmp_path: P
            (orphan["id.resp_h"]): (int(orphan["resp_shunted_pkts"]),
                                    int(orphan["resp_shunted_bytes"]))}
     assert got == sent
+
+
+def test_a_log_that_cannot_be_created_holds_its_records(tmp_path: Path):
+    """No room for the file itself (here: no free inode, as after logrotate on a full disk):
+    the records are held and retried, not raised; the file appears, header first, once there
+    is room."""
+    mnt = tmp_path / "noinode"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=3,mode=0755", "tmpfs",
+                    str(mnt)], check=True)
+    try:
+        fillers = []
+        with contextlib.suppress(OSError):
+            for i in range(10):
+                (mnt / f"f{i}").touch()
+                fillers.append(mnt / f"f{i}")
+        w = LogWriter(mnt, SCHEMA)
+        for i in range(5):
+            w.write((1.0 + i, f"rec {i}"))   # must not raise
+        assert not w.path.exists() and w.full and w.held_records == 5
+        fillers[-1].unlink()
+        time.sleep(1.1)
+        w.tick()
+        assert not w.full and w.held_records == 0
+        lines = w.path.read_text().splitlines()
+        assert lines[0].startswith("#separator")
+        assert data_lines(w.path) == [f"{1.0 + i:.6f}\trec {i}" for i in range(5)]
+        w.close()
+        assert w.path.read_text().splitlines()[-1].startswith("#close")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -283,8 +283,8 @@ class LogWriter:
             line = self._render(values)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(self._bad_value(values, exc)) from None
-        if self._fd is None:
-            self._open()
+        if self._fd is None and not self.full:
+            self._try_open()
         self._pending.append(line)
         self._pending_bytes += len(line)
         self.records += 1
@@ -296,7 +296,8 @@ class LogWriter:
     def flush(self) -> bool:
         """Write what is pending; False if the disk is full (the lines stay held)."""
         if self._fd is None:
-            return True
+            if not self._pending or not self._try_open():
+                return not self._pending
         if self._pending:
             data: bytes | bytearray = "".join(self._pending).encode("utf-8", "surrogateescape")
             self._pending.clear()
@@ -344,7 +345,7 @@ class LogWriter:
         if self._closed:
             return
         self._closed = True
-        if self._fd is None:
+        if self._fd is None and not self._pending:
             return
         if self.fmt == "tsv":
             self._pending.append(f"#close{SEPARATOR}{time.strftime(OPEN_CLOSE_FORMAT)}\n")
@@ -355,8 +356,9 @@ class LogWriter:
             self.unwritten = self.held_records
             log.error("%s: disk full: %d records could not be written", self.path,
                       self.unwritten)
-        os.close(self._fd)
-        self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def reopen(self) -> bool:
         """Close the file (with `#close`) so the next record opens `path` again: after
@@ -429,7 +431,25 @@ class LogWriter:
         self._fd = os.open(self.path, flags, 0o644)
         self._size = os.fstat(self._fd).st_size
         if self.fmt == "tsv":
-            self._pending.append(self.header())
+            self._pending.insert(0, self.header())  # before records held while it could not open
+
+    def _try_open(self) -> bool:
+        """Open the file; on a full disk (no room for the file itself: blocks, inodes, quota)
+        hold the records as a failed write does, and retry later."""
+        try:
+            self._open()
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            self._last_try = time.monotonic()
+            self.write_errors += 1
+            if not self.full:
+                self.full = True
+                self._full_since = self._last_try
+                log.error("%s: cannot create: %s: holding records in memory (up to %d bytes), "
+                          "retrying every second", self.path, exc.strerror, self.hold_max)
+            return False
+        return True
 
     def header(self, open_time: float | None = None) -> str:
         """The header lines exactly as Zeek writes them."""
