@@ -571,11 +571,8 @@ class Tunnels:
             if at is None or inner_ip_exact(data, at) != 0:
                 ext["tunnel"] = state | _VIOLATED[name]
                 return
-            state |= _GTP_ORIG if is_orig else _GTP_RESP
-            ext["tunnel"] = state
-            both = _GTP_ORIG | _GTP_RESP
-            if not self.delay_gtp or state & both == both:
-                _confirm(conn, name)
+            _confirm_both_sides(conn, name, ext, state, is_orig, _GTP_ORIG, _GTP_RESP,
+                                self.delay_gtp)
             self._inner(data[at:], LINKTYPE_RAW, pkt, enc)
         elif name == TEREDO:
             at = parse_teredo(data)
@@ -592,11 +589,8 @@ class Tunnels:
             elif fit != 0 or data[at] >> 4 != 6:
                 ext["tunnel"] = state | _VIOLATED[name]
                 return
-            state |= _TEREDO_ORIG if is_orig else _TEREDO_RESP
-            ext["tunnel"] = state
-            both = _TEREDO_ORIG | _TEREDO_RESP
-            if not self.delay_teredo or state & both == both:
-                _confirm(conn, name)
+            _confirm_both_sides(conn, name, ext, state, is_orig, _TEREDO_ORIG, _TEREDO_RESP,
+                                self.delay_teredo)
             self._inner(data[at:], LINKTYPE_RAW, pkt, enc)
         else:  # AYIYA
             ay = parse_ayiya(data)
@@ -609,6 +603,16 @@ class Tunnels:
             _confirm(conn, name)
             if (next_header == IPPROTO_IPIP or next_header == IPPROTO_IPV6) and len(data) > at:
                 self._inner(data[at:], LINKTYPE_RAW, pkt, enc)
+
+
+def _confirm_both_sides(conn: Connection, name: str, ext: dict, state: int, is_orig: bool,
+                        orig_bit: int, resp_bit: int, delay: bool) -> None:
+    """Record this direction's valid header; confirm once both directions sent one (Zeek's
+    Tunnel::delay_teredo_confirmation / delay_gtp_confirmation), or at once without `delay`."""
+    state |= orig_bit if is_orig else resp_bit
+    ext["tunnel"] = state
+    if not delay or state & (orig_bit | resp_bit) == orig_bit | resp_bit:
+        _confirm(conn, name)
 
 
 def _confirm(conn: Connection, name: str) -> None:
