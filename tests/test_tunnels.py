@@ -480,3 +480,62 @@ def test_unwritable_tunnel_log_costs_no_conn_record(tmp_path: Path, capsys):
     def rows(d: Path) -> list[str]:
         return [x for x in (d / "conn.log").read_text().splitlines() if not x.startswith("#")]
     assert len(rows(bad)) == len(rows(good)) == 5
+
+
+# ---- encapsulation seen before events; the whole stack compared -------------------------
+
+def test_policy_new_connection_sees_tunnel_parents(tmp_path: Path) -> None:
+    # A policy file, loaded as the daemon loads it, records what new_connection shows it:
+    # the inner connection already carries its tunnel parent (Zeek: c$tunnel is set when
+    # new_connection is raised), and the outer VXLAN connection carries none.
+    from shuntd import policyfile
+    from shuntd.events import EVENTS, EventDispatcher
+
+    policy = tmp_path / "seen.py"
+    policy.write_text("SEEN = []\n\n"
+                      "def new_connection(conn):\n"
+                      "    SEEN.append((conn.orig_h, conn.uid, set(conn.tunnel_parents or ())))\n")
+    policy.chmod(0o644)
+    loaded = policyfile.load(str(policy), EVENTS)
+    hooks = EventDispatcher()
+    hooks.add_handlers(loaded.handlers)
+    tracker = ConnTracker(EngineSettings(), hooks=hooks)
+    frame = bytes(_udp_outer(38071, 4789) / VXLAN(vni=10) / _eth() / _inner_echo(1))
+    tracker.process(decode(frame, LINKTYPE_ETHERNET, T0, len(frame)))
+    seen = loaded.module.SEEN
+    assert [s[0] for s in seen] == [_ip4(OUT_A), _ip4(IN_A)]   # outer first, then inner
+    (_o, outer_uid, outer_parents), (_i, _u, inner_parents) = seen
+    assert outer_parents == set() and inner_parents == {outer_uid}
+
+
+def _ip4(text: str) -> bytes:
+    import socket
+    return socket.inet_aton(text)
+
+
+def test_tunnel_changed_compares_the_whole_stack() -> None:
+    # 4in4 carrying VXLAN carrying ICMP. The outer IP pair alternates between two tunnels
+    # while the VXLAN connection (the innermost encapsulation) stays the same: Zeek compares
+    # the whole EncapsulationStack, so every packet is a tunnel change of the inner ICMP
+    # connection (5 reported, then 'X'), though its tunnel_parents stays the one VXLAN uid.
+    frames = []
+    for i in range(8):
+        outer_dst = OUT_B if i % 2 == 0 else "192.0.2.3"
+        frames.append(bytes(_eth() / IP(src=OUT_A, dst=outer_dst)
+                            / IP(src="198.51.100.1", dst="198.51.100.2")
+                            / UDP(sport=38071, dport=4789) / VXLAN(vni=1) / _eth()
+                            / _inner_echo(i)))
+    rows = _run(frames)
+    vxlan = _row(rows, "198.51.100.1", "198.51.100.2")
+    inner = _row(rows, IN_A, IN_B)
+    assert vxlan["service"] == "vxlan" and vxlan["orig_pkts"] == 8
+    assert len(vxlan["tunnel_parents"]) == 2          # both IP tunnels (innermost for it)
+    assert inner["tunnel_parents"] == {vxlan["uid"]}
+    assert inner["history"] == "X" and inner["orig_pkts"] == 8
+    # The same 8 packets through one outer pair: no change at all.
+    steady = [bytes(_eth() / IP(src=OUT_A, dst=OUT_B) / IP(src="198.51.100.1",
+                                                         dst="198.51.100.2")
+                    / UDP(sport=38071, dport=4789) / VXLAN(vni=1) / _eth() / _inner_echo(i))
+              for i in range(8)]
+    rows = _run(steady)
+    assert _row(rows, IN_A, IN_B)["history"] is None

@@ -58,10 +58,10 @@ M32 = 0xFFFFFFFF
 TUNNEL_SERVICES = frozenset({"vxlan", "geneve", "gtpv1", "teredo", "ayiya"})
 
 
-def _tunnel_refusal(conn: Any, in_tunnel: bool) -> str | None:
-    """Why `conn` must not be shunted by flow (None: it may be). `in_tunnel`: the packet being
-    analysed came out of a tunnel (its connection gets tunnel_parents after its events)."""
-    if in_tunnel or conn.tunnel_parents:
+def _tunnel_refusal(conn: Any) -> str | None:
+    """Why `conn` must not be shunted by flow (None: it may be). A connection that came out
+    of a tunnel has tunnel_parents before any of its events (conn/tunnels.py `check`)."""
+    if conn.tunnel_parents:
         return "it is inside a tunnel, which XDP does not decapsulate"
     carried = TUNNEL_SERVICES.intersection(conn.service)
     if carried:
@@ -226,7 +226,7 @@ class ShuntManager:
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
         if st is not None and st.key is not None:
             return "exists"
-        why = _tunnel_refusal(conn, self.tracker.tunnels.depth > 0)
+        why = _tunnel_refusal(conn)
         if why is not None:
             if not self._tunnel_warned:
                 self._tunnel_warned = True

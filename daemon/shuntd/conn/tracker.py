@@ -155,6 +155,8 @@ class ConnTracker:
         elif proto == 6 and pkt.tcp_flags & SYN and conn.analyzer.is_reuse(pkt):
             self.remove(conn)
             conn = self._new_connection(pkt, key, side)
+        elif self.tunnels.depth:
+            self.tunnels.check(conn)  # tunnel_changed before the packet's events (Zeek)
 
         is_orig = side == conn.orig_side
         if proto == 6:
@@ -258,6 +260,8 @@ class ConnTracker:
             conn.flip_roles()
         analyzer.attach(conn)  # type: ignore[attr-defined]
         self.set_inactivity_timeout(conn, timeout)
+        if self.tunnels.depth:
+            self.tunnels.check(conn)  # tunnel_parents set before new_connection (Zeek)
         self.hooks.new_connection(conn)
         return conn
 

@@ -14,7 +14,9 @@ of encapsulating "connection":
 
 The inner packet is decoded by `shuntd.packet.decode` and fed back into the tracker; the
 connection it lands in gets the uid of the innermost encapsulation added to `tunnel_parents`
-(conn/main.zeek's `set_conn` plus `tunnel_changed`: the union over all encapsulations seen).
+(conn/main.zeek's `set_conn` plus `tunnel_changed`: the union over all encapsulations seen)
+before any event is raised for the packet (`Tunnels.check`), so new_connection handlers and
+the shunting layer already see it.
 At most `MAX_DEPTH` (Tunnel::max_depth) encapsulations are undone, as in Zeek. Inner IP
 fragments are reassembled by a Defragmenter of their own.
 
@@ -80,7 +82,7 @@ IPPROTO_GRE = 47
 _IPPROTO_NONE = 59
 
 # Per-connection tunnel state bits, kept in conn.ext["tunnel"] (outer connections); inner
-# connections keep [current parent uid, changes] in conn.ext["encap"].
+# connections keep [current encapsulation stack (tuple of uids), changes] in conn.ext["encap"].
 _VIOLATED = {VXLAN: 0x01, GENEVE: 0x02, GTPV1: 0x04, TEREDO: 0x08, AYIYA: 0x10}
 _TEREDO_ORIG = 0x100
 _TEREDO_RESP = 0x200
@@ -400,40 +402,47 @@ class Tunnels:
         self.depth += 1
         self.stack.append(enc)
         try:
-            conn = self.tracker.process(inner)
-            if (conn is not None and not conn.removed  # (evicted while it was made)
-                    and self._encapsulation(conn, enc[0]) and self.write_log):
-                self._register_all()
+            # The tracker calls `check` for the inner packet's connection before it raises
+            # any event for it (new_connection included), as Zeek's IP analyzer does.
+            return self.tracker.process(inner)
         finally:
             self.depth -= 1
             self.stack.pop()
-        return conn
 
-    def _encapsulation(self, conn: Connection, parent: str) -> bool:
-        """Connection::CheckEncapsulation + conn/main.zeek: the first tunnel and every change
-        (tunnel_changed, at most MAX_TUNNEL_CHANGES of them) add the innermost uid to
-        tunnel_parents; a change past the limit adds no parent but marks history 'X'.
-        True when Zeek would raise new_connection/tunnel_changed with the encapsulation."""
+    def check(self, conn: Connection) -> None:
+        """Connection::CheckEncapsulation + conn/main.zeek, for a packet that came out of a
+        tunnel (`depth` > 0); the tracker calls it before the packet's events.
+
+        The encapsulation is the whole stack (EncapsulationStack ==): a change anywhere in
+        it, not only in the innermost tunnel, is a tunnel_changed. An encapsulation is
+        identified by its uid (a UDP tunnel's connection or an IP pair's tunnel, each with
+        one type), so the stack compares as the tuple of its uids. The first encapsulation
+        (new_connection) and every change (at most MAX_TUNNEL_CHANGES) add the innermost uid
+        to tunnel_parents; a change past the limit adds none and marks history 'X'. Each of
+        these registers the stack's tunnels in tunnel.log (Tunnel::register_all)."""
+        stack = tuple([e[0] for e in self.stack])
         ext = conn.ext
         if ext is None:
             conn.ext = ext = {}
         enc = ext.get("encap")
         if enc is None:
-            ext["encap"] = [parent, 0]
-        elif enc[0] == parent:
-            return False
+            ext["encap"] = [stack, 0]
+        elif enc[0] == stack:
+            return
         else:
-            enc[0] = parent
+            enc[0] = stack
             if enc[1] >= MAX_TUNNEL_CHANGES:
                 conn.mark_limit_reached()
-                return False
+                return
             enc[1] += 1
+        parent = stack[-1]
         parents = conn.tunnel_parents
         if parents is None:
             conn.tunnel_parents = {parent}
         else:
             parents.add(parent)
-        return True
+        if self.write_log is not None:
+            self._register_all()
 
     # ---- tunnel.log (Tunnel::register_all, close, expire) --------------------------------
     def _register_all(self) -> None:
