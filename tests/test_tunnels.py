@@ -539,3 +539,25 @@ def test_tunnel_changed_compares_the_whole_stack() -> None:
               for i in range(8)]
     rows = _run(steady)
     assert _row(rows, IN_A, IN_B)["history"] is None
+
+
+def test_gre_carrying_mpls_allocates_the_tunnel_uid_and_makes_no_row() -> None:
+    # Zeek (reference commit; zeek/zeek#5829): GRE type 0x8847 has no analyzer of its own,
+    # so IPTunnel takes it: the IP pair gets its tunnel uid, the label stack is handed on as
+    # raw IP and fails (unknown IP version). No row; that uid stays the pair's, so a later
+    # plain GRE packet of the pair (either direction) names it.
+    from scapy.contrib.mpls import MPLS
+
+    mpls = bytes(_eth() / IP(src=OUT_A, dst=OUT_B) / GRE(proto=0x8847)
+                 / MPLS(label=100, s=1, ttl=64) / _inner_udp())
+    gre_ip = bytes(_eth() / IP(src=OUT_B, dst=OUT_A) / GRE(proto=0x0800) / _inner_udp())
+    rows: list[tuple] = []
+    tracker = ConnTracker(EngineSettings(), sink=lambda _c, r: rows.append(r))
+    tracker.process(decode(mpls, LINKTYPE_ETHERNET, T0, len(mpls)))
+    assert tracker.stats.connections == 0
+    ((tunnel_uid, *_rest),) = tracker.tunnels.ip_tunnels.values()
+    tracker.process(decode(gre_ip, LINKTYPE_ETHERNET, T0 + 1, len(gre_ip)))
+    tracker.finish()
+    (row,) = [dict(zip(NAMES, r, strict=True)) for r in rows]
+    assert row["id.orig_h"] == IN_A and row["tunnel_parents"] == {tunnel_uid}
+    assert _run([mpls, mpls]) == []

@@ -337,7 +337,12 @@ def parse_gre(p: memoryview) -> tuple[int, int, bool] | None:
                 return None
             link = LINKTYPE_IEEE802_11        # Aruba: 802.11 frames inside GRE
         else:
-            return None                       # MPLS and others: not decoded here
+            # MPLS (0x8847) and every other type: Zeek's GRE analyzer forwards by the type,
+            # finds no analyzer registered for it (at the reference commit; zeek/zeek#5829)
+            # and falls back to IPTunnel, which gives the IP pair its tunnel uid and hands
+            # the payload on as raw IP: an MPLS label stack then fails as an unknown IP
+            # version, so no connection is made, but the tunnel uid is allocated.
+            link = LINKTYPE_RAW
     elif version == 1:
         if ptype != 0x880B:
             return None
