@@ -561,3 +561,57 @@ def test_gre_carrying_mpls_allocates_the_tunnel_uid_and_makes_no_row() -> None:
     (row,) = [dict(zip(NAMES, r, strict=True)) for r in rows]
     assert row["id.orig_h"] == IN_A and row["tunnel_parents"] == {tunnel_uid}
     assert _run([mpls, mpls]) == []
+
+
+# ---- 802.11 A-MSDU at the link layer (IEEE802_11Analyzer: every subframe) ----------------
+
+def _amsdu_frame(subframe_llc: list[bytes]) -> bytes:
+    """A QoS data frame (to DS) whose A-MSDU holds these LLC payloads, padded by Zeek's rule
+    (`len % 4` bytes after every subframe but the last)."""
+    from scapy.layers.dot11 import Dot11, Dot11QoS
+    body = b""
+    for i, llc in enumerate(subframe_llc):
+        body += b"\x02" * 12 + struct.pack("!H", len(llc)) + llc
+        if i < len(subframe_llc) - 1:
+            body += b"\x00" * (len(llc) % 4)
+    return bytes(Dot11(type=2, subtype=8, FCfield=0x01) / Dot11QoS(A_MSDU_Present=1)) + body
+
+
+def _llc_ip(payload: bytes, sport: int = 40000) -> bytes:
+    ip = bytes(IP(src=IN_A, dst=IN_B) / UDP(sport=sport, dport=40001) / Raw(payload))
+    return b"\xaa\xaa\x03\x00\x00\x00\x08\x00" + ip
+
+
+def _run_link(frames: list[bytes], linktype: int) -> tuple[list[dict], ConnTracker]:
+    rows: list[tuple] = []
+    tracker = ConnTracker(EngineSettings(), sink=lambda _c, r: rows.append(r))
+    for i, frame in enumerate(frames):
+        pkt = decode(frame, linktype, T0 + i, len(frame))
+        assert pkt is not None
+        tracker.process(pkt)
+    tracker.finish()
+    return [dict(zip(NAMES, r, strict=True)) for r in rows], tracker
+
+
+def test_link_layer_80211_amsdu_gives_every_subframe() -> None:
+    from scapy.layers.dot11 import RadioTap
+    frame = _amsdu_frame([_llc_ip(b"a" * 9), _llc_ip(b"b" * 10), _llc_ip(b"c" * 11, 40002)])
+    for linktype, data in ((105, frame), (127, bytes(RadioTap()) + frame)):
+        rows, tracker = _run_link([data], linktype)
+        first = _row([r for r in rows if r["id.orig_p"] == 40000], IN_A, IN_B)
+        other = _row([r for r in rows if r["id.orig_p"] == 40002], IN_A, IN_B)
+        assert first["orig_pkts"] == 2 and first["orig_ip_bytes"] == (28 + 9) + (28 + 10)
+        assert other["orig_pkts"] == 1
+        assert first["tunnel_parents"] is None            # a link layer, not a tunnel
+        assert tracker.stats.packets == 3                  # three IP packets, one frame
+
+
+def test_link_layer_80211_amsdu_walk_stops_at_a_bad_subframe() -> None:
+    # Zeek stops at the first subframe its IP analyzer refuses (here an unknown IP version)
+    # and at a truncated one; what came before is analysed.
+    bad = b"\xaa\xaa\x03\x00\x00\x00\x08\x00" + b"\x70" + b"\x00" * 27
+    rows, _t = _run_link([_amsdu_frame([_llc_ip(b"a" * 9), bad, _llc_ip(b"c" * 11)])], 105)
+    assert len(rows) == 1 and rows[0]["orig_pkts"] == 1
+    cut = _amsdu_frame([_llc_ip(b"a" * 9), _llc_ip(b"b" * 10), _llc_ip(b"c" * 11)])[:-3]
+    rows, _t = _run_link([cut], 105)
+    assert len(rows) == 1 and rows[0]["orig_pkts"] == 2

@@ -9,7 +9,10 @@ Interface contract (shared by capture/, conn/ and tests; change only with all th
     decode(frame, linktype, ts, wire_len, ignore_checksums=False) -> Packet | None
 
 returns None for frames that carry no IP packet the engine can use (and sets no exception);
-callers count those. `DecodeError` is never raised out of `decode`.
+callers count those. `DecodeError` is never raised out of `decode`. One exception to "one
+IP packet per Packet": an 802.11 frame whose A-MSDU holds several IP packets (Zeek analyses
+each) decodes to a carrier Packet with `proto == PROTO_AMSDU` and the frame in `payload`;
+callers pass it to the tracker like any other, which processes every subframe.
 
 The drop rules follow Zeek's IP analyzer (spec zeek-conn.md §0.3): a frame is dropped when the
 IP header is not fully captured, the version is unknown, IPv4 `ip_len` is 0 (unless
@@ -63,6 +66,10 @@ IPPROTO_ICMPV6 = 58
 IPPROTO_NONE = 59
 IPPROTO_DSTOPTS = 60
 IPPROTO_MOBILITY = 135
+
+# Packet.proto of an 802.11 A-MSDU frame with several subframes (see _amsdu): not an IP
+# protocol; the tracker hands such a carrier to conn/tunnels.py.
+PROTO_AMSDU = -1
 
 # Fragment kinds in Packet.frag.
 FRAG_NONE = 0
@@ -202,20 +209,61 @@ def llc_snap_ip(mv: memoryview, off: int, end: int) -> int:
     return off + 8
 
 
-def _wlan(mv: memoryview, caplen: int, off: int) -> int:
-    """802.11 data frame -> offset of the IP header, or -1. Of an A-MSDU only the first
-    subframe is taken here (one Packet per frame; tunnels.py walks them all for Aruba GRE)."""
-    off, amsdu = wlan_header(mv, caplen, off)
-    if off < 0:
-        return -1
-    if amsdu:
-        if caplen - off < 14:
-            return -1
-        sub_len = (mv[off + 12] << 8) | mv[off + 13]
-        if caplen - off < sub_len + 14:
-            return -1
-        off += 14
-    return llc_snap_ip(mv, off, caplen)
+def amsdu_subframes(p: memoryview) -> list[memoryview]:
+    """The IP packets of an 802.11 data frame `p` carrying an A-MSDU, in order, as Zeek's
+    IEEE802_11 analyzer walks them (its padding rule, `len % 4`, kept): the walk ends at a
+    truncated subframe or one without LLC/SNAP + IPv4/IPv6. Frames without an A-MSDU give
+    their single IP packet."""
+    n = len(p)
+    at, amsdu = wlan_header(p, n, 0)
+    if at < 0:
+        return []
+    if not amsdu:
+        ip_at = llc_snap_ip(p, at, n)
+        return [p[ip_at:]] if ip_at >= 0 else []
+    out = []
+    while at < n:
+        if n - at < 14:
+            break
+        sub_len = (p[at + 12] << 8) | p[at + 13]
+        if n - at < sub_len + 14:
+            break
+        at += 14
+        ip_at = llc_snap_ip(p, at, at + sub_len)
+        if ip_at < 0:
+            break
+        out.append(p[ip_at:at + sub_len])
+        at += sub_len
+        pad = sub_len % 4
+        if n - at >= pad:
+            at += pad
+    return out
+
+
+def _amsdu(wlan: memoryview, ts: float, ignore_checksums: bool) -> Packet | None:
+    """A link-layer 802.11 frame with an A-MSDU: every subframe is an IP packet of its own
+    (Zeek's IEEE802_11 analyzer), each fully captured. One subframe is decoded here; several
+    make a carrier Packet (proto PROTO_AMSDU, payload = the 802.11 frame) that the tracker
+    hands to conn/tunnels.py, which decodes and processes the subframes in order."""
+    subs = amsdu_subframes(wlan)
+    if not subs:
+        return None
+    if len(subs) == 1:
+        return _decode(subs[0], LINKTYPE_RAW, ts, len(subs[0]), ignore_checksums)
+    pkt = _new_packet(Packet)
+    pkt.ts = ts
+    pkt.wire_len = pkt.cap_len = pkt.l4_len = pkt.payload_len = len(wlan)
+    pkt.vlan = pkt.inner_vlan = pkt.ip_len = pkt.ip_hdr_len = pkt.ttl = pkt.frag = 0
+    pkt.ip_version = 0
+    pkt.src = pkt.dst = b""
+    pkt.proto = PROTO_AMSDU
+    pkt.l4_ok = True
+    pkt.sport = pkt.dport = pkt.tcp_flags = pkt.seq = pkt.ack = pkt.window = 0
+    pkt.tcp_hdr_len = pkt.udp_len = 0
+    pkt.tcp_hdr_ok = False
+    pkt.payload = wlan
+    pkt.checksum_ok = None
+    return pkt
 
 
 def _link_layer(mv: memoryview, caplen: int, linktype: int) -> tuple[int, int, int] | None:
@@ -338,7 +386,12 @@ def _link_layer(mv: memoryview, caplen: int, linktype: int) -> tuple[int, int, i
             step = _FROM_VNTAG.get((mv[off + 4] << 8) | mv[off + 5])
             off += 6
         elif step == "wlan":
-            off = _wlan(mv, caplen, off)
+            at, amsdu = wlan_header(mv, caplen, off)
+            if at < 0:
+                return None
+            if amsdu:
+                return -1 - off, 0, 0     # an A-MSDU at `off`: _decode hands it to _amsdu
+            off = llc_snap_ip(mv, at, caplen)
             if off < 0:
                 return None
             step = "ip"
@@ -390,6 +443,8 @@ def _decode(
         if link is None:
             return None
         off, vlan, inner_vlan = link
+        if off < 0:
+            return _amsdu(mv[-1 - off:], ts, ignore_checksums)
         if off >= caplen:
             return None
 

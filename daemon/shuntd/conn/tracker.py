@@ -23,7 +23,7 @@ from shuntd.conn.timers import TimerManager
 from shuntd.conn.tunnels import Tunnels
 from shuntd.conn.udp import UDPAnalyzer
 from shuntd.conn.uid import UidGenerator
-from shuntd.packet import Packet
+from shuntd.packet import PROTO_AMSDU, Packet
 
 BROADCAST4 = b"\xff\xff\xff\xff"
 _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
@@ -145,6 +145,9 @@ class ConnTracker:
             key, side = make_key(proto, pkt.src, sp, pkt.dst, dp, one_way)
         elif proto == 4 or proto == 41 or proto == 47:
             self.tunnels.ip(pkt)  # IP-in-IP and GRE: the tunnel is not a connection (Zeek)
+            return None
+        elif proto == PROTO_AMSDU:
+            self.tunnels.amsdu(pkt)  # an 802.11 A-MSDU: each subframe is a packet (Zeek)
             return None
         else:
             key, side = make_key(proto, pkt.src, 0, pkt.dst, 0)

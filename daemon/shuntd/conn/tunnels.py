@@ -20,8 +20,9 @@ the shunting layer already see it.
 At most `MAX_DEPTH` (Tunnel::max_depth) encapsulations are undone, as in Zeek. Inner IP
 fragments are reassembled by a Defragmenter of their own.
 
-Everything here runs only for UDP packets and IP protocols 4, 41 and 47; a plain TCP packet
-never enters this module.
+Everything here runs only for UDP packets, IP protocols 4, 41 and 47, and 802.11 frames whose
+A-MSDU holds several IP packets (`amsdu`: link-layer subframes, no encapsulation); a plain TCP
+packet never enters this module.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ from shuntd.packet import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IEEE802_11,
     LINKTYPE_RAW,
+    amsdu_subframes,
     decode,
-    llc_snap_ip,
-    wlan_header,
 )
 
 if TYPE_CHECKING:
@@ -255,35 +255,6 @@ def parse_ayiya(p: memoryview) -> tuple[int, int] | None | bool:
     return (hdr, p[3])
 
 
-def amsdu_subframes(p: memoryview) -> list[memoryview]:
-    """The IP packets of an 802.11 data frame (Aruba GRE), every A-MSDU subframe included,
-    as Zeek's IEEE802_11 analyzer walks them (its padding rule, `len % 4`, kept)."""
-    n = len(p)
-    at, amsdu = wlan_header(p, n, 0)
-    if at < 0:
-        return []
-    if not amsdu:
-        ip_at = llc_snap_ip(p, at, n)
-        return [p[ip_at:]] if ip_at >= 0 else []
-    out = []
-    while at < n:
-        if n - at < 14:
-            break
-        sub_len = (p[at + 12] << 8) | p[at + 13]
-        if n - at < sub_len + 14:
-            break
-        at += 14
-        ip_at = llc_snap_ip(p, at, at + sub_len)
-        if ip_at < 0:
-            break
-        out.append(p[ip_at:at + sub_len])
-        at += sub_len
-        pad = sub_len % 4
-        if n - at >= pad:
-            at += pad
-    return out
-
-
 def _gre_header_len(flags: int) -> int:
     n = 4
     if flags & 0x8000:
@@ -387,32 +358,47 @@ class Tunnels:
         self.delay_teredo = s.delay_teredo_confirmation
         self.delay_gtp = s.delay_gtp_confirmation
 
-    def _inner(self, data: memoryview, link: int, outer: Packet, enc: tuple[str, tuple, str],
-               same_len: bool = False) -> Connection | None:
-        """Decode and process one inner frame inside tunnel `enc` (uid, id, type). The inner
-        wire length keeps the outer frame's truncation (build_inner_packet), except for IP
-        tunnels, whose inner packet Zeek builds with wire length = captured length."""
+    def _inner(self, data: memoryview, link: int, outer: Packet,
+               enc: tuple[str, tuple, str] | None, same_len: bool = False) -> bool:
+        """Decode and process one inner frame inside tunnel `enc` (uid, id, type; None: an
+        A-MSDU subframe at the link layer, no encapsulation). The inner wire length keeps the
+        outer frame's truncation (build_inner_packet), except for IP tunnels and A-MSDU
+        subframes, whose inner packet Zeek builds with wire length = captured length.
+        False when the frame does not decode (Zeek's IP analyzer fails on it)."""
         cap = len(data)
         wire = cap if same_len else outer.wire_len - (outer.cap_len - cap)
         inner = decode(data, link, outer.ts, wire, self.ignore_checksums)
         if inner is None:
-            return None
+            return False
         if inner.frag:                  # inner IP fragments are reassembled, as in Zeek
             if self.defrag is None:
                 self.defrag = Defragmenter(ignore_checksums=self.ignore_checksums,
                                            max_bytes=INNER_FRAG_BYTES)
             inner = self.defrag.add(inner)
             if inner is None:
-                return None
+                return True
+        if enc is None:
+            self.tracker.process(inner)
+            return True
         self.depth += 1
         self.stack.append(enc)
         try:
             # The tracker calls `check` for the inner packet's connection before it raises
             # any event for it (new_connection included), as Zeek's IP analyzer does.
-            return self.tracker.process(inner)
+            self.tracker.process(inner)
         finally:
             self.depth -= 1
             self.stack.pop()
+        return True
+
+    def amsdu(self, pkt: Packet) -> None:
+        """An 802.11 frame whose A-MSDU holds several IP packets (packet.py's carrier, at
+        the link layer): each subframe is a packet of its own, in order; the walk stops at
+        the first that does not decode (IEEE802_11Analyzer: invalid inner packet)."""
+        self.tracker.stats.packets -= 1     # the carrier itself is no IP packet
+        for sub in amsdu_subframes(pkt.payload):
+            if not self._inner(sub, LINKTYPE_RAW, pkt, None, True):
+                break
 
     def check(self, conn: Connection) -> None:
         """Connection::CheckEncapsulation + conn/main.zeek, for a packet that came out of a
@@ -525,8 +511,9 @@ class Tunnels:
             return
         enc = self._ip_tunnel(pkt)
         if link == LINKTYPE_IEEE802_11:
-            for sub in amsdu_subframes(data):
-                self._inner(sub, LINKTYPE_RAW, pkt, enc, True)
+            for sub in amsdu_subframes(data):   # Aruba: every A-MSDU subframe, in order
+                if not self._inner(sub, LINKTYPE_RAW, pkt, enc, True):
+                    break
             return
         self._inner(data, link, pkt, enc, True)
 
