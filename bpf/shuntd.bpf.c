@@ -43,6 +43,8 @@ BPF_RINGBUF_OUTPUT(events, SHUNTD_RING_PAGES);
 /* Never used by the program: it only makes bcc generate the ctypes type of the ring record
  * (event_layout.Leaf) from shuntd.h, so Python has no second copy of it. */
 BPF_ARRAY(event_layout, struct shunt_event, 1);
+/* Likewise for the frame of xdp_config_op. */
+BPF_ARRAY(config_op_layout, struct config_op, 1);
 
 /* Map time (shuntd.h): jiffies converted with the daemon's calibration; the coarse clock
  * until there is one. -DSHUNTD_CLOCK_COARSE / -DSHUNTD_CLOCK_FINE force
@@ -610,5 +612,61 @@ int xdp_clock_probe(struct xdp_md *ctx)
         s->jiffies = bpf_jiffies64();
         s->mono_ns = bpf_ktime_get_ns();
     }
+    return XDP_PASS;
+}
+
+/* The word of shunt_config holding flags and pairs_active (shuntd.h: 64-bit atomics only). */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define CFG_FLAGS_SHIFT 0
+/* pairs_active is the high half: add delta * 2^32 (a borrow leaves the word, not flags) */
+#define CFG_PAIRS_ADDEND(d) ((__u64)(__u32)(d) << 32)
+#else
+#define CFG_FLAGS_SHIFT 32
+/* pairs_active is the low half, kept >= -delta: the sign-extended add never borrows from
+ * or carries into flags */
+#define CFG_PAIRS_ADDEND(d) ((__u64)(__s64)(d))
+#endif
+
+/* Helper program, never attached: the only writer of `config` and `pair_filter` (shuntd.h,
+ * struct config_op). XDP_PASS when done, XDP_ABORTED for a short frame or an unknown op. */
+int xdp_config_op(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct config_op *op = data;
+    if ((void *)(op + 1) > data_end)
+        return XDP_ABORTED;
+    __u32 zero = 0;
+    struct shunt_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return XDP_ABORTED;
+    __u64 *word = (__u64 *)cfg;
+    if (op->op == SHUNT_CONFIG_OP_PAIRS) {
+        __s32 delta = op->delta;
+        __u32 slot = op->slot;
+        if (slot != SHUNT_NO_SLOT) {
+            __u32 *count = pair_filter.lookup(&slot);
+            if (!count)
+                return XDP_ABORTED;
+            /* Never below zero: a decrement only follows a counted insert, unless a crash
+             * came between an insert and its count (then the slot just stays "maybe"). */
+            if (delta >= 0 || *count >= (__u32)(-delta))
+                __sync_fetch_and_add(count, delta);
+        }
+        if (delta < 0 && cfg->pairs_active < (__u32)(-delta))
+            delta = -(__s32)cfg->pairs_active;
+        __sync_fetch_and_add(word, CFG_PAIRS_ADDEND(delta));
+    } else if (op->op == SHUNT_CONFIG_OP_FLAGS) {
+        if (op->flags_set)
+            __sync_fetch_and_or(word, (__u64)op->flags_set << CFG_FLAGS_SHIFT);
+        if (op->flags_clear)
+            __sync_fetch_and_and(word, ~((__u64)op->flags_clear << CFG_FLAGS_SHIFT));
+    } else if (op->op == SHUNT_CONFIG_OP_CLOCK) {
+        cfg->ns_per_jiffy = op->ns_per_jiffy;
+        cfg->clock_offset_ns = op->clock_offset_ns;
+    } else {
+        return XDP_ABORTED;
+    }
+    cfg->layout_version = SHUNTD_LAYOUT_VERSION;
     return XDP_PASS;
 }

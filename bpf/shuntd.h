@@ -200,6 +200,31 @@ struct shunt_config {
     __u64 clock_offset_ns; /* 0 = not calibrated: use bpf_ktime_get_coarse_ns() */
 };
 
+/* Every change to `config` and `pair_filter` goes through the helper program xdp_config_op,
+ * test-run (BPF_PROG_TEST_RUN) on a frame that holds one struct config_op. Several processes
+ * change these maps (the workers of --workers N add and remove IP pairs, the parent calibrates
+ * the clock, shuntctl sets pass-all), so user space never writes a whole entry back (a read-
+ * modify-write would lose a concurrent increment or restore a stale field): counters change by
+ * atomic adds, flag bits by atomic or/and, the clock fields (one writer) by plain stores of
+ * those fields only. flags and pairs_active share the first 8 bytes of shunt_config and are
+ * changed with 64-bit atomics on that word (the BPF target here has 64-bit atomic or/and only),
+ * never with 32-bit ones, so no two atomic sizes ever meet on the same bytes. */
+#define SHUNT_CONFIG_OP_PAIRS 1  /* pair_filter[slot] += delta (slot SHUNT_NO_SLOT: none);
+                                  * pairs_active += delta; neither goes below zero */
+#define SHUNT_CONFIG_OP_FLAGS 2  /* flags |= flags_set, then flags &= ~flags_clear */
+#define SHUNT_CONFIG_OP_CLOCK 3  /* ns_per_jiffy, clock_offset_ns = the op's */
+#define SHUNT_NO_SLOT 4294967295
+/* The frame of xdp_config_op. 32 bytes. */
+struct config_op {
+    __u32 op;              /* SHUNT_CONFIG_OP_* */
+    __u32 slot;            /* PAIRS: pair_filter slot, or SHUNT_NO_SLOT */
+    __s32 delta;           /* PAIRS: change of the counters */
+    __u32 flags_set;       /* FLAGS */
+    __u32 flags_clear;     /* FLAGS */
+    __u32 ns_per_jiffy;    /* CLOCK */
+    __u64 clock_offset_ns; /* CLOCK */
+};
+
 /* Map `stats` (PERCPU_ARRAY of __u64), indexed by this enum. Every packet counts in SEEN
  * and in exactly one of PASSED, DROPPED_FLOW, DROPPED_PAIR; the others are reasons/details. */
 enum shunt_stat {

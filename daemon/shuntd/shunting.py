@@ -211,7 +211,7 @@ class ShuntManager:
         # flow and pair keys the same way, so tagged traffic is shunted like untagged.
         prog = getattr(table, "prog", None)
         if prog is not None:
-            prog.write_config(flags=int(prog.read_config().flags) | CFG_IGNORE_VLANS)
+            prog.set_flags(CFG_IGNORE_VLANS)
 
     # -- policy Actions ------------------------------------------------------------------
     def shunt(self, conn: Any, trigger: str) -> str:

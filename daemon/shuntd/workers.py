@@ -7,7 +7,10 @@ How the work is split, and why so:
   sorted), so both directions of a connection reach the same worker. Each worker runs the
   single process's `Engine` on its ring: its own ConnTracker, policies and ShuntManager, so every
   connection and every shunt belongs to exactly one worker. The workers use the program's maps
-  through the inherited fds; each only touches the keys it inserted.
+  through the inherited fds; each only touches the keys it inserted. The maps all of them change,
+  `config` and `pair_filter` (IP-pair counts, flags; the parent's clock calibration), change
+  only through the kernel helper xdp_config_op, one atomic operation per field (program.py), so
+  no process owns them and concurrent updates are never lost or overwritten.
 * The BPF ring buffer has one consumer: the parent. It cannot tell which worker owns a flow (the
   kernel's hash is seeded at boot), so it sends every FIN/RST/lease event to every worker; a
   worker applies the events of its own shunts and connections and ignores the rest, as the

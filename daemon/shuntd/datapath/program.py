@@ -19,8 +19,12 @@ API used by the rest of the datapath (attach, pins, table, ring):
                                   call after every successful insert into / delete from
                                   ip_pairs: keeps config.pairs_active and pair_filter right
                                   (without it the program never looks at ip_pairs)
+    prog.set_flags(bits) / prog.clear_flags(bits)
     prog.read_config() / prog.write_config(flags=None, pairs_active=None, clock=None)
-                                  (None = keep the current value)
+                                  (None = keep the current value; absolute values)
+                                  config and pair_filter change only through the helper
+                                  program xdp_config_op, atomically per field, so processes
+                                  sharing the maps (workers, shuntctl) lose no update
     prog.calibrate_clock()        done by compile(); call it again every ~60 s (no sleep
                                   then) to absorb NTP slew: XDP reads cheap jiffies as map
                                   time (it falls back to the coarse clock until calibrated);
@@ -142,6 +146,10 @@ DEFAULT_PAIRS_MAX = HEADER["SHUNTD_PAIRS_MAX"]
 DEFAULT_RING_PAGES = HEADER["SHUNTD_RING_PAGES"]
 PAIR_FILTER_SLOTS = HEADER["SHUNTD_PAIR_FILTER_SLOTS"]
 PAIR_FILTER_MULT = HEADER["SHUNTD_PAIR_FILTER_MULT"]
+_OP_PAIRS = HEADER["SHUNT_CONFIG_OP_PAIRS"]
+_OP_FLAGS = HEADER["SHUNT_CONFIG_OP_FLAGS"]
+_OP_CLOCK = HEADER["SHUNT_CONFIG_OP_CLOCK"]
+_NO_SLOT = HEADER["SHUNT_NO_SLOT"]
 # Tick lengths of the kernel HZ values in use (100, 250, 300, 1000).
 _TICK_NS = (10_000_000, 4_000_000, 3_333_333, 1_000_000)
 _U64 = (1 << 64) - 1
@@ -313,7 +321,9 @@ class XdpProgram:
         self.PairKey = self.ip_pairs.Key
         self.ShuntConfig = self.config.Leaf
         self.ShuntEvent = bpf[b"event_layout"].Leaf
+        self.ConfigOp = bpf[b"config_op_layout"].Leaf
         self.pair_filter = bpf[b"pair_filter"]
+        self._config_op_fd: int | None = None
         self._check_layout()
 
     # -- construction ------------------------------------------------------------------------
@@ -378,7 +388,7 @@ class XdpProgram:
     def _check_layout(self) -> None:
         sizes = {"flow_key": (self.FlowKey, 44), "pair_key": (self.PairKey, 36),
                  "flow_value": (self.FlowValue, 96), "shunt_event": (self.ShuntEvent, 88),
-                 "shunt_config": (self.ShuntConfig, 24)}
+                 "shunt_config": (self.ShuntConfig, 24), "config_op": (self.ConfigOp, 32)}
         for name, (cls, size) in sizes.items():
             if ctypes.sizeof(cls) != size:
                 raise CompileError(f"struct {name} is {ctypes.sizeof(cls)} bytes, expected "
@@ -471,18 +481,47 @@ class XdpProgram:
     def read_config(self) -> Any:
         return self.config[ctypes.c_int(0)]
 
+    # `config` and `pair_filter` are written only through xdp_config_op (shuntd.h): several
+    # processes share them (--workers N: every worker adds and removes IP pairs, the parent
+    # calibrates the clock; shuntctl sets pass-all), and writing a whole entry back from user
+    # space would lose a concurrent increment or restore a stale field. The kernel applies each
+    # change as an atomic operation on the field it concerns, so no process has to own them.
+
+    def _config_op(self, op: int, slot: int = _NO_SLOT, delta: int = 0, flags_set: int = 0,
+                   flags_clear: int = 0, clock: ClockCalibration | None = None) -> None:
+        rec = self.ConfigOp()
+        rec.op, rec.slot, rec.delta = op, slot, delta
+        rec.flags_set, rec.flags_clear = flags_set, flags_clear
+        if clock is not None:
+            rec.ns_per_jiffy, rec.clock_offset_ns = clock.ns_per_jiffy, clock.offset_ns
+        if self._config_op_fd is None:
+            from bcc import BPF
+
+            self._config_op_fd = self.bpf.load_func(b"xdp_config_op", BPF.XDP).fd
+        ret = test_run_fd(self._config_op_fd, bytes(rec)).retval
+        if ret != XDP_PASS:
+            raise DatapathError(f"xdp_config_op {op} refused (verdict {ret})")
+
+    def set_flags(self, bits: int) -> None:
+        """Set config flag bits (atomic: other bits, set by other processes, stay)."""
+        self._config_op(_OP_FLAGS, flags_set=bits)
+
+    def clear_flags(self, bits: int) -> None:
+        """Clear config flag bits (atomic)."""
+        self._config_op(_OP_FLAGS, flags_clear=bits)
+
     def write_config(self, flags: int | None = None, pairs_active: int | None = None,
                      clock: ClockCalibration | None = None) -> None:
-        """Update the config entry; None keeps a field's current value."""
-        cfg = self.read_config()
+        """Set config fields to these values; None keeps a field. `flags` and `pairs_active`
+        are absolute (tests, resets): to change bits or counts next to other processes use
+        set_flags/clear_flags and pair_added/pair_removed, which never read-modify-write."""
         if flags is not None:
-            cfg.flags = flags
+            cur = int(self.read_config().flags)
+            self._config_op(_OP_FLAGS, flags_set=flags & ~cur, flags_clear=cur & ~flags)
         if pairs_active is not None:
-            cfg.pairs_active = pairs_active
+            self._config_op(_OP_PAIRS, delta=pairs_active - int(self.read_config().pairs_active))
         if clock is not None:
-            cfg.ns_per_jiffy, cfg.clock_offset_ns = clock.ns_per_jiffy, clock.offset_ns
-        cfg.layout_version = LAYOUT_VERSION
-        self.config[ctypes.c_int(0)] = cfg
+            self._config_op(_OP_CLOCK, clock=clock)
 
     def pair_added(self, key: Any) -> None:
         """Account a new ip_pairs entry (call after a successful insert)."""
@@ -493,12 +532,10 @@ class XdpProgram:
         self._adjust_pairs(key, -1)
 
     def _adjust_pairs(self, key: Any, delta: int) -> None:
-        slot = ctypes.c_int(pair_filter_slot(bytes(key.addr1), bytes(key.addr2),
-                                             self.pair_filter.max_entries))
-        count = self.pair_filter[slot].value
-        self.pair_filter[slot] = ctypes.c_uint32(max(0, count + delta))
-        cfg = self.read_config()
-        self.write_config(pairs_active=max(0, cfg.pairs_active + delta))
+        """pair_filter[slot] and pairs_active change by `delta` in one atomic kernel step
+        each: exact with every worker adding and removing pairs at once."""
+        slot = pair_filter_slot(bytes(key.addr1), bytes(key.addr2), self.pair_filter.max_entries)
+        self._config_op(_OP_PAIRS, slot=slot, delta=delta)
 
     # -- clock -------------------------------------------------------------------------------
 

@@ -296,6 +296,8 @@ class ShuntTable:
     # -- config ----------------------------------------------------------------------------
     def set_pass_all(self, on: bool) -> None:
         """Emergency switch: XDP passes every packet and touches no entry."""
-        flags = int(self.prog.read_config().flags)
-        self.prog.write_config(flags=flags | CFG_PASS_ALL if on else flags & ~CFG_PASS_ALL)
+        if on:
+            self.prog.set_flags(CFG_PASS_ALL)
+        else:
+            self.prog.clear_flags(CFG_PASS_ALL)
 
