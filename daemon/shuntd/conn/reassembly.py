@@ -105,8 +105,8 @@ class Reassembler:
                 self.blocks = [(seq, upper, None)]
             self.lrs = upper
             ep = self.ep
-            acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
-            if acked == ep.start_seq or acked == ep.start_seq + 1:
+            acked = ep.ack_rel   # ep.no_data_acked(), inlined
+            if acked == 0 or acked == 1:
                 self._trim_if_unacked()
             limit = ep.analyzer.settings.tcp_excessive_data_without_further_acks
             if limit and self.size > limit:
@@ -136,8 +136,8 @@ class Reassembler:
             if an.want_stream:
                 conn = an.conn
                 an.hooks.tcp_deliver(conn, ep.side == conn.orig_side, data)
-            acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
-            if acked == ep.start_seq or acked == ep.start_seq + 1:
+            acked = ep.ack_rel   # ep.no_data_acked(), inlined
+            if acked == 0 or acked == 1:
                 self._trim_if_unacked()
             # Nothing lies above the delivery point now: only the total size can be too much.
             limit = an.settings.tcp_excessive_data_without_further_acks
@@ -338,8 +338,8 @@ class Reassembler:
         if self.blocks is None:   # skipping
             return False
         ep = self.ep
-        delivered = ep.start_seq + self.lrs
-        last = (ep.seq_wraps << 32) | ep.last_seq
+        delivered = self.lrs   # both relative to start_seq
+        last = ep.last_rel
         if last < delivered:
             return False
         if delivered != last - 1 and delivered != last:

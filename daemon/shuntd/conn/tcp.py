@@ -79,9 +79,12 @@ class TCPEndpoint(EndpointCounters):
     """One host's half of a TCP connection (Zeek's TCP_Endpoint)."""
 
     # `side` and `peer` are derived from the connection (two slots less per endpoint).
+    # Zeek's last_seq/seq_wraps and ack_seq/ack_wraps are kept as one 64-bit value each,
+    # relative to start_seq (`last_rel`, `ack_rel`): usually small ints, which Python
+    # shares, where 32-bit sequence numbers cost 32 B each. Properties give Zeek's view.
     __slots__ = (
-        "analyzer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
-        "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "rare", "reasm",
+        "analyzer", "state", "prev_state", "start_seq", "last_rel", "ack_rel",
+        "FIN_cnt", "did_close", "rare", "reasm",
     )
 
     def __init__(self, analyzer: TCPAnalyzer) -> None:
@@ -90,11 +93,9 @@ class TCPEndpoint(EndpointCounters):
         self.analyzer = analyzer
         self.state = INACTIVE
         self.prev_state = INACTIVE
-        self.start_seq = 0
-        self.last_seq = 0
-        self.ack_seq = 0
-        self.seq_wraps = 0
-        self.ack_wraps = 0
+        self.start_seq = 0        # 32-bit, as on the wire
+        self.last_rel = 0         # ((seq_wraps << 32) | last_seq) - start_seq
+        self.ack_rel = 0          # ((ack_wraps << 32) | ack_seq) - start_seq
         self.FIN_cnt = 0
         self.did_close = False
         self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
@@ -157,19 +158,52 @@ class TCPEndpoint(EndpointCounters):
         return reasm
 
     # --- sequence space ------------------------------------------------------------------------
-    def update_last_seq_value(self, seq: int) -> None:
-        if seq < self.last_seq:
-            self.seq_wraps += 1
-        self.last_seq = seq
+    # Zeek's four fields, as views over start_seq + last_rel / ack_rel (64-bit values).
+    @property
+    def last_seq(self) -> int:
+        return (self.start_seq + self.last_rel) & M32
 
-    def update_ack_seq_value(self, seq: int) -> None:
-        if seq < self.ack_seq:
-            self.ack_wraps += 1
-        self.ack_seq = seq
+    @last_seq.setter
+    def last_seq(self, v: int) -> None:
+        self.last_rel = ((self.seq_wraps << 32) | v) - self.start_seq
+
+    @property
+    def seq_wraps(self) -> int:
+        return (self.start_seq + self.last_rel) >> 32
+
+    @seq_wraps.setter
+    def seq_wraps(self, v: int) -> None:
+        self.last_rel = ((v << 32) | self.last_seq) - self.start_seq
+
+    @property
+    def ack_seq(self) -> int:
+        return (self.start_seq + self.ack_rel) & M32
+
+    @ack_seq.setter
+    def ack_seq(self, v: int) -> None:
+        self.ack_rel = ((self.ack_wraps << 32) | v) - self.start_seq
+
+    @property
+    def ack_wraps(self) -> int:
+        return (self.start_seq + self.ack_rel) >> 32
+
+    @ack_wraps.setter
+    def ack_wraps(self, v: int) -> None:
+        self.ack_rel = ((v << 32) | self.ack_seq) - self.start_seq
+
+    def init_seqs(self, start: int, ack: int, last: int) -> None:
+        """Set start_seq, ack_seq and last_seq (32-bit values) as Zeek's init_endpoint and
+        the faked handshake do: the wrap counters are kept."""
+        old = self.start_seq
+        seq_wraps = (old + self.last_rel) >> 32
+        ack_wraps = (old + self.ack_rel) >> 32
+        self.start_seq = start
+        self.last_rel = ((seq_wraps << 32) | last) - start
+        self.ack_rel = ((ack_wraps << 32) | ack) - start
 
     def no_data_acked(self) -> bool:
-        ack = (self.ack_wraps << 32) | self.ack_seq
-        return ack == self.start_seq or ack == self.start_seq + 1
+        ack = self.ack_rel
+        return ack == 0 or ack == 1
 
     @property
     def size(self) -> int:
@@ -177,9 +211,9 @@ class TCPEndpoint(EndpointCounters):
         if (self.prev_state == SYN_SENT and self.state == RESET
                 and self.peer.state == INACTIVE and not self.no_data_acked()):
             return 0
-        last64 = (self.seq_wraps << 32) | self.last_seq
-        ack64 = (self.ack_wraps << 32) | self.ack_seq
-        size = ((last64 if last64 > ack64 else ack64) - self.start_seq) & M64
+        last = self.last_rel
+        ack = self.ack_rel
+        size = (last if last > ack else ack) & M64
         if size != 0:
             size -= 1
         if self.FIN_cnt > 0 and size != 0:
@@ -549,40 +583,35 @@ class TCPAnalyzer:
         st = endpoint.state
         if st == ESTABLISHED or st == PARTIAL:
             if f_syn:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
         elif st == INACTIVE:
             if f_syn:
-                endpoint.ack_seq = base_seq
-                endpoint.start_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
             else:
-                endpoint.ack_seq = endpoint.start_seq = (base_seq - 1) & M32
-                endpoint.last_seq = base_seq
+                start = (base_seq - 1) & M32
+                endpoint.init_seqs(start, start, base_seq)
         elif st == SYN_SENT or st == SYN_ACK_SENT:
             if f_syn and base_seq != endpoint.start_seq:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
         elif st == RESET:
             if f_syn and endpoint.prev_state == INACTIVE:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
 
-        if endpoint.seq_wraps == 0 and base_seq >= endpoint.last_seq:
+        start = endpoint.start_seq
+        last64 = start + endpoint.last_rel     # (seq_wraps << 32) | last_seq
+        if last64 <= base_seq:
             # Fast path of get_relative_seq: no wraps and no wrap in this packet.
-            d = (base_seq - endpoint.last_seq) & M32
-            if d & 0x80000000:
-                rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq,
-                                                            endpoint.last_seq, 0)
+            if base_seq - last64 >= 0x80000000:
+                rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, last64, 0)
             else:
-                d = (base_seq - endpoint.start_seq) & M32
+                d = (base_seq - start) & M32
                 if d & 0x80000000:
                     rel_seq, seq_underflow = (d - 0x100000000) & M64, True
                 else:
                     rel_seq, seq_underflow = d, False
         else:
-            rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, endpoint.last_seq,
-                                                        endpoint.seq_wraps)
+            rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, last64 & M32,
+                                                        last64 >> 32)
 
         if flags & 0x07:
             self._update_history(conn, flags, endpoint, rel_seq, length)
@@ -612,19 +641,21 @@ class TCPAnalyzer:
             if peer.state == INACTIVE:
                 rel_ack = 1
                 v = (ack_seq - 1) & M32
-                peer.start_seq = peer.ack_seq = peer.last_seq = v
+                peer.init_seqs(v, v, v)
             else:
-                peer_ack = peer.ack_seq
-                if peer.ack_wraps == 0 and ack_seq >= peer_ack:
+                peer_start = peer.start_seq
+                ack64 = peer_start + peer.ack_rel     # (ack_wraps << 32) | ack_seq
+                peer_ack = ack64 & M32
+                if ack64 <= ack_seq:
                     # Fast path of get_relative_seq (no wraps, none in this packet).
-                    d = (ack_seq - peer.start_seq) & M32
+                    d = (ack_seq - peer_start) & M32
                     if d & 0x80000000:
                         rel_ack, ack_underflow = (d - 0x100000000) & M64, True
                     else:
                         rel_ack, ack_underflow = d, False
                 else:
                     rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, peer_ack,
-                                                                peer.ack_wraps)
+                                                                ack64 >> 32)
                 if ack_underflow:
                     rel_ack = 0
                 elif not f_rst:
@@ -634,15 +665,19 @@ class TCPAnalyzer:
                     if ack_seq == 0 and delta_ack > TOO_LARGE_SEQ_DELTA:
                         pass
                     elif delta_ack > 0:
+                        ack_wraps = ack64 >> 32
                         if ack_seq < peer_ack:       # TCP_Endpoint::UpdateAckSeq
-                            peer.ack_wraps += 1
-                        # Usually all the peer sent is acked: share its last_seq's int
-                        # object (32 B per endpoint) instead of keeping an equal one.
-                        peer_last = peer.last_seq
-                        peer.ack_seq = peer_last if ack_seq == peer_last else ack_seq
+                            ack_wraps += 1
+                        ack_rel = ((ack_wraps << 32) | ack_seq) - peer_start
+                        # Usually all the peer sent is acked: share its last_rel's int
+                        # object (32 B when it is large) instead of keeping an equal one.
+                        peer_last = peer.last_rel
+                        peer.ack_rel = peer_last if ack_rel == peer_last else ack_rel
 
-        # update_last_seq
-        last_seq = endpoint.last_seq
+        # update_last_seq (start_seq has not changed since it was read above)
+        last_rel = endpoint.last_rel
+        last64 = start + last_rel
+        last_seq = last64 & M32
         delta_last = (seq_one_past - last_seq) & M32
         if delta_last & 0x80000000:
             delta_last -= 0x100000000
@@ -650,11 +685,12 @@ class TCPAnalyzer:
         if (f_syn or f_rst) and (delta_last > TOO_LARGE_SEQ_DELTA
                                  or delta_last < -TOO_LARGE_SEQ_DELTA):
             pass
-        elif (f_fin and last_seq == (endpoint.start_seq + 1) & M32) or (
-                st != RESET and delta_last > 0):
+        elif (f_fin and last_rel & M32 == 1) or (st != RESET and delta_last > 0):
+            # (f_fin and last_seq == start_seq + 1, in 32 bits)
+            seq_wraps = last64 >> 32
             if seq_one_past < last_seq:              # TCP_Endpoint::UpdateSeq
-                endpoint.seq_wraps += 1
-            endpoint.last_seq = seq_one_past
+                seq_wraps += 1
+            endpoint.last_rel = ((seq_wraps << 32) | seq_one_past) - start
         elif st == RESET:
             pass
         elif length > 0:
