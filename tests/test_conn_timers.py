@@ -203,14 +203,14 @@ def test_partial_close_delay_setting() -> None:
 
 
 def test_one_timer_entry_per_connection() -> None:
-    # The connection's checks (inactivity, expire chain, attempt) share one heap entry.
+    # The connection's checks (inactivity, expire chain, attempt) share one deadline.
     from shuntd.conn.tracker import ConnTracker
     tracker = ConnTracker(EngineSettings())
     for pkt in TcpScript().steps("C S; S SA; C A; C D100").packets:
         tracker.process(pkt)
     (conn,) = tracker.conns.values()
-    live = [t for t in tracker.timers.heap if not t.cancelled]
-    assert len(live) == 1 and live[0][3] is conn
+    live = list(tracker.timers.pending())
+    assert len(live) == 1 and live[0][2] is conn
     assert live[0][0] == pytest.approx(T0 + 5.0)   # the first ExpireTimer check
 
 
