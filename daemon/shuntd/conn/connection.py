@@ -37,14 +37,13 @@ class Connection:
     # Memory matters (1M connections must fit in 1 GiB): no slot holds what can be derived
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
-        "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
-        "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
+        "key", "start_time", "last_time", "orig_side", "side0", "side1",
+        "history", "hist_seen", "service", "ext", "rare", "analyzer",
         "inactivity_timeout", "inact_from", "timer_at", "tracker",
     )
 
     def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
                  sides: tuple, analyzer: Any, tracker: Any) -> None:
-        self._uid = uid               # None: made from tracker.uids on first use
         self.key = key
         self.start_time = start_time
         self.last_time = start_time
@@ -56,11 +55,13 @@ class Connection:
         # Confirmed services in confirmation order; a tuple until service detection adds one.
         self.service: list[str] | tuple[str, ...] = ()
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
-        # missed_bytes, failed_services, tunnel_parents (properties below): most
-        # connections have none, so they share one lazily made object (16 B each).
+        # uid, removed, missed_bytes, failed_services, tunnel_parents (properties below):
+        # most connections have none of them while open (the uid is drawn when logged),
+        # so they share one lazily made object.
         self.rare: ConnRare | None = None
+        if uid is not None:
+            self._rare().uid = uid
         self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
-        self.removed = False
         self.inactivity_timeout = 0.0
         # The inactivity check is due at inact_from + inactivity_timeout (None = none): the
         # base is kept, not the sum, because it is a float the connection holds anyway
@@ -76,6 +77,16 @@ class Connection:
         if rare is None:
             rare = self.rare = ConnRare()
         return rare
+
+    @property
+    def removed(self) -> bool:
+        """True once the tracker has removed (logged) the connection."""
+        return self.rare is not None and self.rare.removed
+
+    @removed.setter
+    def removed(self, v: bool) -> None:
+        if v or self.rare is not None:
+            self._rare().removed = v
 
     @property
     def missed_bytes(self) -> int:
@@ -108,9 +119,10 @@ class Connection:
     def uid(self) -> str:
         """Zeek's uid, drawn on first use (most connections need it only when logged; an
         idle table of a million connections does not hold a million strings)."""
-        uid = self._uid
+        rare = self._rare()
+        uid = rare.uid
         if uid is None:
-            uid = self._uid = self.tracker.uids.next()
+            uid = rare.uid = self.tracker.uids.next()
         return uid
 
     @property
@@ -199,16 +211,19 @@ class Connection:
         self.tracker.hooks.connection_flipped(self)
 
     def __repr__(self) -> str:
-        return f"<Connection {self._uid} {self.proto} {self.history!r}>"
+        uid = None if self.rare is None else self.rare.uid
+        return f"<Connection {uid} {self.proto} {self.history!r}>"
 
 
 class ConnRare:
-    """Connection fields few connections ever set (content gaps, failed service analyzers,
-    enclosing tunnels)."""
+    """Connection fields few open connections have set (uid, removal, content gaps, failed
+    service analyzers, enclosing tunnels)."""
 
-    __slots__ = ("missed_bytes", "failed_services", "tunnel_parents")
+    __slots__ = ("uid", "removed", "missed_bytes", "failed_services", "tunnel_parents")
 
     def __init__(self) -> None:
+        self.uid: str | None = None
+        self.removed = False
         self.missed_bytes = 0
         self.failed_services: list[str] | tuple[str, ...] = ()
         self.tunnel_parents: set[str] | None = None

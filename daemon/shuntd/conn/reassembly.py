@@ -258,8 +258,9 @@ class Reassembler:
     # --- acks ----------------------------------------------------------------------------------
     def ack_received(self, seq: int) -> None:
         ep = self.ep
-        if ep.FIN_cnt > 0 and seq >= ep.FIN_seq:
-            seq = ep.FIN_seq - 1
+        rare = ep.rare   # (ep.FIN_cnt > 0 and seq >= ep.FIN_seq, without the properties)
+        if rare is not None and rare.FIN_cnt > 0 and seq >= rare.FIN_seq:
+            seq = rare.FIN_seq - 1
         if seq <= self.trim_seq:
             return
         self.trim_to_seq(seq)
@@ -351,7 +352,9 @@ class Reassembler:
 
     def check_eof(self) -> None:
         ep = self.ep
-        if (not self.did_eof and (ep.FIN_cnt > 0 or ep.state == CLOSED or ep.state == RESET)
+        rare = ep.rare   # (ep.FIN_cnt > 0, without the property)
+        if (not self.did_eof and ((rare is not None and rare.FIN_cnt > 0) or ep.state == CLOSED
+                                  or ep.state == RESET)
                 and not self.data_pending()):
             self.did_eof = True
             ep.analyzer.endpoint_eof(ep)

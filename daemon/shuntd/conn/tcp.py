@@ -61,12 +61,15 @@ def seq_delta(a: int, b: int) -> int:
 
 
 class EndpointRare:
-    """The part of a TCP endpoint only FIN, RST and the logarithmic letters touch: made on
-    first use, so the many open connections that saw none of them do not carry it."""
+    """The part of a TCP endpoint only FIN, RST, closing and the logarithmic letters touch:
+    made on first use, so the many open connections that saw none of them do not carry it."""
 
-    __slots__ = ("FIN_seq", "hist_last_SYN", "hist_last_FIN", "hist_last_RST", "scaled")
+    __slots__ = ("FIN_cnt", "FIN_seq", "did_close", "hist_last_SYN", "hist_last_FIN",
+                 "hist_last_RST", "scaled")
 
     def __init__(self) -> None:
+        self.FIN_cnt = 0
+        self.did_close = False
         self.hist_last_SYN = 0
         self.FIN_seq = 0
         self.hist_last_FIN = 0
@@ -84,7 +87,7 @@ class TCPEndpoint(EndpointCounters):
     # shares, where 32-bit sequence numbers cost 32 B each. Properties give Zeek's view.
     __slots__ = (
         "analyzer", "state", "prev_state", "start_seq", "last_rel", "ack_rel",
-        "FIN_cnt", "did_close", "rare", "reasm",
+        "rare", "reasm",
     )
 
     def __init__(self, analyzer: TCPAnalyzer) -> None:
@@ -96,9 +99,7 @@ class TCPEndpoint(EndpointCounters):
         self.start_seq = 0        # 32-bit, as on the wire
         self.last_rel = 0         # ((seq_wraps << 32) | last_seq) - start_seq
         self.ack_rel = 0          # ((ack_wraps << 32) | ack_seq) - start_seq
-        self.FIN_cnt = 0
-        self.did_close = False
-        self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
+        self.rare: EndpointRare | None = None   # FIN_cnt, did_close, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
 
@@ -117,6 +118,22 @@ class TCPEndpoint(EndpointCounters):
         if rare is None:
             rare = self.rare = EndpointRare()
         return rare
+
+    @property
+    def FIN_cnt(self) -> int:
+        return 0 if self.rare is None else self.rare.FIN_cnt
+
+    @FIN_cnt.setter
+    def FIN_cnt(self, v: int) -> None:
+        self._rare().FIN_cnt = v
+
+    @property
+    def did_close(self) -> bool:
+        return self.rare is not None and self.rare.did_close
+
+    @did_close.setter
+    def did_close(self, v: bool) -> None:
+        self._rare().did_close = v
 
     @property
     def hist_last_SYN(self) -> int:
@@ -274,12 +291,14 @@ class TCPEndpoint(EndpointCounters):
 
 
 class AnalyzerRare:
-    """Analyzer state only half closes, deferred closes and extra timers need (made on
-    first use: most open connections never need it)."""
+    """Analyzer state only closes, resets, half closes, deferred closes and extra timers
+    need (made on first use: most open connections never need it)."""
 
-    __slots__ = ("close_deferred", "deferred_gen_event", "expire2_at", "close_at", "extra")
+    __slots__ = ("is_active", "close_deferred", "deferred_gen_event", "expire2_at", "close_at",
+                 "extra")
 
     def __init__(self) -> None:
+        self.is_active = True
         self.close_deferred = False
         self.deferred_gen_event = False
         self.expire2_at: float | None = None
@@ -291,25 +310,22 @@ class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "is_active", "first_packet_seen", "is_partial",
-        "established_pending",
+        "conn", "first_packet_seen", "is_partial",
         # Analyzer timers as times (None = not pending), checked through the connection's
         # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
         # chain started by a half close (in `rare`), the AttemptTimer and the delete timer.
         # Rare extra timers (a second attempt timer, reset and partial-close timers) are
         # heap Timers (`extra`, in `rare`).
         "expire_at", "attempt_at",
-        "rare",  # AnalyzerRare: close_deferred, deferred_gen_event, expire2_at, close_at, extra
+        "rare",  # AnalyzerRare: is_active, close_deferred, ..., expire2_at, close_at, extra
     )
 
     def __init__(self) -> None:
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
-        self.is_active = True
         self.first_packet_seen = 0
         self.is_partial = False
         self.expire_at: float | None = None
         self.attempt_at: float | None = None
-        self.established_pending = False
         self.rare: AnalyzerRare | None = None
 
     def _rare(self) -> AnalyzerRare:
@@ -317,6 +333,16 @@ class TCPAnalyzer:
         if rare is None:
             rare = self.rare = AnalyzerRare()
         return rare
+
+    @property
+    def is_active(self) -> bool:
+        """False once finished or reset (Zeek's IsActive)."""
+        return self.rare is None or self.rare.is_active
+
+    @is_active.setter
+    def is_active(self, v: bool) -> None:
+        if not v or self.rare is not None:
+            self._rare().is_active = v
 
     @property
     def close_deferred(self) -> bool:
@@ -629,12 +655,17 @@ class TCPAnalyzer:
                 and endpoint.state != RESET):
             endpoint.zero_window(conn)
 
-        if not endpoint.did_close or not peer.did_close:
+        # (not endpoint.did_close or not peer.did_close, without the properties)
+        ep_rare = endpoint.rare
+        peer_rare = peer.rare
+        if ep_rare is None or peer_rare is None or not (ep_rare.did_close
+                                                        and peer_rare.did_close):
             conn.last_time = t
 
         if f_fin:
-            endpoint.FIN_cnt += 1
-            endpoint.FIN_seq = (rel_seq + seg_len) & M64
+            ep_rare = endpoint._rare()
+            ep_rare.FIN_cnt += 1
+            ep_rare.FIN_seq = (rel_seq + seg_len) & M64
 
         rel_ack = 0
         if f_ack:
@@ -731,7 +762,8 @@ class TCPAnalyzer:
                 else:
                     reasm.data_len_sent(rel_data_seq, length)  # only lengths matter
 
-        if endpoint.FIN_cnt or endpoint.state >= CLOSED:   # CLOSED or RESET
+        ep_rare = endpoint.rare
+        if (ep_rare is not None and ep_rare.FIN_cnt) or endpoint.state >= CLOSED:  # or RESET
             reasm = endpoint.reasm
             if reasm is None:
                 endpoint.reassembler().check_eof()
@@ -865,7 +897,9 @@ class TCPAnalyzer:
                     peer.set_state(ESTABLISHED)
                 ep.set_state(ESTABLISHED)
                 if peer.state != PARTIAL:
-                    self.established_pending = True
+                    # connection_established, raised by the tracker once it has counted
+                    # the packet (a tracker flag: one slot less per connection).
+                    self.tracker.established_pending = conn
         if flags & FIN:
             ep.set_state(CLOSED)
             do_close = gen_event = True

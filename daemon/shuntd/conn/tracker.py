@@ -79,6 +79,9 @@ class ConnTracker:
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
+        # A connection the TCP analyzer has just established: connection_established is
+        # raised once the packet has been counted.
+        self.established_pending: Connection | None = None
         self.stats = TrackerStats()
         self.bound = ConnBound(self.settings.max_connections)  # connection bound (conn/bound.py)
         self.uids = UidGenerator(uid_seed)
@@ -171,9 +174,10 @@ class ConnTracker:
             ep = conn.side1 if side else conn.side0
             ep.num_pkts += 1
             ep.num_bytes_ip += pkt.ip_len
-            if an.established_pending:
-                an.established_pending = False
-                self._established(conn)
+            established = self.established_pending   # set by the analyzer
+            if established is not None:
+                self.established_pending = None
+                self._established(established)
             if self._want_packet:
                 self.hooks.packet(conn, pkt, side == conn.orig_side)
         elif proto == 17:
