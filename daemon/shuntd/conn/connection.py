@@ -37,13 +37,14 @@ class Connection:
     # Memory matters (1M connections must fit in 1 GiB): no slot holds what can be derived
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
-        "key", "start_time", "last_time", "orig_side", "side0", "side1",
-        "history", "hist_seen", "service", "ext", "rare", "analyzer",
+        "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
+        "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
         "inactivity_timeout", "inact_from", "timer_at", "tracker",
     )
 
     def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
                  sides: tuple, analyzer: Any, tracker: Any) -> None:
+        self._uid = uid               # None: made from tracker.uids on first use
         self.key = key
         self.start_time = start_time
         self.last_time = start_time
@@ -55,13 +56,11 @@ class Connection:
         # Confirmed services in confirmation order; a tuple until service detection adds one.
         self.service: list[str] | tuple[str, ...] = ()
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
-        # uid, removed, missed_bytes, failed_services, tunnel_parents (properties below):
-        # most connections have none of them while open (the uid is drawn when logged),
-        # so they share one lazily made object.
+        # missed_bytes, failed_services, tunnel_parents (properties below): most
+        # connections have none, so they share one lazily made object (16 B each).
         self.rare: ConnRare | None = None
-        if uid is not None:
-            self._rare().uid = uid
         self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
+        self.removed = False
         self.inactivity_timeout = 0.0
         # The inactivity check is due at inact_from + inactivity_timeout (None = none): the
         # base is kept, not the sum, because it is a float the connection holds anyway
@@ -77,16 +76,6 @@ class Connection:
         if rare is None:
             rare = self.rare = ConnRare()
         return rare
-
-    @property
-    def removed(self) -> bool:
-        """True once the tracker has removed (logged) the connection."""
-        return self.rare is not None and self.rare.removed
-
-    @removed.setter
-    def removed(self, v: bool) -> None:
-        if v or self.rare is not None:
-            self._rare().removed = v
 
     @property
     def missed_bytes(self) -> int:
@@ -119,10 +108,9 @@ class Connection:
     def uid(self) -> str:
         """Zeek's uid, drawn on first use (most connections need it only when logged; an
         idle table of a million connections does not hold a million strings)."""
-        rare = self._rare()
-        uid = rare.uid
+        uid = self._uid
         if uid is None:
-            uid = rare.uid = self.tracker.uids.next()
+            uid = self._uid = self.tracker.uids.next()
         return uid
 
     @property
@@ -211,19 +199,16 @@ class Connection:
         self.tracker.hooks.connection_flipped(self)
 
     def __repr__(self) -> str:
-        uid = None if self.rare is None else self.rare.uid
-        return f"<Connection {uid} {self.proto} {self.history!r}>"
+        return f"<Connection {self._uid} {self.proto} {self.history!r}>"
 
 
 class ConnRare:
-    """Connection fields few open connections have set (uid, removal, content gaps, failed
-    service analyzers, enclosing tunnels)."""
+    """Connection fields few connections ever set (content gaps, failed service analyzers,
+    enclosing tunnels)."""
 
-    __slots__ = ("uid", "removed", "missed_bytes", "failed_services", "tunnel_parents")
+    __slots__ = ("missed_bytes", "failed_services", "tunnel_parents")
 
     def __init__(self) -> None:
-        self.uid: str | None = None
-        self.removed = False
         self.missed_bytes = 0
         self.failed_services: list[str] | tuple[str, ...] = ()
         self.tunnel_parents: set[str] | None = None
