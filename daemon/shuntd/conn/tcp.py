@@ -3,7 +3,8 @@ TCP-specific timers, following Zeek's TCPSessionAdapter::Process (spec §§1.5-1
 
 Per packet (already checksum- and header-validated by the tracker) `process()` runs Zeek's
 steps in Zeek's order. Sequence arithmetic is 32-bit with explicit wrap counters; relative
-sequence numbers are 64-bit, as in Zeek.
+sequence numbers are 64-bit, as in Zeek. An endpoint stores its last and acked sequence
+numbers with their wrap counters as 64-bit values relative to its start (small ints).
 """
 
 from __future__ import annotations

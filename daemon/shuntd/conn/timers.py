@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
+from math import floor
 from typing import Any
 
 _WHEN, _SEQ, _CALLBACK, _ARG, _AT_TERMINATION = range(5)
@@ -37,9 +38,9 @@ _INF = float("inf")
 
 
 def _slot(when: float) -> int:
-    """The slot of a due time (floor of when * SLOTS_PER_SECOND; times are >= 0)."""
+    """The slot of a due time: floor(when * SLOTS_PER_SECOND)."""
     s = when * SLOTS_PER_SECOND
-    return int(s) if s < _LAST_SLOT else _LAST_SLOT
+    return floor(s) if s < _LAST_SLOT else _LAST_SLOT
 
 
 class Timer(list):
