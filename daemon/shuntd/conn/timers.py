@@ -77,8 +77,8 @@ class TimerManager:
         self.max_expires = max_expires
         self.now = 0.0
         self._cancelled = 0   # cancelled entries (an estimate) still in the heap
-        # Later slots: slot number -> {Timer or owner: when}, and a heap of their numbers
-        # (a number may stay after its dict went empty and was dropped).
+        # Later slots: slot number -> {Timer or owner: when} (possibly empty), and a heap of
+        # their numbers.
         self._slots: dict[int, dict[Any, float]] = {}
         self._slot_heap: list[int] = []
         self._cur = -_LAST_SLOT   # slots up to this one have been moved into the heap
@@ -102,7 +102,9 @@ class TimerManager:
     def _unwait(self, k: int, entry: Any) -> None:
         slot = self._slots.get(k)
         if slot is not None and slot.pop(entry, None) is not None and not slot:
-            del self._slots[k]
+            # A dict keeps its table when emptied: a new empty one frees it. The slot stays
+            # (its number is in _slot_heap once, however often it empties and refills).
+            self._slots[k] = {}
 
     def _push(self, timer: Timer) -> None:
         self._counter += 1
@@ -194,9 +196,7 @@ class TimerManager:
         slots = self._slots
         keys = self._slot_heap
         while keys and keys[0] <= k_now:
-            slot = slots.pop(heapq.heappop(keys), None)
-            if slot is None:
-                continue
+            slot = slots.pop(heapq.heappop(keys))
             for entry, when in slot.items():
                 if type(entry) is not Timer:
                     self._push_deadline(entry, when)
