@@ -40,7 +40,7 @@ def test_removed_connections_leave_no_pending_timer(tmp_path):
     # 61 s later every UDP connection has timed out (60 s), long before conn_long's 600 s.
     tracker.advance(t + 61.0)
     assert len(logged) == 50 and not tracker.conns
-    pending = [timer for timer in tracker.timers.heap if not timer.cancelled]
+    pending = list(tracker.timers.pending())
     assert pending == [], f"{len(pending)} timers still hold removed connections"
     events.close()
 
@@ -55,5 +55,6 @@ def test_no_heap_entry_references_a_removed_connection(tmp_path):
     for i in range(500):
         tracker.process(decode(_udp_frame(20000 + i), 1, 1_000_000.0 + i * 0.01, 47, False))
     assert len(logged) >= 400  # evicted, logged
-    held = [e for e in tracker.timers.heap if any(getattr(x, "removed", False) for x in e)]
+    stored = list(tracker.timers.heap) + list(tracker.timers.pending())   # cancelled ones too
+    held = [e for e in stored if any(getattr(x, "removed", False) for x in e)]
     assert held == [], f"{len(held)} heap entries still hold removed connections"

@@ -203,14 +203,14 @@ def test_partial_close_delay_setting() -> None:
 
 
 def test_one_timer_entry_per_connection() -> None:
-    # The connection's checks (inactivity, expire chain, attempt) share one heap entry.
+    # The connection's checks (inactivity, expire chain, attempt) share one deadline.
     from shuntd.conn.tracker import ConnTracker
     tracker = ConnTracker(EngineSettings())
     for pkt in TcpScript().steps("C S; S SA; C A; C D100").packets:
         tracker.process(pkt)
     (conn,) = tracker.conns.values()
-    live = [t for t in tracker.timers.heap if not t.cancelled]
-    assert len(live) == 1 and live[0][3] is conn
+    live = list(tracker.timers.pending())
+    assert len(live) == 1 and live[0][2] is conn
     assert live[0][0] == pytest.approx(T0 + 5.0)   # the first ExpireTimer check
 
 
@@ -234,3 +234,80 @@ def test_half_close_starts_a_second_expire_chain() -> None:
     assert [summary(r) for r in rows][0] == "RSTO ShAFR 0/0 4(160)/1(40)"
     assert rows[0]["duration"] == pytest.approx(4.1)
     assert len(rows) == 2
+
+
+def test_deadlines_and_timers_keep_scheduling_order_across_slots() -> None:
+    # Later timers wait in per-slot dicts without a sequence number (timers.py); equal due
+    # times must still fire in scheduling order, whether set before or after the clock
+    # reached their slot, and a re-set deadline goes behind what was scheduled meanwhile.
+    fired: list[str] = []
+    tm = TimerManager(on_deadline=lambda owner, t: fired.append(owner))
+    tm.set_deadline("A", 20.0)
+    tm.schedule(20.0, lambda t: fired.append("T"))
+    tm.set_deadline("B", 20.0)
+    tm.clear_deadline("A", 20.0)
+    tm.set_deadline("A", 20.0)
+    tm.advance(19.99)                      # another slot: nothing due, nothing moved
+    assert fired == []
+    tm.set_deadline("C", 20.1)             # the slot of 20.0 .. 20.125
+    tm.advance(20.0)                       # reaches it: A, T, B, C move to the heap
+    assert fired == ["T", "B", "A"]
+    tm.schedule(20.1, lambda t: fired.append("U"))   # straight into the heap, after C
+    tm.set_deadline("D", 20.1)
+    tm.clear_deadline("C", 20.1)
+    tm.set_deadline("C", 20.1)
+    tm.advance(20.1)
+    assert fired == ["T", "B", "A", "U", "D", "C"]
+
+
+def _random_timer_run(seed: int) -> tuple[list, list]:
+    """(fired, expected) for random schedules, cancels, deadline moves and clock steps;
+    expected from a reference: one list sorted by (due time, scheduling order), at most
+    max_expires fired per advance."""
+    import random
+
+    rnd = random.Random(seed)
+    max_expires = rnd.choice([2, 300])
+    got: list[tuple[str, float]] = []
+    tm = TimerManager(max_expires, on_deadline=lambda o, t: got.append((o, t)))
+    ref: list[tuple[float, int, str]] = []   # (when, seq, name) pending
+    want: list[tuple[str, float]] = []
+    handles: dict[str, object] = {}
+    deadlines: dict[str, float] = {}
+    now = 100.0
+    for n in range(250):
+        op = rnd.random()
+        when = round(now + rnd.choice([0, 0.05, 0.125, 0.3, 1.0, 2.5, -0.2]), 3)
+        if op < 0.3:
+            name = f"t{n}"
+            handles[name] = tm.schedule(when, lambda t, name=name: got.append((name, t)))
+            ref.append((when, n, name))
+        elif op < 0.6:
+            name = f"d{rnd.randrange(8)}"
+            if name in deadlines:
+                tm.clear_deadline(name, deadlines[name])
+                ref = [e for e in ref if e[2] != name]
+            tm.set_deadline(name, when)
+            deadlines[name] = when
+            ref.append((when, n, name))
+        elif op < 0.7 and handles:
+            name = rnd.choice(sorted(handles))
+            tm.cancel(handles.pop(name))   # type: ignore[arg-type]
+            ref = [e for e in ref if e[2] != name]
+        else:
+            now = round(now + rnd.choice([0, 0.01, 0.125, 0.5, 2.0]), 3)
+            tm.advance(now)
+            ref.sort()
+            due = [e for e in ref if e[0] <= now][:max_expires]
+            ref = ref[len(due):]
+            want += [(name, now) for _w, _s, name in due]
+            for _w, _s, name in due:
+                handles.pop(name, None)
+                deadlines.pop(name, None)
+    return got, want
+
+
+def test_timer_manager_matches_one_priority_queue() -> None:
+    for seed in range(60):
+        got, want = _random_timer_run(seed)
+        assert len(want) > 50 and got == want, f"seed {seed}"

@@ -9,10 +9,7 @@ stale direction in a per-side counter. `orig`, `resp`, `orig_h`, ... are views o
 from __future__ import annotations
 
 from sys import intern
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from shuntd.conn.timers import Timer
+from typing import Any
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _INTERN_MAX = 16  # longer histories are rare and mostly unique: not worth a table entry
@@ -42,7 +39,7 @@ class Connection:
     __slots__ = (
         "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
         "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
-        "inactivity_timeout", "inact_at", "timer", "tracker",
+        "inactivity_timeout", "inact_from", "timer_at", "tracker",
     )
 
     def __init__(self, uid: str | None, key: tuple, start_time: float, orig_side: int,
@@ -65,11 +62,13 @@ class Connection:
         self.analyzer = analyzer      # protocol state (TCP/UDP/ICMP/unknown)
         self.removed = False
         self.inactivity_timeout = 0.0
-        # The inactivity check is due at `inact_at` (None = none). The connection has ONE
-        # entry in the timer heap (`timer`), due no later than its earliest pending check
-        # (inactivity or the TCP analyzer's); see ConnTracker.arm().
-        self.inact_at: float | None = None
-        self.timer: Timer | None = None
+        # The inactivity check is due at inact_from + inactivity_timeout (None = none): the
+        # base is kept, not the sum, because it is a float the connection holds anyway
+        # (last_time; 24 B less per connection). The connection has ONE deadline in the
+        # timer manager (`timer_at`), no later than its earliest pending check (inactivity
+        # or the TCP analyzer's); see ConnTracker.arm().
+        self.inact_from: float | None = None
+        self.timer_at: float | None = None
         self.tracker = tracker
 
     def _rare(self) -> ConnRare:

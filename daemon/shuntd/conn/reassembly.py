@@ -26,25 +26,65 @@ def _is_clean(ep: TCPEndpoint) -> bool:
 
 class Reassembler:
     """Blocks `(seq, upper, data)` sorted and non-overlapping; `lrs` = next seq to deliver.
-    Blocks are tuples (smaller than lists); delivering one replaces it with a data-less copy."""
+    Blocks are tuples (smaller than lists); delivering one replaces it with a data-less copy.
 
-    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "did_eof", "size")
+    The first block, when it is delivered data (`data` None), lives in the two slots
+    `head_lo`/`head_hi` instead of a tuple in a list: an open connection typically holds
+    exactly one such block (its request, delivered but not yet acked), and the slots cost
+    16 B where the list and the tuple cost 128 B. Rare paths work on `_all()` and store the
+    result back with `_keep()`; the common paths handle the head directly."""
+
+    __slots__ = ("ep", "lrs", "trim_seq", "blocks", "did_eof", "size", "head_lo", "head_hi")
 
     def __init__(self, ep: TCPEndpoint) -> None:
         self.ep = ep
         self.lrs = 1
         self.trim_seq = 1
-        # An empty tuple until the first block: then a list made with exactly that block
-        # (an appended-to empty list would over-allocate; 24 B per open connection).
+        # The blocks after the head: an empty tuple while there are none, else a list
+        # (made with its first block: an appended-to empty list would over-allocate).
         # None once skipping (Zeek's `skip_deliveries`: buffering stopped for good).
         self.blocks: list[tuple] | tuple[()] | None = ()
+        self.head_lo: int | None = None   # first block, delivered: [head_lo, head_hi)
+        self.head_hi = 0
         self.did_eof = False
-        self.size = 0          # bytes buffered in blocks
+        self.size = 0          # bytes buffered in blocks (the head included)
 
     @property
     def skip(self) -> bool:
         """Buffering stopped for good (a limit was hit)."""
         return self.blocks is None
+
+    def has_blocks(self) -> bool:
+        """Anything buffered (delivered or not)."""
+        return self.head_lo is not None or bool(self.blocks)
+
+    def _all(self) -> list[tuple]:
+        """Every block, the head included, sorted (a new list, for the rare paths)."""
+        blocks = list(self.blocks or ())
+        if self.head_lo is not None:
+            blocks.insert(0, (self.head_lo, self.head_hi, None))
+        return blocks
+
+    def _keep(self, blocks: list[tuple]) -> None:
+        """Store the sorted `blocks` (not while skipping): a delivered first block in the
+        head slots, the rest in `blocks`."""
+        if blocks and blocks[0][2] is None:
+            self.head_lo, self.head_hi = blocks[0][0], blocks[0][1]
+            blocks = blocks[1:]
+        else:
+            self.head_lo = None
+        self.blocks = blocks if blocks else ()
+
+    def _add_delivered(self, seq: int, upper: int) -> None:
+        """Record the block [seq, upper) just delivered at the end of the buffer."""
+        blocks = self.blocks
+        if blocks:
+            blocks.append((seq, upper, None))
+        elif self.head_lo is None:
+            self.head_lo = seq
+            self.head_hi = upper
+        else:
+            self.blocks = [(seq, upper, None)]
 
     # --- data in -----------------------------------------------------------------------------
     def data_len_sent(self, seq: int, n: int) -> None:
@@ -58,12 +98,15 @@ class Reassembler:
             self.size += n
             if blocks:
                 blocks.append((seq, upper, None))
+            elif self.head_lo is None:
+                self.head_lo = seq
+                self.head_hi = upper
             else:
                 self.blocks = [(seq, upper, None)]
             self.lrs = upper
             ep = self.ep
-            acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
-            if acked == ep.start_seq or acked == ep.start_seq + 1:
+            acked = ep.ack_rel   # ep.no_data_acked(), inlined
+            if acked == 0 or acked == 1:
                 self._trim_if_unacked()
             limit = ep.analyzer.settings.tcp_excessive_data_without_further_acks
             if limit and self.size > limit:
@@ -84,14 +127,17 @@ class Reassembler:
             self.size += n
             if blocks:
                 blocks.append((seq, upper, None))
+            elif self.head_lo is None:
+                self.head_lo = seq
+                self.head_hi = upper
             else:
                 self.blocks = [(seq, upper, None)]
             self.lrs = upper
             if an.want_stream:
                 conn = an.conn
                 an.hooks.tcp_deliver(conn, ep.side == conn.orig_side, data)
-            acked = (ep.ack_wraps << 32) | ep.ack_seq   # ep.no_data_acked(), inlined
-            if acked == ep.start_seq or acked == ep.start_seq + 1:
+            acked = ep.ack_rel   # ep.no_data_acked(), inlined
+            if acked == 0 or acked == 1:
                 self._trim_if_unacked()
             # Nothing lies above the delivery point now: only the total size can be too much.
             limit = an.settings.tcp_excessive_data_without_further_acks
@@ -99,10 +145,9 @@ class Reassembler:
                 self._clear()
             return
         self._new_block(seq, data)
-        blocks = self.blocks  # _new_block may have made the list
         settings = an.settings
         limit = settings.tcp_max_above_hole_without_any_acks
-        if limit and blocks and blocks[-1][1] - self.lrs > limit and ep.no_data_acked():
+        if limit and self.has_blocks() and self._top() - self.lrs > limit and ep.no_data_acked():
             self._clear()
         limit = settings.tcp_excessive_data_without_further_acks
         if limit and self.size > limit:
@@ -110,7 +155,13 @@ class Reassembler:
 
     def _clear(self) -> None:
         self.blocks = None   # skip from now on
+        self.head_lo = None
         self.size = 0
+
+    def _top(self) -> int:
+        """Upper end of the last block (there is one)."""
+        blocks = self.blocks
+        return blocks[-1][1] if blocks else self.head_hi
 
     def _new_block(self, seq: int, data: bytes) -> None:
         n = len(data)
@@ -123,14 +174,11 @@ class Reassembler:
             data = data[self.trim_seq - seq:]
             seq = self.trim_seq
         blocks = self.blocks
-        if not blocks or blocks[-1][1] <= seq:
+        if not self.has_blocks() or self._top() <= seq:
             self.size += upper - seq
             if seq == self.lrs:
                 # In-order data at the delivery point: deliver it straight away.
-                if blocks:
-                    blocks.append((seq, upper, None))
-                else:
-                    self.blocks = [(seq, upper, None)]
+                self._add_delivered(seq, upper)
                 self.lrs = upper
                 an = self.ep.analyzer
                 if an.want_stream:
@@ -146,6 +194,7 @@ class Reassembler:
                 self._block_inserted()
             return
         else:
+            blocks = self._all()
             pieces = []
             cur = seq
             i = bisect_right(blocks, (seq, M64 + 1)) - 1
@@ -169,6 +218,7 @@ class Reassembler:
                 self.size += p[1] - p[0]
             blocks.extend(pieces)
             blocks.sort(key=lambda b: b[0])
+            self._keep(blocks)
             # Zeek's BlockInserted delivers only when the first new block covers the
             # delivery point.
             if pieces[0][0] <= self.lrs < pieces[0][1]:
@@ -208,8 +258,9 @@ class Reassembler:
     # --- acks ----------------------------------------------------------------------------------
     def ack_received(self, seq: int) -> None:
         ep = self.ep
-        if ep.FIN_cnt > 0 and seq >= ep.FIN_seq:
-            seq = ep.FIN_seq - 1
+        rare = ep.rare   # (ep.FIN_cnt > 0 and seq >= ep.FIN_seq, without the properties)
+        if rare is not None and rare.FIN_cnt > 0 and seq >= rare.FIN_seq:
+            seq = rare.FIN_seq - 1
         if seq <= self.trim_seq:
             return
         self.trim_to_seq(seq)
@@ -219,16 +270,28 @@ class Reassembler:
         if seq > self.lrs:
             self._undelivered(seq)
         blocks = self.blocks
-        if blocks is None:
-            blocks = ()
-        n = 0
-        for b in blocks:
-            if b[1] > seq:
-                break
-            self.size -= b[1] - b[0]
-            n += 1
-        if n:
-            del blocks[:n]
+        head_lo = self.head_lo
+        if head_lo is not None:
+            if self.head_hi > seq:   # the first block stays: so do all others
+                if seq > self.trim_seq:
+                    self.trim_seq = seq
+                return
+            self.size -= self.head_hi - head_lo
+            self.head_lo = None
+        if blocks:
+            n = 0
+            for b in blocks:
+                if b[1] > seq:
+                    break
+                self.size -= b[1] - b[0]
+                n += 1
+            if n:
+                del blocks[:n]
+            if self.head_lo is None and blocks and blocks[0][2] is None:
+                self.head_lo, self.head_hi = blocks[0][0], blocks[0][1]   # the new head
+                del blocks[0]
+            if not blocks:
+                self.blocks = ()   # an emptied list still costs 56 B
         if seq > self.trim_seq:
             self.trim_seq = seq
 
@@ -276,20 +339,22 @@ class Reassembler:
         if self.blocks is None:   # skipping
             return False
         ep = self.ep
-        delivered = ep.start_seq + self.lrs
-        last = (ep.seq_wraps << 32) | ep.last_seq
+        delivered = self.lrs   # both relative to start_seq
+        last = ep.last_rel
         if last < delivered:
             return False
         if delivered != last - 1 and delivered != last:
             return True
         peer_reasm = ep.peer.reasm  # None = nothing buffered
-        if ep.state != RESET and peer_reasm is not None and peer_reasm.blocks:
+        if ep.state != RESET and peer_reasm is not None and peer_reasm.has_blocks():
             return True
         return False
 
     def check_eof(self) -> None:
         ep = self.ep
-        if (not self.did_eof and (ep.FIN_cnt > 0 or ep.state == CLOSED or ep.state == RESET)
+        rare = ep.rare   # (ep.FIN_cnt > 0, without the property)
+        if (not self.did_eof and ((rare is not None and rare.FIN_cnt > 0) or ep.state == CLOSED
+                                  or ep.state == RESET)
                 and not self.data_pending()):
             self.did_eof = True
             ep.analyzer.endpoint_eof(ep)

@@ -3,7 +3,8 @@ TCP-specific timers, following Zeek's TCPSessionAdapter::Process (spec §§1.5-1
 
 Per packet (already checksum- and header-validated by the tracker) `process()` runs Zeek's
 steps in Zeek's order. Sequence arithmetic is 32-bit with explicit wrap counters; relative
-sequence numbers are 64-bit, as in Zeek.
+sequence numbers are 64-bit, as in Zeek. An endpoint stores its last and acked sequence
+numbers with their wrap counters as 64-bit values relative to its start (small ints).
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ def seq_delta(a: int, b: int) -> int:
 
 
 class EndpointRare:
-    """The part of a TCP endpoint only FIN, RST and the logarithmic letters touch: made on
-    first use, so the many open connections that saw none of them do not carry it."""
+    """The part of a TCP endpoint only FIN, RST, closing and the logarithmic letters touch:
+    made on first use, so the many open connections that saw none of them do not carry it."""
 
-    __slots__ = ("FIN_seq", "hist_last_SYN", "hist_last_FIN", "hist_last_RST", "scaled")
+    __slots__ = ("FIN_cnt", "FIN_seq", "did_close", "hist_last_SYN", "hist_last_FIN",
+                 "hist_last_RST", "scaled")
 
     def __init__(self) -> None:
+        self.FIN_cnt = 0
+        self.did_close = False
         self.hist_last_SYN = 0
         self.FIN_seq = 0
         self.hist_last_FIN = 0
@@ -79,9 +83,12 @@ class TCPEndpoint(EndpointCounters):
     """One host's half of a TCP connection (Zeek's TCP_Endpoint)."""
 
     # `side` and `peer` are derived from the connection (two slots less per endpoint).
+    # Zeek's last_seq/seq_wraps and ack_seq/ack_wraps are kept as one 64-bit value each,
+    # relative to start_seq (`last_rel`, `ack_rel`): usually small ints, which Python
+    # shares, where 32-bit sequence numbers cost 32 B each. Properties give Zeek's view.
     __slots__ = (
-        "analyzer", "state", "prev_state", "start_seq", "last_seq", "ack_seq",
-        "seq_wraps", "ack_wraps", "FIN_cnt", "did_close", "rare", "reasm",
+        "analyzer", "state", "prev_state", "start_seq", "last_rel", "ack_rel",
+        "rare", "reasm",
     )
 
     def __init__(self, analyzer: TCPAnalyzer) -> None:
@@ -90,14 +97,10 @@ class TCPEndpoint(EndpointCounters):
         self.analyzer = analyzer
         self.state = INACTIVE
         self.prev_state = INACTIVE
-        self.start_seq = 0
-        self.last_seq = 0
-        self.ack_seq = 0
-        self.seq_wraps = 0
-        self.ack_wraps = 0
-        self.FIN_cnt = 0
-        self.did_close = False
-        self.rare: EndpointRare | None = None   # FIN_seq, ... (properties below)
+        self.start_seq = 0        # 32-bit, as on the wire
+        self.last_rel = 0         # ((seq_wraps << 32) | last_seq) - start_seq
+        self.ack_rel = 0          # ((ack_wraps << 32) | ack_seq) - start_seq
+        self.rare: EndpointRare | None = None   # FIN_cnt, did_close, ... (properties below)
         # Made on first use (`reassembler()`): one-sided flows (scans) never need one.
         self.reasm: Reassembler | None = None
 
@@ -116,6 +119,22 @@ class TCPEndpoint(EndpointCounters):
         if rare is None:
             rare = self.rare = EndpointRare()
         return rare
+
+    @property
+    def FIN_cnt(self) -> int:
+        return 0 if self.rare is None else self.rare.FIN_cnt
+
+    @FIN_cnt.setter
+    def FIN_cnt(self, v: int) -> None:
+        self._rare().FIN_cnt = v
+
+    @property
+    def did_close(self) -> bool:
+        return self.rare is not None and self.rare.did_close
+
+    @did_close.setter
+    def did_close(self, v: bool) -> None:
+        self._rare().did_close = v
 
     @property
     def hist_last_SYN(self) -> int:
@@ -157,19 +176,52 @@ class TCPEndpoint(EndpointCounters):
         return reasm
 
     # --- sequence space ------------------------------------------------------------------------
-    def update_last_seq_value(self, seq: int) -> None:
-        if seq < self.last_seq:
-            self.seq_wraps += 1
-        self.last_seq = seq
+    # Zeek's four fields, as views over start_seq + last_rel / ack_rel (64-bit values).
+    @property
+    def last_seq(self) -> int:
+        return (self.start_seq + self.last_rel) & M32
 
-    def update_ack_seq_value(self, seq: int) -> None:
-        if seq < self.ack_seq:
-            self.ack_wraps += 1
-        self.ack_seq = seq
+    @last_seq.setter
+    def last_seq(self, v: int) -> None:
+        self.last_rel = ((self.seq_wraps << 32) | v) - self.start_seq
+
+    @property
+    def seq_wraps(self) -> int:
+        return (self.start_seq + self.last_rel) >> 32
+
+    @seq_wraps.setter
+    def seq_wraps(self, v: int) -> None:
+        self.last_rel = ((v << 32) | self.last_seq) - self.start_seq
+
+    @property
+    def ack_seq(self) -> int:
+        return (self.start_seq + self.ack_rel) & M32
+
+    @ack_seq.setter
+    def ack_seq(self, v: int) -> None:
+        self.ack_rel = ((self.ack_wraps << 32) | v) - self.start_seq
+
+    @property
+    def ack_wraps(self) -> int:
+        return (self.start_seq + self.ack_rel) >> 32
+
+    @ack_wraps.setter
+    def ack_wraps(self, v: int) -> None:
+        self.ack_rel = ((v << 32) | self.ack_seq) - self.start_seq
+
+    def init_seqs(self, start: int, ack: int, last: int) -> None:
+        """Set start_seq, ack_seq and last_seq (32-bit values) as Zeek's init_endpoint and
+        the faked handshake do: the wrap counters are kept."""
+        old = self.start_seq
+        seq_wraps = (old + self.last_rel) >> 32
+        ack_wraps = (old + self.ack_rel) >> 32
+        self.start_seq = start
+        self.last_rel = ((seq_wraps << 32) | last) - start
+        self.ack_rel = ((ack_wraps << 32) | ack) - start
 
     def no_data_acked(self) -> bool:
-        ack = (self.ack_wraps << 32) | self.ack_seq
-        return ack == self.start_seq or ack == self.start_seq + 1
+        ack = self.ack_rel
+        return ack == 0 or ack == 1
 
     @property
     def size(self) -> int:
@@ -177,9 +229,9 @@ class TCPEndpoint(EndpointCounters):
         if (self.prev_state == SYN_SENT and self.state == RESET
                 and self.peer.state == INACTIVE and not self.no_data_acked()):
             return 0
-        last64 = (self.seq_wraps << 32) | self.last_seq
-        ack64 = (self.ack_wraps << 32) | self.ack_seq
-        size = ((last64 if last64 > ack64 else ack64) - self.start_seq) & M64
+        last = self.last_rel
+        ack = self.ack_rel
+        size = (last if last > ack else ack) & M64
         if size != 0:
             size -= 1
         if self.FIN_cnt > 0 and size != 0:
@@ -240,12 +292,14 @@ class TCPEndpoint(EndpointCounters):
 
 
 class AnalyzerRare:
-    """Analyzer state only half closes, deferred closes and extra timers need (made on
-    first use: most open connections never need it)."""
+    """Analyzer state only closes, resets, half closes, deferred closes and extra timers
+    need (made on first use: most open connections never need it)."""
 
-    __slots__ = ("close_deferred", "deferred_gen_event", "expire2_at", "close_at", "extra")
+    __slots__ = ("is_active", "close_deferred", "deferred_gen_event", "expire2_at", "close_at",
+                 "extra")
 
     def __init__(self) -> None:
+        self.is_active = True
         self.close_deferred = False
         self.deferred_gen_event = False
         self.expire2_at: float | None = None
@@ -257,25 +311,22 @@ class TCPAnalyzer:
     """Zeek's TCPSessionAdapter for one connection."""
 
     __slots__ = (
-        "conn", "is_active", "first_packet_seen", "is_partial",
-        "established_pending",
+        "conn", "first_packet_seen", "is_partial",
         # Analyzer timers as times (None = not pending), checked through the connection's
         # single heap entry (ConnTracker.arm): the periodic ExpireTimer chain, the extra
         # chain started by a half close (in `rare`), the AttemptTimer and the delete timer.
         # Rare extra timers (a second attempt timer, reset and partial-close timers) are
         # heap Timers (`extra`, in `rare`).
         "expire_at", "attempt_at",
-        "rare",  # AnalyzerRare: close_deferred, deferred_gen_event, expire2_at, close_at, extra
+        "rare",  # AnalyzerRare: is_active, close_deferred, ..., expire2_at, close_at, extra
     )
 
     def __init__(self) -> None:
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
-        self.is_active = True
         self.first_packet_seen = 0
         self.is_partial = False
         self.expire_at: float | None = None
         self.attempt_at: float | None = None
-        self.established_pending = False
         self.rare: AnalyzerRare | None = None
 
     def _rare(self) -> AnalyzerRare:
@@ -283,6 +334,16 @@ class TCPAnalyzer:
         if rare is None:
             rare = self.rare = AnalyzerRare()
         return rare
+
+    @property
+    def is_active(self) -> bool:
+        """False once finished or reset (Zeek's IsActive)."""
+        return self.rare is None or self.rare.is_active
+
+    @is_active.setter
+    def is_active(self, v: bool) -> None:
+        if not v or self.rare is not None:
+            self._rare().is_active = v
 
     @property
     def close_deferred(self) -> bool:
@@ -549,40 +610,35 @@ class TCPAnalyzer:
         st = endpoint.state
         if st == ESTABLISHED or st == PARTIAL:
             if f_syn:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
         elif st == INACTIVE:
             if f_syn:
-                endpoint.ack_seq = base_seq
-                endpoint.start_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
             else:
-                endpoint.ack_seq = endpoint.start_seq = (base_seq - 1) & M32
-                endpoint.last_seq = base_seq
+                start = (base_seq - 1) & M32
+                endpoint.init_seqs(start, start, base_seq)
         elif st == SYN_SENT or st == SYN_ACK_SENT:
             if f_syn and base_seq != endpoint.start_seq:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
         elif st == RESET:
             if f_syn and endpoint.prev_state == INACTIVE:
-                endpoint.start_seq = endpoint.ack_seq = base_seq
-                endpoint.last_seq = seq_one_past
+                endpoint.init_seqs(base_seq, base_seq, seq_one_past)
 
-        if endpoint.seq_wraps == 0 and base_seq >= endpoint.last_seq:
+        start = endpoint.start_seq
+        last64 = start + endpoint.last_rel     # (seq_wraps << 32) | last_seq
+        if last64 <= base_seq:
             # Fast path of get_relative_seq: no wraps and no wrap in this packet.
-            d = (base_seq - endpoint.last_seq) & M32
-            if d & 0x80000000:
-                rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq,
-                                                            endpoint.last_seq, 0)
+            if base_seq - last64 >= 0x80000000:
+                rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, last64, 0)
             else:
-                d = (base_seq - endpoint.start_seq) & M32
+                d = (base_seq - start) & M32
                 if d & 0x80000000:
                     rel_seq, seq_underflow = (d - 0x100000000) & M64, True
                 else:
                     rel_seq, seq_underflow = d, False
         else:
-            rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, endpoint.last_seq,
-                                                        endpoint.seq_wraps)
+            rel_seq, seq_underflow = self._relative_seq(endpoint, base_seq, last64 & M32,
+                                                        last64 >> 32)
 
         if flags & 0x07:
             self._update_history(conn, flags, endpoint, rel_seq, length)
@@ -600,31 +656,38 @@ class TCPAnalyzer:
                 and endpoint.state != RESET):
             endpoint.zero_window(conn)
 
-        if not endpoint.did_close or not peer.did_close:
+        # (not endpoint.did_close or not peer.did_close, without the properties)
+        ep_rare = endpoint.rare
+        peer_rare = peer.rare
+        if ep_rare is None or peer_rare is None or not (ep_rare.did_close
+                                                        and peer_rare.did_close):
             conn.last_time = t
 
         if f_fin:
-            endpoint.FIN_cnt += 1
-            endpoint.FIN_seq = (rel_seq + seg_len) & M64
+            ep_rare = endpoint._rare()
+            ep_rare.FIN_cnt += 1
+            ep_rare.FIN_seq = (rel_seq + seg_len) & M64
 
         rel_ack = 0
         if f_ack:
             if peer.state == INACTIVE:
                 rel_ack = 1
                 v = (ack_seq - 1) & M32
-                peer.start_seq = peer.ack_seq = peer.last_seq = v
+                peer.init_seqs(v, v, v)
             else:
-                peer_ack = peer.ack_seq
-                if peer.ack_wraps == 0 and ack_seq >= peer_ack:
+                peer_start = peer.start_seq
+                ack64 = peer_start + peer.ack_rel     # (ack_wraps << 32) | ack_seq
+                peer_ack = ack64 & M32
+                if ack64 <= ack_seq:
                     # Fast path of get_relative_seq (no wraps, none in this packet).
-                    d = (ack_seq - peer.start_seq) & M32
+                    d = (ack_seq - peer_start) & M32
                     if d & 0x80000000:
                         rel_ack, ack_underflow = (d - 0x100000000) & M64, True
                     else:
                         rel_ack, ack_underflow = d, False
                 else:
                     rel_ack, ack_underflow = self._relative_seq(peer, ack_seq, peer_ack,
-                                                                peer.ack_wraps)
+                                                                ack64 >> 32)
                 if ack_underflow:
                     rel_ack = 0
                 elif not f_rst:
@@ -634,15 +697,19 @@ class TCPAnalyzer:
                     if ack_seq == 0 and delta_ack > TOO_LARGE_SEQ_DELTA:
                         pass
                     elif delta_ack > 0:
+                        ack_wraps = ack64 >> 32
                         if ack_seq < peer_ack:       # TCP_Endpoint::UpdateAckSeq
-                            peer.ack_wraps += 1
-                        # Usually all the peer sent is acked: share its last_seq's int
-                        # object (32 B per endpoint) instead of keeping an equal one.
-                        peer_last = peer.last_seq
-                        peer.ack_seq = peer_last if ack_seq == peer_last else ack_seq
+                            ack_wraps += 1
+                        ack_rel = ((ack_wraps << 32) | ack_seq) - peer_start
+                        # Usually all the peer sent is acked: share its last_rel's int
+                        # object (32 B when it is large) instead of keeping an equal one.
+                        peer_last = peer.last_rel
+                        peer.ack_rel = peer_last if ack_rel == peer_last else ack_rel
 
-        # update_last_seq
-        last_seq = endpoint.last_seq
+        # update_last_seq (start_seq has not changed since it was read above)
+        last_rel = endpoint.last_rel
+        last64 = start + last_rel
+        last_seq = last64 & M32
         delta_last = (seq_one_past - last_seq) & M32
         if delta_last & 0x80000000:
             delta_last -= 0x100000000
@@ -650,11 +717,12 @@ class TCPAnalyzer:
         if (f_syn or f_rst) and (delta_last > TOO_LARGE_SEQ_DELTA
                                  or delta_last < -TOO_LARGE_SEQ_DELTA):
             pass
-        elif (f_fin and last_seq == (endpoint.start_seq + 1) & M32) or (
-                st != RESET and delta_last > 0):
+        elif (f_fin and last_rel & M32 == 1) or (st != RESET and delta_last > 0):
+            # (f_fin and last_seq == start_seq + 1, in 32 bits)
+            seq_wraps = last64 >> 32
             if seq_one_past < last_seq:              # TCP_Endpoint::UpdateSeq
-                endpoint.seq_wraps += 1
-            endpoint.last_seq = seq_one_past
+                seq_wraps += 1
+            endpoint.last_rel = ((seq_wraps << 32) | seq_one_past) - start
         elif st == RESET:
             pass
         elif length > 0:
@@ -695,7 +763,8 @@ class TCPAnalyzer:
                 else:
                     reasm.data_len_sent(rel_data_seq, length)  # only lengths matter
 
-        if endpoint.FIN_cnt or endpoint.state >= CLOSED:   # CLOSED or RESET
+        ep_rare = endpoint.rare
+        if (ep_rare is not None and ep_rare.FIN_cnt) or endpoint.state >= CLOSED:  # or RESET
             reasm = endpoint.reasm
             if reasm is None:
                 endpoint.reassembler().check_eof()
@@ -829,7 +898,9 @@ class TCPAnalyzer:
                     peer.set_state(ESTABLISHED)
                 ep.set_state(ESTABLISHED)
                 if peer.state != PARTIAL:
-                    self.established_pending = True
+                    # connection_established, raised by the tracker once it has counted
+                    # the packet (a tracker flag: one slot less per connection).
+                    self.tracker.established_pending = conn
         if flags & FIN:
             ep.set_state(CLOSED)
             do_close = gen_event = True

@@ -71,13 +71,17 @@ class ConnTracker:
         self.settings = settings or EngineSettings()
         self.hooks = hooks or EngineHooks()
         self.sink = sink or _discard
-        self.timers = TimerManager(self.settings.max_timer_expires)
+        # Each connection's checks share one deadline (`arm`), which calls _conn_timer.
+        self.timers = TimerManager(self.settings.max_timer_expires,
+                                   on_deadline=self._conn_timer)
         self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
-        self._conn_timer_cb = self._conn_timer  # one bound method shared by all entries
         self._addrs: dict[bytes, bytes] = {}    # see _shared_key
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
+        # A connection the TCP analyzer has just established: connection_established is
+        # raised once the packet has been counted.
+        self.established_pending: Connection | None = None
         self.stats = TrackerStats()
         self.bound = ConnBound(self.settings.max_connections)  # connection bound (conn/bound.py)
         self.uids = UidGenerator(uid_seed)
@@ -118,7 +122,7 @@ class ConnTracker:
             # packet is handled (polls, thresholds) count from now, not from the last expiry.
             now = self.network_time = self.timers.now = ts
         heap = self._heap  # peek inline: most packets have no due timer
-        if heap and heap[0][0] <= now:
+        if (heap and heap[0][0] <= now) or now >= self.timers.wake_at:
             self.timers.advance(now)
         if self._want_tick:
             self.hooks.tick(now)
@@ -175,9 +179,10 @@ class ConnTracker:
             ep = conn.side1 if side else conn.side0
             ep.num_pkts += 1
             ep.num_bytes_ip += pkt.ip_len
-            if an.established_pending:
-                an.established_pending = False
-                self._established(conn)
+            established = self.established_pending   # set by the analyzer
+            if established is not None:
+                self.established_pending = None
+                self._established(established)
             if self._want_packet:
                 self.hooks.packet(conn, pkt, side == conn.orig_side)
         elif proto == 17:
@@ -270,35 +275,37 @@ class ConnTracker:
 
     # --- per-connection deadline ---------------------------------------------------------------
     def arm(self, conn: Connection, when: float) -> None:
-        """Make `conn`'s single heap entry fire no later than `when`.
+        """Make `conn`'s single deadline fire no later than `when`.
 
         Every timer of a connection (inactivity, and the TCP analyzer's expire/attempt/close
-        checks) is a time in one of its slots; the heap holds one entry per connection at (or
-        before) the earliest of them. Moving a check later costs nothing (the entry finds
-        nothing due and re-arms itself); only moving it earlier pushes a new entry.
+        checks) is a time in one of its slots; the timer manager holds one deadline per
+        connection (`conn.timer_at`) at (or before) the earliest of them. Moving a check
+        later costs nothing (the deadline finds nothing due and re-arms itself); only moving
+        it earlier sets a new deadline.
         """
-        timer = conn.timer
-        if timer is not None:
-            if timer[0] <= when:
+        due = conn.timer_at
+        if due is not None:
+            if due <= when:
                 return
-            self.timers.cancel(timer)
-        conn.timer = self.timers.schedule(when, self._conn_timer_cb, arg=conn)
+            self.timers.clear_deadline(conn, due)
+        conn.timer_at = when
+        self.timers.set_deadline(conn, when)
 
     def _conn_timer(self, conn: Connection, now: float) -> None:
-        """The connection's heap entry fired: run its earliest due check, re-arm for the next.
+        """The connection's deadline fired: run its earliest due check, re-arm for the next.
 
         One check per firing, so checks of different connections interleave in time order
-        as Zeek's separate timers would (the re-armed entry fires again in the same
+        as Zeek's separate timers would (the re-armed deadline fires again in the same
         `advance` when the next check is also due)."""
-        conn.timer = None
+        conn.timer_at = None
         if conn.removed:
             return
         an = conn.analyzer
-        inact = conn.inact_at
+        inact = None if conn.inact_from is None else conn.inact_from + conn.inactivity_timeout
         tcp_due = an.next_due() if type(an) is TCPAnalyzer else None
         if inact is not None and (tcp_due is None or inact <= tcp_due):
             if inact <= now:
-                conn.inact_at = None
+                conn.inact_from = None
                 self._inactivity_timer(conn, now)
         elif tcp_due is not None and tcp_due <= now:
             an.run_due(tcp_due, now)  # type: ignore[union-attr]
@@ -306,7 +313,7 @@ class ConnTracker:
             self._rearm(conn)
 
     def _rearm(self, conn: Connection) -> None:
-        when = conn.inact_at
+        when = None if conn.inact_from is None else conn.inact_from + conn.inactivity_timeout
         an = conn.analyzer
         if type(an) is TCPAnalyzer:
             tcp_due = an.next_due()
@@ -339,20 +346,20 @@ class ConnTracker:
             return
         conn.inactivity_timeout = timeout
         if timeout > 0:
-            when = conn.inact_at = conn.last_time + timeout
-            self.arm(conn, when)
+            conn.inact_from = conn.last_time
+            self.arm(conn, conn.last_time + timeout)
         else:
-            conn.inact_at = None
+            conn.inact_from = None
 
     def _inactivity_timer(self, conn: Connection, t: float) -> None:
         timeout = conn.inactivity_timeout
         if conn.last_time + timeout <= t:
             if self.hooks.connection_timing_out(conn):
-                conn.inact_at = t + timeout
+                conn.inact_from = t   # due again at t + timeout
                 return
             self.remove(conn)
         else:
-            conn.inact_at = conn.last_time + timeout
+            conn.inact_from = conn.last_time
 
     def remove(self, conn: Connection) -> None:
         """Finish a connection: state_remove hook, record, sink (exactly once)."""
@@ -361,10 +368,10 @@ class ConnTracker:
         conn.removed = True
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
-        if conn.timer is not None:
-            self.timers.cancel(conn.timer)
-            conn.timer = None
-        conn.inact_at = None
+        if conn.timer_at is not None:
+            self.timers.clear_deadline(conn, conn.timer_at)
+            conn.timer_at = None
+        conn.inact_from = None
         if type(conn.analyzer) is TCPAnalyzer:
             conn.analyzer.cancel_timers()
         self.hooks.connection_state_remove(conn)
