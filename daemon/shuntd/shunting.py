@@ -18,6 +18,7 @@ its own timestamp, so every packet XDP passed before it is analysed first.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -51,6 +52,9 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
 M32 = 0xFFFFFFFF
+# A late packet's IPv4 + TCP header (shunting.ShuntManager.late_packet), from the frame's
+# byte 14: version/IHL, total length, fragment field, protocol, seq, ack, data offset, flags.
+_LATE_HDR = struct.Struct("!BxHxxHxBxx12xIIBB")
 
 
 # Services of connections that carry other traffic: XDP sees only outer headers, so shunting
@@ -381,43 +385,46 @@ class ShuntManager:
         for the entry (SYN, FIN and RST are left to the analyser, as XDP sends those as
         events). Plain Ethernet + IPv4 (no options, not a fragment) + TCP only; the IPv4
         header checksum is checked as decode() does, the TCP checksum is not (XDP's rule)."""
-        if (len(frame) < 54 or frame[12] != 8 or frame[13] or frame[14] != 0x45
-                or frame[23] != 6):
+        hit = self.late.get(bytes(frame[26:38]))  # any frame: the checks follow a hit
+        if hit is None or len(frame) < 54 or frame[12] != 8 or frame[13]:
             return False
-        hit = self.late.get(bytes(frame[26:38]))
-        if hit is None:
-            return False
-        flags = frame[47]
-        ip_len = (frame[16] << 8) | frame[17]
-        thl = (frame[46] >> 4) << 2
-        if (flags & 0x07 or frame[20] & 0x3F or frame[21] or thl < 20 or ip_len < 20 + thl
-                or wire_len < 14 + ip_len):
+        ver, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(frame, 14)
+        thl = (off >> 4) << 2
+        if (ver != 0x45 or proto != 6 or flags & 0x07 or frag & 0x3FFF or thl < 20
+                or ip_len < 20 + thl or wire_len < 14 + ip_len):
             return False
         if not ignore_checksums and int.from_bytes(frame[14:34], "big") % 0xFFFF:
             return False  # decode() drops it: so does the analyser's path
         conn, side = hit
-        self.tracker.advance(ts)  # timers due first: they may end this shunt
+        tracker = self.tracker
+        if ts > tracker.network_time:
+            tracker.advance(ts)  # timers due first: they may end this shunt
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
         if conn.removed or st is None or st.key is None:
             return False
         payload = ip_len - 20 - thl
         late = st.late
-        at = 0 if side == conn.orig_side else 2
-        late[at] += 1
-        late[at + 1] += ip_len
-        ep = conn.sides[side]
-        peer = ep.peer
+        resp = side != conn.orig_side
+        late[2 if resp else 0] += 1
+        late[3 if resp else 1] += ip_len
+        ep = conn.side1 if side else conn.side0
+        peer = conn.side0 if side else conn.side1
         if ts > conn.last_time and not (ep.did_close and peer.did_close):
             conn.last_time = ts  # as the analyser would (Zeek: not once both sides closed)
-        if payload:
-            ep.check_history(conn, HIST_DATA_PKT, "D")
-        elif flags & 0x10:
-            ep.check_history(conn, HIST_ACK_PKT, "A")
-        seq = int.from_bytes(frame[38:42], "big")
-        advance_seq(ep, _near((seq + payload) & M32, _seq64(ep) + 0x7FFFFFFF))
+        if payload or flags & 0x10:
+            mask = HIST_DATA_PKT if payload else HIST_ACK_PKT
+            if not conn.hist_seen & (mask << 16 if resp else mask) or conn.history == "H":
+                ep.check_history(conn, mask, "D" if payload else "A")
+        # Forward only, the nearest 64-bit value to the endpoint's own (as _apply_close).
+        cur = (ep.seq_wraps << 32) | ep.last_seq
+        nxt = _near((seq + payload) & M32, cur + 0x7FFFFFFF)
+        if nxt > cur:
+            advance_seq(ep, nxt)
         if flags & 0x10:
-            advance_ack(peer, _near(int.from_bytes(frame[42:46], "big"),
-                                    _ack64(peer) + 0x7FFFFFFF))
+            cur = (peer.ack_wraps << 32) | peer.ack_seq
+            nxt = _near(ack, cur + 0x7FFFFFFF)
+            if nxt > cur:
+                advance_ack(peer, nxt)
         return True
 
     @staticmethod
