@@ -307,15 +307,19 @@ class ServiceDetection:
             subject = data
         direction = "orig" if is_orig else "resp"
         newly: list[str] = []
-        for sig in list(layer.candidates):
+        matched = layer.matched
+        for sig in layer.candidates:
             if sig.direction != "any" and sig.direction != direction:
                 continue
-            if sig.name in layer.matched or not sig.pattern.match(subject):
+            if sig.name in matched or not sig.pattern.match(subject):
                 continue
-            layer.matched.add(sig.name)
+            matched.add(sig.name)
             newly.append(sig.name)
+        if not newly:
+            return  # nothing new can fire (the loop below only acts on this packet's matches)
         # A signature waiting for its reverse side fires when that side matches (any order).
-        for sig in list(layer.candidates):
+        # _attach replaces layer.candidates, never changes the list iterated here.
+        for sig in layer.candidates:
             if sig.name not in layer.matched or not sig.enables:
                 continue
             if sig.requires_reverse and sig.requires_reverse not in layer.matched:
