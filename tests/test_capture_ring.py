@@ -254,6 +254,24 @@ def test_stopping_on_the_last_frame_of_a_block_neither_repeats_nor_loses(lab: La
     assert got == [_raw_frame(i) for i in range(4)]
 
 
+def test_a_block_the_kernel_went_past_is_skipped_not_waited_for(lab: Lab, caplog) -> None:
+    """Seen on 6.18 under overload: the block we wait for stays the kernel's while later
+    blocks are ready (the socket stays readable). Made here by handing block 0 back unread:
+    poll() must go on at block 1, count the skip once, and keep capturing after it."""
+    with CaptureRing(lab.host_if, SMALL_RING) as ring:
+        lab.send([_raw_frame(i) for i in range(3)])
+        time.sleep(0.15)  # block 0, retired by the timeout
+        lab.send([_raw_frame(i) for i in range(3, 6)])
+        time.sleep(0.15)  # block 1
+        struct.pack_into("=I", ring._map, 8, 0)  # block 0's status: TP_STATUS_KERNEL
+        got = [g[1] for g in _drain(ring)]
+        lab.send([_raw_frame(6)])
+        got += [g[1] for g in _drain(ring)]
+    assert got == [_raw_frame(i) for i in range(3, 7)]
+    assert ring.resyncs == 1
+    assert "went on past block 0" in caplog.text
+
+
 def test_frame_view_is_released_when_iterator_advances(lab: Lab) -> None:
     with CaptureRing(lab.host_if, SMALL_RING) as ring:
         lab.send([_raw_frame(1), _raw_frame(2)])

@@ -328,11 +328,18 @@ class Engine:
         n = 0
         tracker, defrag, ignore = self.tracker, self.defrag, self.ignore
         process = tracker.process
+        late, late_packet = self.shunts.late, self.shunts.late_packet
         horizon = self._read_events(read_events)
         for ts, frame, wire_len, linktype in ring.poll(timeout):
             if ts > horizon:  # captured after the events were read: read them again
                 horizon = self._read_events(read_events)
             n += 1
+            # A packet of a session shunted after XDP passed it: counted as XDP would have.
+            if late and linktype == 1 and late_packet(frame, ts, wire_len,
+                                                      ignore or ring.csum_unchecked):
+                if n >= MAX_BATCH:
+                    break
+                continue
             pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
             if pkt is not None and pkt.frag:
                 tracker.advance(ts)

@@ -18,6 +18,7 @@ its own timestamp, so every packet XDP passed before it is analysed first.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -51,6 +52,9 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
 M32 = 0xFFFFFFFF
+# A late packet's IPv4 + TCP header (shunting.ShuntManager.late_packet), from the frame's
+# byte 14: version/IHL, total length, fragment field, protocol, seq, ack, data offset, flags.
+_LATE_HDR = struct.Struct("!BxHxxHxBxx12xIIBB")
 
 
 # Services of connections that carry other traffic: XDP sees only outer headers, so shunting
@@ -85,10 +89,12 @@ def trigger_name(code: int) -> str:
 
 
 class ConnShunt:
-    """A connection's shunt history: trigger, live map key, counters of ended episodes."""
+    """A connection's shunt history: trigger, live map key, counters of ended episodes, and
+    the late packets of the live episode (`late`: orig pkts, orig bytes, resp pkts, resp
+    bytes; see `ShuntManager.late_packet`)."""
 
     __slots__ = ("trigger", "key", "orig_side", "start", "orig_pkts", "orig_bytes",
-                 "resp_pkts", "resp_bytes", "anchor")
+                 "resp_pkts", "resp_bytes", "anchor", "late")
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
@@ -99,6 +105,7 @@ class ConnShunt:
         # XDP tracks them from there (shuntd.h, flow_value.tcp).
         self.anchor: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.orig_pkts = self.orig_bytes = self.resp_pkts = self.resp_bytes = 0
+        self.late = [0, 0, 0, 0]
 
 
 class PairShunt:
@@ -187,6 +194,19 @@ def add_letters(conn: Any, letters: int) -> None:
             ep.check_history(conn, HIST_DATA_PKT, "D")
 
 
+def _late_keys(conn: Any) -> tuple[bytes, bytes] | None:
+    """The `ShuntManager.late` keys of an IPv4 TCP connection: the header bytes (src addr,
+    dst addr, src port, dst port) of its originator's packets, then of its responder's
+    (a flip swaps the two, so forgetting them needs no record of which was which)."""
+    if conn.ip_proto != 6:
+        return None
+    a, b = conn.orig_h, conn.resp_h
+    if len(a) != 4:
+        return None
+    pa, pb = conn.orig_p.to_bytes(2, "big"), conn.resp_p.to_bytes(2, "big")
+    return a + b + pa + pb, b + a + pb + pa
+
+
 class ShuntManager:
     """Implements `policy.Actions` for the live daemon, and keeps map entries and connections
     in step (ring events, leases, removal)."""
@@ -200,6 +220,9 @@ class ShuntManager:
         self.write_shunt_row = write_shunt_row
         self.shunted_inactivity_timeout = shunted_inactivity_timeout
         self.flows: dict[bytes, Any] = {}  # key bytes -> Connection
+        # Shunted IPv4 TCP connections by the 12 bytes src addr, dst addr, src port, dst port
+        # of a frame's headers, each direction: (connection, tracker side). See late_packet().
+        self.late: dict[bytes, tuple[Any, int]] = {}
         self.pairs: dict[bytes, PairShunt] = {}
         self.refused_full = 0
         self._full_episode = False
@@ -267,6 +290,10 @@ class ShuntManager:
         st.start = self.tracker.network_time
         if anchor is not None:
             st.anchor = anchor
+            keys = _late_keys(conn)
+            if keys is not None:  # tracker side of the originator, then of the responder
+                self.late[keys[0]] = (conn, conn.orig_side)
+                self.late[keys[1]] = (conn, 1 - conn.orig_side)
         self.flows[bytes(key)] = conn
         return "ok"
 
@@ -310,13 +337,22 @@ class ShuntManager:
         key = st.key
         st.key = None
         self.flows.pop(bytes(key), None)
+        self._forget_late(conn)
+        lop, lob, lrp, lrb = st.late
+        st.late = [0, 0, 0, 0]
         c = self.table.unshunt_key(key)
         if c is None:
+            # The entry is gone (not ours to log); its late packets still count.
+            st.orig_pkts += lop
+            st.orig_bytes += lob
+            st.resp_pkts += lrp
+            st.resp_bytes += lrb
             return False
         if isinstance(conn.analyzer, TCPAnalyzer) and (c.pkts1 or c.pkts2):
             self._catch_up(conn, st, c)
         op, ob = c.side(st.orig_side)
         rp, rb = c.side(3 - st.orig_side)
+        op, ob, rp, rb = op + lop, ob + lob, rp + lrp, rb + lrb
         st.orig_pkts += op
         st.orig_bytes += ob
         st.resp_pkts += rp
@@ -328,6 +364,67 @@ class ShuntManager:
         self.write_shunt_row((st.start, conn.uid, addr_text(conn.orig_h), conn.orig_p,
                               addr_text(conn.resp_h), conn.resp_p, conn.proto, "flow",
                               st.trigger, st.start, end, reason, op, ob, rp, rb))
+        return True
+
+    def _forget_late(self, conn: Any) -> None:
+        keys = _late_keys(conn)
+        if keys is not None:
+            self.late.pop(keys[0], None)
+            self.late.pop(keys[1], None)
+
+    def late_packet(self, frame: Any, ts: float, wire_len: int, ignore_checksums: bool) -> bool:
+        """Account a late packet of a shunted TCP connection as XDP would have; False: not one
+        (the caller analyses the frame as usual).
+
+        Packets of a session that XDP passed before its entry landed (they were on the wire,
+        in the capture ring or in this batch when the policy decided) carry nothing the
+        analyser still wants. Near capacity the daemon runs tens of milliseconds behind the
+        capture, so they can outnumber the handshake itself; analysing each costs as much as
+        any packet. Instead they are counted as shunted, and their history letters, sequence
+        and ack numbers are applied exactly as `tcp_track()` in the XDP program records them
+        for the entry (SYN, FIN and RST are left to the analyser, as XDP sends those as
+        events). Plain Ethernet + IPv4 (no options, not a fragment) + TCP only; the IPv4
+        header checksum is checked as decode() does, the TCP checksum is not (XDP's rule)."""
+        hit = self.late.get(bytes(frame[26:38]))  # any frame: the checks follow a hit
+        if hit is None or len(frame) < 54 or frame[12] != 8 or frame[13]:
+            return False
+        ver, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(frame, 14)
+        thl = (off >> 4) << 2
+        if (ver != 0x45 or proto != 6 or flags & 0x07 or frag & 0x3FFF or thl < 20
+                or ip_len < 20 + thl or wire_len < 14 + ip_len):
+            return False
+        if not ignore_checksums and int.from_bytes(frame[14:34], "big") % 0xFFFF:
+            return False  # decode() drops it: so does the analyser's path
+        conn, side = hit
+        tracker = self.tracker
+        if ts > tracker.network_time:
+            tracker.advance(ts)  # timers due first: they may end this shunt
+        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
+        if conn.removed or st is None or st.key is None:
+            return False
+        payload = ip_len - 20 - thl
+        late = st.late
+        resp = side != conn.orig_side
+        late[2 if resp else 0] += 1
+        late[3 if resp else 1] += ip_len
+        ep = conn.side1 if side else conn.side0
+        peer = conn.side0 if side else conn.side1
+        if ts > conn.last_time and not (ep.did_close and peer.did_close):
+            conn.last_time = ts  # as the analyser would (Zeek: not once both sides closed)
+        if payload or flags & 0x10:
+            mask = HIST_DATA_PKT if payload else HIST_ACK_PKT
+            if not conn.hist_seen & (mask << 16 if resp else mask) or conn.history == "H":
+                ep.check_history(conn, mask, "D" if payload else "A")
+        # Forward only, the nearest 64-bit value to the endpoint's own (as _apply_close).
+        cur = (ep.seq_wraps << 32) | ep.last_seq
+        nxt = _near((seq + payload) & M32, cur + 0x7FFFFFFF)
+        if nxt > cur:
+            advance_seq(ep, nxt)
+        if flags & 0x10:
+            cur = (peer.ack_wraps << 32) | peer.ack_seq
+            nxt = _near(ack, cur + 0x7FFFFFFF)
+            if nxt > cur:
+                advance_ack(peer, nxt)
         return True
 
     @staticmethod

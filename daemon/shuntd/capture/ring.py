@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import select
@@ -98,6 +99,7 @@ _SOCK_FPROG = struct.Struct("@HP")
 _BPF_RET_K = 0x06
 
 Record = tuple[float, memoryview, int, int]
+log = logging.getLogger(__name__)
 
 FANOUT_NEW_GROUP = -1  # `fanout_group` value: let the kernel pick an unused id (see .fanout_group)
 
@@ -202,6 +204,7 @@ class CaptureRing:
         self._drop_outgoing = not config.include_outgoing
         self.fanout_group: int | None = None
         self.link_down_events = 0
+        self.resyncs = 0  # times the kernel went on past the block we waited for (_resync)
         # Of the frame `poll()` yielded last: the kernel says its checksum is not filled in
         # yet (CSUM_NOTREADY) or already verified (CSUM_VALID). Either way the bytes cannot
         # or need not be checked: pass it as `ignore_checksums` to decode().
@@ -321,6 +324,8 @@ class CaptureRing:
             for _fd, events in self._poller.poll(wait):
                 if events & select.POLLERR:
                     self._socket_error()
+                if events & select.POLLIN and not self._block_ready(self._block * bsize):
+                    self._resync()
         while True:
             block = self._block * bsize
             if not self._block_ready(block):
@@ -368,6 +373,32 @@ class CaptureRing:
                 else:
                     _BLOCK_STATUS.pack_into(ring, block + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
                     self._block = (self._block + 1) % bcount
+
+    def _resync(self) -> None:
+        """The kernel says a block is ready but ours is not: find where the kernel went on.
+
+        The kernel fills blocks in ring order and we hand them back in the same order, so
+        the block we wait for is always the oldest one it will hand over, and while we wait
+        for it no other block is ours. Under overload (ring full, queue frozen) a 6.x kernel
+        was seen to go on a block past ours instead, which left ours with the kernel and
+        every later block ready: waiting for ours then spins (the socket stays readable)
+        while the ring fills and drops everything. Continue at the first ready block after
+        ours (the oldest of that run); checked again after seeing it, since a block retired
+        meanwhile is a race, not a skip."""
+        bsize, bcount = self.config.block_size, self.config.block_count
+        for step in range(1, bcount):
+            nxt = (self._block + step) % bcount
+            if self._block_ready(nxt * bsize):
+                if self._block_ready(self._block * bsize):
+                    return  # ours was handed over meanwhile: nothing was skipped
+                self._block = nxt
+                self._resume = None
+                self.resyncs += 1
+                if self.resyncs == 1:
+                    log.warning("capture ring on %s: the kernel went on past block %d; "
+                                "continuing at block %d (further skips are counted)",
+                                self.iface, (nxt - step) % bcount, nxt)
+                return
 
     def _socket_error(self) -> None:
         """The kernel flags link changes as socket errors: down is survivable, gone is not."""

@@ -190,11 +190,14 @@ class ConnServices:
 class ServiceDetection:
     """Attaches analysers to connections and turns their verdicts into `service` entries."""
 
-    __slots__ = ("settings", "sink", "off")
+    __slots__ = ("settings", "sink", "off", "_plans")
 
     def __init__(self, sink: ServiceSink, settings: ServiceSettings | None = None) -> None:
         self.settings = settings or ServiceSettings()
         self.sink = sink
+        # (tcp, responder port) -> (analysers attached by port, signatures left to the PIA):
+        # at most 2 x 65536 entries, computed once each instead of once per connection.
+        self._plans: dict[tuple[bool, int], tuple[tuple[str, ...], list[Signature]]] = {}
         # Bare mode without protocol analysers (`zeek -b`): no per-connection state at all.
         self.off = self.settings.disabled >= ALL_ANALYZERS
 
@@ -210,13 +213,19 @@ class ServiceDetection:
             ports, sigs, tcp = UDP_PORTS, UDP_SIGNATURES, False
         else:
             return None
-        disabled = self.settings.disabled
         state = ConnServices(tcp)
         resp_p = conn.resp_p
-        attached = [name for name, plist in ports.items()
-                    if resp_p in plist and name not in disabled]
-        layer = _Layer([s for s in sigs if s.analyzer not in attached
-                        and s.analyzer not in disabled])
+        plan = self._plans.get((tcp, resp_p))
+        if plan is None:
+            disabled = self.settings.disabled
+            names = tuple(name for name, plist in ports.items()
+                          if resp_p in plist and name not in disabled)
+            sigs_left = [s for s in sigs if s.analyzer not in names
+                         and s.analyzer not in disabled]
+            plan = self._plans[(tcp, resp_p)] = (names, sigs_left)
+        attached, candidates = plan
+        # The candidate list is shared: _Layer only ever replaces it, never changes it.
+        layer = _Layer(candidates)
         for name in attached:
             layer.analyzers.append(make_analyzer(name, tcp))
         state.layers.append(layer)
@@ -277,13 +286,16 @@ class ServiceDetection:
              data: bytes) -> None:
         settings = self.settings
         if is_orig:
+            if layer.done_orig:  # already finished: its candidates are already filtered
+                return
             prefix, layer.count_orig = layer.prefix_orig, layer.count_orig + 1
             count = layer.count_orig
         else:
+            if layer.done_resp:
+                return
             prefix, layer.count_resp = layer.prefix_resp, layer.count_resp + 1
             count = layer.count_resp
-        if (len(prefix) >= settings.dpd_buffer_size or count > settings.dpd_max_packets
-                or (layer.done_orig if is_orig else layer.done_resp)):
+        if len(prefix) >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
             self._pia_direction_done(layer, is_orig)
             return
         layer.chunks.append((is_orig, data))
@@ -295,15 +307,19 @@ class ServiceDetection:
             subject = data
         direction = "orig" if is_orig else "resp"
         newly: list[str] = []
-        for sig in list(layer.candidates):
+        matched = layer.matched
+        for sig in layer.candidates:
             if sig.direction != "any" and sig.direction != direction:
                 continue
-            if sig.name in layer.matched or not sig.pattern.match(subject):
+            if sig.name in matched or not sig.pattern.match(subject):
                 continue
-            layer.matched.add(sig.name)
+            matched.add(sig.name)
             newly.append(sig.name)
+        if not newly:
+            return  # nothing new can fire (the loop below only acts on this packet's matches)
         # A signature waiting for its reverse side fires when that side matches (any order).
-        for sig in list(layer.candidates):
+        # _attach replaces layer.candidates, never changes the list iterated here.
+        for sig in layer.candidates:
             if sig.name not in layer.matched or not sig.enables:
                 continue
             if sig.requires_reverse and sig.requires_reverse not in layer.matched:

@@ -1,0 +1,123 @@
+"""Late packets of a shunted TCP session (shunting.ShuntManager.late_packet): the packets XDP
+passed before the session's entry landed are counted as shunted, with the history letters and
+sequence numbers XDP would have recorded, so the conn.log record equals the one of the same
+conversation analysed packet by packet (the real XDP program's maps; no interface needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from lab import is_root
+
+pytestmark = pytest.mark.skipif(not is_root(), reason="needs root (BPF)")
+
+A, B = "10.0.0.1", "10.0.0.2"
+CLIENT, SERVER = 40000, 443
+
+
+def conversation() -> list[tuple[bool, bytes]]:
+    """(from the client?, frame): handshake, 2 x 300 bytes up, 4 x 1400 down with acks, a
+    retransmission, a window update, then FIN / FIN-ACK / ACK."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    def seg(up: bool, flags: str, seq: int, ack: int, data: bytes = b"") -> tuple[bool, bytes]:
+        src, sport, dst, dport = (A, CLIENT, B, SERVER) if up else (B, SERVER, A, CLIENT)
+        return up, bytes(Ether() / IP(src=src, dst=dst)
+                         / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / data)
+
+    c, s = 0xFFFFF000, 7000   # the client's sequence numbers wrap past 2^32
+    out = [seg(True, "S", c, 0), seg(False, "SA", s, c + 1), seg(True, "A", c + 1, s + 1)]
+    c += 1
+    s += 1
+    for _ in range(2):
+        out.append(seg(True, "PA", c, s, b"u" * 300))
+        c += 300
+    for i in range(4):
+        out.append(seg(False, "PA", s, c, b"d" * 1400))
+        s += 1400
+        if i % 2:
+            out.append(seg(True, "A", c, s))
+    out.append(seg(False, "PA", s - 1400, c, b"d" * 1400))   # a retransmission
+    out.append(seg(True, "A", c, s))
+    out += [seg(True, "FA", c, s), seg(False, "FA", s, c + 1), seg(True, "A", c + 1, s + 1)]
+    return out
+
+
+def run(frames: list[tuple[bool, bytes]], shunt_after: int | None
+        ) -> tuple[dict[str, Any], list[tuple], int]:
+    """(conn.log record, shunt.log rows, frames taken as late packets)."""
+    from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
+    from shuntd.conn.tracker import ConnTracker
+    from shuntd.datapath.program import XdpProgram
+    from shuntd.datapath.table import ShuntTable
+    from shuntd.events import EventDispatcher
+    from shuntd.packet import decode
+    from shuntd.shunting import ShuntManager, shunt_conn_values
+
+    names = [n for n, _ in CONN_FIELDS + SHUNT_CONN_FIELDS]
+    rows: list[dict[str, Any]] = []
+    shunt_rows: list[tuple] = []
+    prog = XdpProgram.compile(flows_max=16, pairs_max=4)
+    table = ShuntTable(prog, lease_seconds=30)
+    try:
+        d = EventDispatcher()
+        tracker = ConnTracker(None, hooks=d, sink=lambda c, r: rows.append(
+            dict(zip(names, r + shunt_conn_values(c), strict=True))))
+        manager = ShuntManager(table, tracker, d, shunt_rows.append)
+        late = 0
+        for i, (_up, f) in enumerate(frames):
+            ts = 1_700_000_000.0 + i * 0.01
+            if manager.late_packet(memoryview(f), ts, len(f), False):
+                late += 1
+                continue
+            conn = tracker.process(decode(memoryview(f), 1, ts, len(f)))
+            if i + 1 == shunt_after:
+                assert manager.shunt(conn, "test") == "ok"
+        tracker.finish()
+        assert not manager.late  # forgotten with the entry
+        return rows[0], shunt_rows, late
+    finally:
+        table.close()
+        prog.close()
+
+
+def test_late_packets_count_as_shunted_and_keep_the_record():
+    frames = conversation()
+    seen, no_shunt, zero = run(frames, None)
+    assert zero == 0 and not no_shunt and seen["history"] == "ShADdtFf"
+    shunted, shunt_rows, late = run(frames, 4)   # shunted after the first data packet
+    assert late == len(frames) - 4 - 2           # all but the handshake, first data, FINs
+    for field in ("orig_bytes", "resp_bytes", "conn_state", "duration"):
+        assert shunted[field] == seen[field], field
+    # Like a packet XDP drops, a late one gives D/A letters, not `t` (retransmission): the
+    # letter the conservation test also leaves out.
+    assert shunted["history"] == "ShADdFf"
+    for side in ("orig", "resp"):
+        assert (shunted[f"{side}_pkts"] + shunted[f"{side}_shunted_pkts"]
+                == seen[f"{side}_pkts"])
+        assert (shunted[f"{side}_ip_bytes"] + shunted[f"{side}_shunted_bytes"]
+                == seen[f"{side}_ip_bytes"])
+    assert shunted["orig_pkts"] == 3 + 1 and shunted["resp_pkts"] == 1 + 1
+    # shunt.log holds the late packets too: one episode, ended by the FINs.
+    (row,) = shunt_rows
+    assert row[11] == "fin"
+    assert row[12:] == (shunted["orig_shunted_pkts"], shunted["orig_shunted_bytes"],
+                        shunted["resp_shunted_pkts"], shunted["resp_shunted_bytes"])
+
+
+def test_syn_fin_rst_and_bad_header_checksums_are_left_to_the_analyser():
+    from shuntd.shunting import ShuntManager
+
+    manager = ShuntManager.__new__(ShuntManager)
+    frames = conversation()
+    syn, fin = frames[0][1], frames[-3][1]
+    data = bytearray(frames[4][1])
+    manager.late = {bytes(data[26:38]): (None, 0)}
+    bad = bytearray(data)
+    bad[24] ^= 0xFF          # IPv4 header checksum
+    for f in (syn, fin, bytes(bad)):
+        key = bytes(f[26:38])
+        manager.late = {key: (None, 0)}
+        assert manager.late_packet(memoryview(f), 1.0, len(f), False) is False
