@@ -410,6 +410,13 @@ def main() -> int:
                     results[mode] = runner.search(d, f"shunting {mode}", start)
                 finally:
                     d.stop()
+                    # What disturbed the daemon (pauses, ring trouble) explains odd steps.
+                    notes = [ln for ln in d.stderr().splitlines()
+                             if "WARNING" in ln or "ERROR" in ln or "garbage collection" in ln]
+                    for ln in notes[:8]:
+                        print(f"  daemon: {ln}", flush=True)
+                    if len(notes) > 8:
+                        print(f"  daemon: ... {len(notes) - 8} more", flush=True)
                 best = results[mode][0]
                 if best is not None:
                     start = best.offered_mbps * 4  # the floor is the first guess for "on"
