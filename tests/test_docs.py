@@ -23,7 +23,7 @@ def _full_exposition() -> str:
     m = Metrics(MetricSources(
         bpf_stats=lambda: stats,
         table_occupancy=lambda: {"flows": (1, 8), "ip_pairs": (0, 8)},
-        capture_stats=lambda: {"0": (5, 0), "1": (4, 0)},
+        capture_stats=lambda: {"0": (5, 0, 0), "1": (4, 0, 0)},
         connections_active=lambda: 3,
         workers=lambda: {"0": (2, 0), "1": (1, 0)},
         connections_evicted=lambda: 0,

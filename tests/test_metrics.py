@@ -51,7 +51,7 @@ def populated_metrics() -> Metrics:
     sources = MetricSources(
         bpf_stats=lambda: stats,
         table_occupancy=lambda: {"flows": (12, 131072), "ip_pairs": (1, 16384)},
-        capture_stats=lambda: {"0": (5000, 3), "1": (4000, 0)},
+        capture_stats=lambda: {"0": (5000, 3, 2), "1": (4000, 0, 0)},
         connections_active=lambda: 42,
         prog_run_stats=lambda: ProgRunStats(run_time_ns=2_500_000_000, run_cnt=100_000_000),
     )
@@ -96,6 +96,7 @@ def test_exposition_names_and_values():
     assert 'shuntd_shunt_table_capacity{table="flows"} 131072.0' in lines
     assert 'shuntd_shunt_table_entries{table="ip_pairs"} 1.0' in lines
     assert 'shuntd_capture_kernel_drops_total{worker="0"} 3.0' in lines
+    assert 'shuntd_capture_ring_resyncs_total{worker="0"} 2.0' in lines
     assert "shuntd_connections_active 42.0" in lines
     assert "shuntd_connections_logged_total 7.0" in lines
     assert 'shuntd_shunt_inserts_total{result="full",trigger="tls"} 1.0' in lines

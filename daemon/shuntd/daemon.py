@@ -209,6 +209,8 @@ class LiveSources:
         self.connections: Any = lambda: 0
         self.evicted: Any = lambda: 0   # connections evicted by --max-connections
         self.workers: Any = dict  # {worker: (connections, messages dropped)}, with workers
+        # {worker: capture ring resyncs}: the reading process's count (with workers, reported)
+        self.resyncs: Any = lambda: {w: r.resyncs for w, r in self.rings.items()}
         self.occupancy: Any = lambda: {
             "flows": (table.occupancy, table.capacity),
             "ip_pairs": (table.pair_occupancy, table.pair_capacity)}
@@ -540,7 +542,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
             sources = datapath_sources(dp.prog, dp.table,
                                        prog_fd=dp.prog.prog_fd(frags=dp.frags))
             sources.update(table_occupancy=lambda: live.occupancy(),
-                           capture_stats=capture_sources(live.rings),
+                           capture_stats=capture_sources(live.rings, lambda: live.resyncs()),
                            connections_active=lambda: live.connections(),
                            connections_evicted=lambda: live.evicted(),
                            log_state=lambda: {w.schema.path: (w.held_records, w.write_errors)

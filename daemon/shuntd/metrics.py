@@ -262,7 +262,7 @@ class MetricSources:
     bpf_stats:          {stat name of enum shunt_stat, lower case without STAT_: value}
                         (datapath.stats.read_stats)
     table_occupancy:    {"flows"|"ip_pairs": (active entries, capacity)}
-    capture_stats:      {worker name: (packets received, kernel drops)}
+    capture_stats:      {worker name: (packets received, kernel drops, ring resyncs)}
     connections_active: number of connections the tracker holds (summed over the workers)
     workers:            {worker name: (connections it holds, messages to it dropped)}, only
                         with --workers > 1
@@ -273,7 +273,7 @@ class MetricSources:
 
     bpf_stats: Callable[[], Mapping[str, int]] | None = None
     table_occupancy: Callable[[], Mapping[str, tuple[int, int]]] | None = None
-    capture_stats: Callable[[], Mapping[str, tuple[int, int]]] | None = None
+    capture_stats: Callable[[], Mapping[str, tuple[int, int, int]]] | None = None
     connections_active: Callable[[], int] | None = None
     workers: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     connections_evicted: Callable[[], int] | None = None
@@ -299,14 +299,18 @@ def datapath_sources(prog: Any, table: Any,
             "prog_run_stats": lambda: read_prog_run_stats(fd)}
 
 
-def capture_sources(rings: Mapping[str, Any]) -> Callable[[], dict[str, tuple[int, int]]]:
-    """capture_stats source over {worker name: CaptureRing} (CaptureRing.stats())."""
+def capture_sources(rings: Mapping[str, Any],
+                    resyncs: Callable[[], Mapping[str, int]] = dict,
+                    ) -> Callable[[], dict[str, tuple[int, int, int]]]:
+    """capture_stats source over {worker name: CaptureRing} (CaptureRing.stats()); `resyncs`
+    gives each worker's count of ring resyncs (kept by the process that reads the ring)."""
 
-    def read() -> dict[str, tuple[int, int]]:
+    def read() -> dict[str, tuple[int, int, int]]:
         out = {}
+        skipped = resyncs()
         for worker, ring in rings.items():
             s = ring.stats()
-            out[worker] = (s.seen, s.dropped)
+            out[worker] = (s.seen, s.dropped, skipped.get(worker, 0))
         return out
 
     return read
@@ -388,17 +392,22 @@ def _table_families(occ: Mapping[str, tuple[int, int]]) -> list[Metric]:
     return [active, capacity]
 
 
-def _capture_families(workers: Mapping[str, tuple[int, int]]) -> list[Metric]:
+def _capture_families(workers: Mapping[str, tuple[int, int, int]]) -> list[Metric]:
     pkts = CounterMetricFamily("shuntd_capture_packets",
                                "Packets the capture socket received (after XDP).",
                                labels=["worker"])
     drops = CounterMetricFamily("shuntd_capture_kernel_drops",
                                 "Packets the kernel dropped because the capture ring was full.",
                                 labels=["worker"])
-    for worker, (n, dropped) in sorted(workers.items()):
+    resyncs = CounterMetricFamily(
+        "shuntd_capture_ring_resyncs",
+        "Times the kernel went on past the ring block the reader waited for, and the reader "
+        "skipped ahead to the next ready block (seen on overload).", labels=["worker"])
+    for worker, (n, dropped, skipped) in sorted(workers.items()):
         pkts.add_metric([str(worker)], n)
         drops.add_metric([str(worker)], dropped)
-    return [pkts, drops]
+        resyncs.add_metric([str(worker)], skipped)
+    return [pkts, drops, resyncs]
 
 
 def _conn_families(active: int) -> list[Metric]:

@@ -246,21 +246,22 @@ def _worker_main(index: int, args: argparse.Namespace, settings: Any, dp: Any, r
         if now >= next_status:
             next_status = now + STATUS_EVERY
             out.flush()
-            out.send(("status", _status(engine)))
+            out.send(("status", _status(engine, ring)))
         elif out.pending:
             out.flush()
     log.info("stopping: logging %d open connections", len(engine.tracker.conns))
     engine.finish()
     out.flush()
-    out.send(("done", _status(engine)))
+    out.send(("done", _status(engine, ring)))
     engine.close()
     return 0
 
 
-def _status(engine: Engine) -> tuple[int, int, int, int]:
+def _status(engine: Engine, ring: Any) -> tuple[int, int, int, int, int]:
     table = engine.dp.table
     tracker = engine.tracker
-    return len(tracker.conns), table.occupancy, table.pair_occupancy, tracker.bound.evicted
+    resyncs = ring.resyncs if ring is not None else 0
+    return len(tracker.conns), table.occupancy, table.pair_occupancy, tracker.bound.evicted, resyncs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +282,8 @@ class _Worker:
         self.closed = False          # channel closed by the worker
         self.exit_status: int | None = None
         self.failed: str | None = None
-        self.status = (0, 0, 0, 0)   # connections, flow entries, pair entries, evictions
+        # connections, flow entries, pair entries, evictions, capture ring resyncs
+        self.status = (0, 0, 0, 0, 0)
         self.dropped = 0             # messages not delivered: backlog full
         self.heard = time.monotonic()  # last message from it
         self.silent = False
@@ -382,6 +384,7 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         live.connections = lambda: sum(w.status[0] for w in workers)
         live.evicted = lambda: sum(w.status[3] for w in workers)
         live.workers = lambda: {str(w.index): (w.status[0], w.dropped) for w in workers}
+        live.resyncs = lambda: {str(w.index): w.status[4] for w in workers}
         table = dp.table
         live.occupancy = lambda: {
             "flows": (min(table.capacity, sum(w.status[1] for w in workers)), table.capacity),
