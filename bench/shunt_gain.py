@@ -471,7 +471,11 @@ def main() -> int:
         never.write_text(NEVER_SHUNT)
         never.chmod(0o644)
         budget = CpuBudget(args.cpu_share)
-        lab = Lab.create()
+        try:
+            lab = Lab.create()
+        except BaseException:
+            budget.close()
+            raise
         try:
             runner = Runner(lab, base, work, args, budget)
             start = args.start_mbps
