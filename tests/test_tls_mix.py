@@ -1,6 +1,7 @@
 """The shunt-gain benchmark's traffic mix (scripts/make-tls-mix), judged by tshark, not by the
 generator: about 88% of its bytes belong to TLS sessions, both TLS 1.2 and 1.3 are negotiated,
-and the engine logs every TLS session tshark finds as a complete `ssl` connection."""
+TLS handshakes are spread over the file (not a burst at its start), and the engine logs every TLS
+session tshark finds as a complete `ssl` connection."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def tshark(pcap: Path, *args: str) -> list[list[str]]:
 
 def test_mix_is_88_percent_tls_by_bytes(tmp_path: Path):
     pcap = tmp_path / "mix.pcap"
+    # A tenth of the sessions' size, a tenth of the gap: flows laid out as in the full-size mix.
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make-tls-mix"), str(pcap),
-                    "--scale", "0.1"], check=True, capture_output=True, timeout=120)
+                    "--scale", "0.1", "--gap", "40"], check=True, capture_output=True, timeout=120)
 
     # TLS sessions: TCP streams in which tshark dissects a ClientHello.
     tls_streams = {r[0] for r in tshark(pcap, "-Y", "tls.handshake.type == 1", "-T", "fields",
@@ -39,6 +41,14 @@ def test_mix_is_88_percent_tls_by_bytes(tmp_path: Path):
         tls += int(length) if stream in tls_streams else 0
     assert len(tls_streams) >= 40
     assert 0.85 <= tls / total <= 0.91, f"TLS share {tls / total:.3f}"
+
+    # ClientHellos spread over the file: the first tenth holds well under a third of them (it
+    # held all of them when flows were interleaved round robin), the second half a good share.
+    frames = len(tshark(pcap, "-T", "fields", "-e", "frame.number"))
+    hellos = [int(r[0]) for r in tshark(pcap, "-Y", "tls.handshake.type == 1", "-T", "fields",
+                                        "-e", "frame.number")]
+    assert sum(n <= frames / 10 for n in hellos) < 0.3 * len(hellos), hellos
+    assert sum(n > frames / 2 for n in hellos) >= 0.3 * len(hellos), hellos
 
     # ServerHellos: TLS 1.3 names itself in supported_versions, TLS 1.2 does not.
     versions = [r[1] or "0x0303"
