@@ -43,8 +43,20 @@ class ConnPolling:
     def watch(self, conn: Any, callback: PollCallback, cnt: int, interval: float) -> None:
         when = self.timers.now + max(0.0, float(interval))
         poll = _Poll(conn, callback, cnt, when)
-        # arg= rather than a closure: conn_long.log watches every connection.
         poll.timer = self.timers.schedule(when, self._check, at_termination=True, arg=poll)
+        self._register(conn, poll)
+
+    def run_due(self, conn: Any, callback: PollCallback, cnt: int, when: float,
+                now: float) -> None:
+        """Run, at `now`, a poll due at `when` that its owner kept until then instead of
+        `watch`ing it (conn_long.log's first poll of every connection): from here on it is
+        an ordinary poll (re-armed or stopped by the callback's answer)."""
+        poll = _Poll(conn, callback, cnt, when)
+        self._register(conn, poll)
+        self._check(poll, now)
+
+    @staticmethod
+    def _register(conn: Any, poll: _Poll) -> None:
         ext = conn.ext
         if ext is None:
             conn.ext = {POLLS_KEY: [poll]}
