@@ -510,6 +510,14 @@ def _tsv_time(v: Any) -> str:
     return format(float(v), ".6f")
 
 
+def _tsv_bool(v: Any) -> str:
+    return "T" if v else "F"
+
+
+def _tsv_addr(v: Any) -> str:
+    return addr_text(v) if isinstance(v, (bytes, bytearray)) else escape_text(v)
+
+
 def _tsv_renderer(kind: str) -> Callable[[Any], str]:
     """`_tsv_value` for a fixed kind, for values known not to be None (the common kinds
     skip the kind dispatch)."""
@@ -519,6 +527,10 @@ def _tsv_renderer(kind: str) -> Callable[[Any], str]:
         return _tsv_count
     if kind == "time":
         return _tsv_time
+    if kind == "bool":
+        return _tsv_bool
+    if kind == "addr":
+        return _tsv_addr
     return partial(_tsv_value, kind)
 
 
