@@ -154,6 +154,9 @@ class ServiceSink(Protocol):
     def set_inactivity_timeout(self, conn: Any, seconds: float) -> None: ...
 
 
+_NO_MATCHES: frozenset[str] = frozenset()  # shared: frozenset() makes a new object
+
+
 class _Layer:
     """Attached analysers plus the PIA still looking for signatures over the same bytes."""
 
@@ -169,7 +172,7 @@ class _Layer:
         self.prefix_resp: bytearray | bytes = b""
         self.count_orig = 0
         self.count_resp = 0
-        self.matched: set[str] | frozenset[str] = frozenset()
+        self.matched: set[str] | frozenset[str] = _NO_MATCHES
         self.candidates = candidates   # empty list = PIA finished
         self.done_orig = False         # that direction is past the DPD limits
         self.done_resp = False

@@ -270,6 +270,8 @@ class LogWriter:
         self._render = self._tsv_line if fmt == "tsv" else self._json_line
         self._kinds = tuple(_kind(t) for t in schema.types)
         self._tsv_fns = tuple(_tsv_renderer(k) for k in self._kinds)
+        self._tsv_fast = tuple(_TSV_FAST.get(k, fn)
+                               for k, fn in zip(self._kinds, self._tsv_fns, strict=True))
         self._json_keys = tuple(json.dumps(n) + ":" for n in schema.names)
 
     # -- public -----------------------------------------------------------------------------
@@ -471,9 +473,14 @@ class LogWriter:
         return "\n".join(lines) + "\n"
 
     def _tsv_line(self, values: Sequence[Any]) -> str:
-        # One renderer per field, chosen once (a record per connection: this is per-conn cost).
-        line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
-                               for fn, v in zip(self._tsv_fns, values, strict=True)])
+        # One renderer per field, chosen once (a record per connection: this is per-conn
+        # cost); first the builtins that take the usual types, else the general ones.
+        try:
+            line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
+                                   for fn, v in zip(self._tsv_fast, values, strict=True)])
+        except (TypeError, ValueError, KeyError):
+            line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
+                                   for fn, v in zip(self._tsv_fns, values, strict=True)])
         if line.startswith("#"):
             line = "\\x23" + line[1:]
         return line + "\n"
@@ -516,6 +523,16 @@ def _tsv_bool(v: Any) -> str:
 
 def _tsv_addr(v: Any) -> str:
     return addr_text(v) if isinstance(v, (bytes, bytearray)) else escape_text(v)
+
+
+# Builtins rendering the usual value types exactly as the renderers below do (int/bool
+# counts, int/float times, bool flags, text needing no escapes); any other value raises
+# TypeError/ValueError/KeyError and the line is rendered again with the general renderers.
+_TSV_FAST: dict[str, Callable[[Any], str]] = {
+    "count": int.__repr__,
+    "time": "{:.6f}".format,
+    "bool": {True: "T", False: "F"}.__getitem__,
+}
 
 
 def _tsv_renderer(kind: str) -> Callable[[Any], str]:
