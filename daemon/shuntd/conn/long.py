@@ -71,9 +71,10 @@ class _FirstPolls:
     Nearly every connection ends long before its first poll, so these are not timers: one
     dict entry each (dropped at removal), and one timer for the earliest."""
 
-    __slots__ = ("pending", "timer")
+    __slots__ = ("first", "pending", "timer")
 
-    def __init__(self) -> None:
+    def __init__(self, first: float) -> None:
+        self.first = first
         self.pending: OrderedDict[Any, float] = OrderedDict()   # connection -> due time
         self.timer: Any = None   # the timer of the earliest due time, if scheduled
 
@@ -101,7 +102,7 @@ class LongConnections:
         first = self._durations(conn)[0]
         queue = self._first.get(first)
         if queue is None:
-            queue = self._first[first] = _FirstPolls()
+            queue = self._first[first] = _FirstPolls(first)
         timers = self.polling.timers
         when = timers.now + first
         queue.pending[conn] = when
@@ -123,7 +124,9 @@ class LongConnections:
         queue.timer = None
         if now < due:
             for conn, when in list(pending.items()):
-                self._run_first(conn, when, now)
+                # Shorter than the first duration: the poll would only note that it ran.
+                if conn.last_time - conn.start_time >= queue.first:
+                    self._run_first(conn, when, now)
             pending.clear()
             return
         if pending:
