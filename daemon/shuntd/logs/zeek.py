@@ -332,8 +332,13 @@ class LogWriter:
         return True
 
     def tick(self) -> None:
-        """Retry held lines if the last attempt is a second old (call from a loop)."""
-        if self.full and time.monotonic() - self._last_try >= RETRY_EVERY:
+        """Call from a loop: retry held lines if the last attempt is a second old; write a
+        buffered writer's pending lines (a live loop can then batch a pass's records into
+        one write instead of one per record)."""
+        if self.full:
+            if time.monotonic() - self._last_try >= RETRY_EVERY:
+                self.flush()
+        elif self._pending:
             self.flush()
 
     @property
