@@ -114,6 +114,9 @@ class LongConnections:
         """A removed connection's first poll will not run (nor hold the connection)."""
         for queue in self._first.values():
             if queue.pending.pop(conn, None) is not None:
+                if not queue.pending and queue.timer is not None:
+                    self.polling.timers.cancel(queue.timer)   # nothing left to wait for
+                    queue.timer = None
                 return
 
     def _first_due(self, queue: _FirstPolls, now: float) -> None:
