@@ -91,6 +91,9 @@ class ConnTracker:
         self._likely_tcp = s.likely_tcp_ports
         self._likely_udp = s.likely_udp_ports
         self._ignore_checksums = s.ignore_checksums
+        # Stateless analysers, shared by all UDP / ICMP (and unknown-protocol) connections.
+        self._udp_analyzer = UDPAnalyzer()
+        self._icmp_analyzer = ICMPAnalyzer()
         # Copy TCP payload for the stream only if somebody listens (saves a copy per packet).
         self.want_stream = (type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
                             and getattr(self.hooks, "wants_stream", True))
@@ -247,15 +250,15 @@ class ConnTracker:
                         flip = True
             timeout = s.udp_inactivity_timeout  # TCP starts with the UDP value (spec §5.2)
         elif proto == 17:
-            analyzer = UDPAnalyzer()
+            analyzer = self._udp_analyzer
             likely = self._likely_udp
             flip = pkt.sport in likely and pkt.dport not in likely
             timeout = s.udp_inactivity_timeout
         elif proto == 1 or proto == 58:
-            analyzer = ICMPAnalyzer()
+            analyzer = self._icmp_analyzer
             timeout = s.icmp_inactivity_timeout
         else:
-            analyzer = ICMPAnalyzer()
+            analyzer = self._icmp_analyzer
             timeout = s.unknown_ip_inactivity_timeout
         if flip and pkt.dst == BROADCAST4:
             flip = False
