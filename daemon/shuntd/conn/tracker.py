@@ -383,6 +383,10 @@ class ConnTracker:
         self.sink(conn, row)
         if self.tunnels.active:
             self.tunnels.removed(conn)  # tunnel.log CLOSE of a UDP tunnel's connection
+        if type(conn.analyzer) is TCPAnalyzer:
+            # Break the connection <-> analyser cycle: the removed connection is then freed
+            # at once by reference counting, not by the next full collection.
+            conn.analyzer.conn = None
 
     def finish(self) -> None:
         """End of input (spec §5.5): expire termination timers, then drain in key order."""
