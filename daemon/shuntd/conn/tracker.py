@@ -365,7 +365,9 @@ class ConnTracker:
             conn.inact_from = conn.last_time
 
     def remove(self, conn: Connection) -> None:
-        """Finish a connection: state_remove hook, record, sink (exactly once)."""
+        """Finish a connection: state_remove hook, record, sink (exactly once). Afterwards a
+        TCP connection's analyser no longer points back at it (its endpoints' `peer`/`side`
+        are gone); its counters, history and record fields stay readable."""
         if conn.removed:
             return
         conn.removed = True
