@@ -7,11 +7,16 @@ removed connection are now cancelled at removal (`ConnPolling.forget`).
 
 from __future__ import annotations
 
+import gc
 import struct
 
+import pytest
+from e1_trace_helpers import CORPUS
 from shuntd.cli import build_parser, settings_from_args
+from shuntd.conn.connection import Connection
 from shuntd.conn.tracker import ConnTracker
 from shuntd.eventopts import dispatcher_from_args
+from shuntd.offline import run_trace
 from shuntd.packet import decode
 
 
@@ -58,3 +63,25 @@ def test_no_heap_entry_references_a_removed_connection(tmp_path):
     stored = list(tracker.timers.heap) + list(tracker.timers.pending())   # cancelled ones too
     held = [e for e in stored if any(getattr(x, "removed", False) for x in e)]
     assert held == [], f"{len(held)} heap entries still hold removed connections"
+
+
+@pytest.mark.parametrize("name", ["http.concurrent-range-requests", "dhcp.dhcp-all-msg-types"])
+def test_removed_connections_are_freed_without_a_collection(tmp_path, name):
+    """TCP and UDP connections hold no reference cycle once removed: reference counting frees
+    them (with their buffers) at removal, not the next full collection (gcpace's pauses)."""
+    trace = CORPUS / "core" / name / "trace.pcap"   # TCP, UDP
+    args = build_parser().parse_args(["-r", str(trace), "--log-dir", str(tmp_path)])
+    events = dispatcher_from_args(args, str(tmp_path), "tsv")
+    rows = []
+    tracker = ConnTracker(settings_from_args(args), hooks=events.dispatcher,
+                          sink=lambda conn, row: rows.append(row))
+    gc.collect()
+    gc.disable()
+    try:
+        run_trace(trace, tracker)
+        assert rows and not tracker.conns
+        alive = [o for o in gc.get_objects() if type(o) is Connection]
+    finally:
+        gc.enable()
+        events.close()
+    assert alive == [], f"{len(alive)} removed connections wait for the garbage collector"

@@ -185,6 +185,28 @@ def test_each_record_is_on_disk_whole(tmp_path: Path) -> None:
     log.close()
 
 
+def test_buffered_writer_writes_on_tick(tmp_path: Path) -> None:
+    log = open_log(tmp_path, CONN, buffered=True)
+    log.write(conn_values())
+    path = tmp_path / "conn.log"
+    assert not path.exists() or "CHhAvVGS1DHFjwGM9" not in path.read_text()
+    log.tick()  # a live loop's pass: the pending records reach the file
+    rows = [ln for ln in path.read_text().split("\n") if ln and not ln.startswith("#")]
+    assert len(rows) == 1 and rows[0].split("\t")[1] == "CHhAvVGS1DHFjwGM9"
+    log.close()
+
+
+def test_tsv_unusual_value_types(tmp_path: Path) -> None:
+    """Values other than the usual int/float/bool/str render as the general rules say."""
+    schema = LogSchema("odd", [("c", "count"), ("t", "time"), ("b", "bool"), ("d", "interval")])
+    with open_log(tmp_path, schema) as log:
+        log.write((3.0, 7, 1, True))
+        log.write((True, 2.5, 0, 1))
+    rows = [ln.split("\t") for ln in (tmp_path / "odd.log").read_text().split("\n")
+            if ln and not ln.startswith("#")]
+    assert rows == [["3", "7.000000", "T", "1.000000"], ["1", "2.500000", "F", "1.000000"]]
+
+
 def test_json_matches_spec_example(tmp_path: Path) -> None:
     with open_log(tmp_path, CONN, fmt="json") as log:
         log.write(conn_values())

@@ -264,6 +264,8 @@ class EventDispatcher(EngineHooks):
             self.contents.close(conn)
         if self._polling is not None:  # pending polls would keep the connection in memory
             self._polling.forget(conn)
+        if self._long is not None:
+            self._long.forget(conn)
 
     def connection_logged(self, conn: Any, row: tuple) -> None:
         self.dispatch("connection_logged", conn, row)

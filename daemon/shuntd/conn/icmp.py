@@ -17,19 +17,17 @@ class ICMPEndpoint(SummedEndpoint):
 
 
 class ICMPAnalyzer:
-    """ICMP session adapter (also used, without byte counting, for unknown IP protocols)."""
+    """ICMP session adapter (also used, without byte counting, for unknown IP protocols).
+    Stateless like `UDPAnalyzer`: one instance serves a tracker's ICMP connections."""
 
-    __slots__ = ("conn",)
-
-    def __init__(self) -> None:
-        self.conn: Connection = None  # type: ignore[assignment]
+    __slots__ = ()
 
     @staticmethod
     def make_endpoints() -> tuple[ICMPEndpoint, ICMPEndpoint]:
         return (ICMPEndpoint(), ICMPEndpoint())
 
     def attach(self, conn: Connection) -> None:
-        self.conn = conn
+        """Nothing to keep."""
 
     def flipped(self, conn: Connection) -> None:
         """ICMP is never flipped by the engine; nothing is role-bound."""

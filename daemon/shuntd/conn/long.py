@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,10 +65,24 @@ def parse_durations(text: str) -> tuple[float, ...]:
     return _checked(out)
 
 
+class _FirstPolls:
+    """The first polls of one first duration, due in creation order.
+
+    Nearly every connection ends long before its first poll, so these are not timers: one
+    dict entry each (dropped at removal), and one timer for the earliest."""
+
+    __slots__ = ("first", "pending", "timer")
+
+    def __init__(self, first: float) -> None:
+        self.first = first
+        self.pending: OrderedDict[Any, float] = OrderedDict()   # connection -> due time
+        self.timer: Any = None   # the timer of the earliest due time, if scheduled
+
+
 class LongConnections:
     """Writes conn_long rows via `write_row(record(conn))`; `found(conn)` is told too."""
 
-    __slots__ = ("settings", "polling", "record", "write_row", "found", "_special")
+    __slots__ = ("settings", "polling", "record", "write_row", "found", "_special", "_first")
 
     def __init__(self, settings: LongConnSettings, polling: ConnPolling,
                  record: Callable[[Any], tuple], write_row: Callable[[tuple], None],
@@ -79,14 +94,60 @@ class LongConnections:
         self.found = found
         self._special = [(ipaddress.ip_network(net, strict=False), d)
                          for net, d in settings.special_cases.items()]
+        self._first: dict[float, _FirstPolls] = {}   # first duration -> its queue
 
     def new_connection(self, conn: Any) -> None:
-        durations = self._durations(conn)
+        """Queue the first poll (`durations[0]` from now); it runs as `ConnPolling` would
+        run a watched one, and later polls are watched."""
+        first = self._durations(conn)[0]
+        queue = self._first.get(first)
+        if queue is None:
+            queue = self._first[first] = _FirstPolls(first)
+        timers = self.polling.timers
+        when = timers.now + first
+        queue.pending[conn] = when
+        if queue.timer is None:
+            queue.timer = timers.schedule(when, self._first_due, at_termination=True,
+                                          arg=queue)
+
+    def forget(self, conn: Any) -> None:
+        """A removed connection's first poll will not run (nor hold the connection)."""
+        for queue in self._first.values():
+            if queue.pending.pop(conn, None) is not None:
+                if not queue.pending and queue.timer is not None:
+                    self.polling.timers.cancel(queue.timer)   # nothing left to wait for
+                    queue.timer = None
+                return
+
+    def _first_due(self, queue: _FirstPolls, now: float) -> None:
+        """Run the earliest first poll if due, then wait for the next one. At end of input
+        (now before the due time) every pending one runs once, as pending polls do."""
+        pending = queue.pending
+        due = queue.timer.when
+        queue.timer = None
+        if now < due:
+            for conn, when in list(pending.items()):
+                # Shorter than the first duration: the poll would only note that it ran.
+                if conn.last_time - conn.start_time >= queue.first:
+                    self._run_first(conn, when, now)
+            pending.clear()
+            return
+        if pending:
+            conn, when = next(iter(pending.items()))
+            if when <= now:   # else it was removed: the next one is later
+                del pending[conn]
+                self._run_first(conn, when, now)
+        if pending and queue.timer is None:
+            when = next(iter(pending.values()))
+            queue.timer = self.polling.timers.schedule(when, self._first_due,
+                                                       at_termination=True, arg=queue)
+
+    def _run_first(self, conn: Any, when: float, now: float) -> None:
         ext = conn.ext
         if ext is None:
             conn.ext = ext = {}
         ext[STATE_KEY] = 0
-        self.polling.watch(conn, self._callback, 1, durations[0])
+        self.polling.run_due(conn, self._callback, 1, when, now)
 
     def _durations(self, conn: Any) -> tuple[float, ...]:
         if self._special:

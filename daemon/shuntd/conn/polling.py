@@ -43,12 +43,29 @@ class ConnPolling:
     def watch(self, conn: Any, callback: PollCallback, cnt: int, interval: float) -> None:
         when = self.timers.now + max(0.0, float(interval))
         poll = _Poll(conn, callback, cnt, when)
-        poll.timer = self.timers.schedule(when, lambda now: self._check(poll, now),
-                                          at_termination=True)
+        poll.timer = self.timers.schedule(when, self._check, at_termination=True, arg=poll)
+        self._register(conn, poll)
+
+    def run_due(self, conn: Any, callback: PollCallback, cnt: int, when: float,
+                now: float) -> None:
+        """Run, at `now`, a poll due at `when` that its owner kept until then instead of
+        `watch`ing it (conn_long.log's first poll of every connection): from here on it is
+        an ordinary poll (re-armed or stopped by the callback's answer)."""
+        poll = _Poll(conn, callback, cnt, when)
+        self._register(conn, poll)
+        self._check(poll, now)
+
+    @staticmethod
+    def _register(conn: Any, poll: _Poll) -> None:
         ext = conn.ext
         if ext is None:
-            conn.ext = ext = {}
-        ext.setdefault(POLLS_KEY, []).append(poll)
+            conn.ext = {POLLS_KEY: [poll]}
+            return
+        polls = ext.get(POLLS_KEY)
+        if polls is None:
+            ext[POLLS_KEY] = [poll]
+        else:
+            polls.append(poll)
 
     def forget(self, conn: Any) -> None:
         """Cancel the polls of a removed connection. A poll would stop silently when it ran
@@ -78,5 +95,5 @@ class ConnPolling:
             return
         poll.cnt += 1
         poll.when = now + interval
-        poll.timer = self.timers.schedule(poll.when, lambda t: self._check(poll, t),
-                                          at_termination=True)
+        poll.timer = self.timers.schedule(poll.when, self._check, at_termination=True,
+                                          arg=poll)

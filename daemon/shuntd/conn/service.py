@@ -154,6 +154,9 @@ class ServiceSink(Protocol):
     def set_inactivity_timeout(self, conn: Any, seconds: float) -> None: ...
 
 
+_NO_MATCHES: frozenset[str] = frozenset()  # shared: frozenset() makes a new object
+
+
 class _Layer:
     """Attached analysers plus the PIA still looking for signatures over the same bytes."""
 
@@ -162,12 +165,14 @@ class _Layer:
 
     def __init__(self, candidates: list[Signature]) -> None:
         self.analyzers: list[Analyzer] = []
-        self.chunks: list[tuple[bool, bytes]] = []
-        self.prefix_orig = bytearray()
-        self.prefix_resp = bytearray()
+        # Made on first use (most connections end, or their PIA gives up, with few or none
+        # of these): a shared empty value until then.
+        self.chunks: list[tuple[bool, bytes]] | tuple[()] = ()
+        self.prefix_orig: bytearray | bytes = b""
+        self.prefix_resp: bytearray | bytes = b""
         self.count_orig = 0
         self.count_resp = 0
-        self.matched: set[str] = set()
+        self.matched: set[str] | frozenset[str] = _NO_MATCHES
         self.candidates = candidates   # empty list = PIA finished
         self.done_orig = False         # that direction is past the DPD limits
         self.done_resp = False
@@ -181,7 +186,8 @@ class ConnServices:
     def __init__(self, tcp: bool) -> None:
         self.tcp = tcp
         self.layers: list[_Layer] = []
-        self.failed: list[str] = []          # analysers that confirmed and then failed
+        # Analysers that confirmed and then failed (a tuple until the first one).
+        self.failed: list[str] | tuple[str, ...] = ()
         self.established = False
         self.active = True                   # False once nothing can change any more
         self.saw_syn = False                 # a SYN/SYN-ACK is in the history (not midstream)
@@ -298,13 +304,21 @@ class ServiceDetection:
         if len(prefix) >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
             self._pia_direction_done(layer, is_orig)
             return
-        layer.chunks.append((is_orig, data))
-        if state.tcp:
-            prefix += data[: settings.dpd_buffer_size - len(prefix)]
-            subject: bytes | bytearray = prefix
+        chunks = layer.chunks
+        if chunks:
+            chunks.append((is_orig, data))  # type: ignore[union-attr]
         else:
-            prefix += data[: max(0, settings.dpd_buffer_size - len(prefix))]
-            subject = data
+            layer.chunks = [(is_orig, data)]
+        piece = data[: max(0, settings.dpd_buffer_size - len(prefix))]
+        if prefix:
+            prefix += piece          # a bytearray: extended in place
+        else:
+            prefix = bytearray(piece)
+            if is_orig:
+                layer.prefix_orig = prefix
+            else:
+                layer.prefix_resp = prefix
+        subject: bytes | bytearray = prefix if state.tcp else data
         direction = "orig" if is_orig else "resp"
         newly: list[str] = []
         matched = layer.matched
@@ -313,7 +327,9 @@ class ServiceDetection:
                 continue
             if sig.name in matched or not sig.pattern.match(subject):
                 continue
-            matched.add(sig.name)
+            if not newly and type(matched) is not set:
+                matched = layer.matched = set(matched)
+            matched.add(sig.name)  # type: ignore[union-attr]
             newly.append(sig.name)
         if not newly:
             return  # nothing new can fire (the loop below only acts on this packet's matches)
@@ -405,7 +421,7 @@ class ServiceDetection:
             services = list(conn.service)
             services.remove(name)
             conn.service = services
-        state.failed.append(name)
+        state.failed = [*state.failed, name]
         failed = getattr(conn, "failed_services", None)
         if failed is not None:
             conn.failed_services = [*failed, name]
@@ -427,8 +443,8 @@ class ServiceDetection:
         for layer in state.layers:
             if any(an.done for an in layer.analyzers):
                 layer.analyzers = [an for an in layer.analyzers if not an.done]
-            if not layer.candidates:
-                layer.chunks = []
+            if not layer.candidates and layer.chunks:
+                layer.chunks = ()
             if layer.analyzers or layer.candidates:
                 busy = True
         if not busy:

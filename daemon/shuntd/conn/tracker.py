@@ -91,6 +91,9 @@ class ConnTracker:
         self._likely_tcp = s.likely_tcp_ports
         self._likely_udp = s.likely_udp_ports
         self._ignore_checksums = s.ignore_checksums
+        # Stateless analysers, shared by all UDP / ICMP (and unknown-protocol) connections.
+        self._udp_analyzer = UDPAnalyzer()
+        self._icmp_analyzer = ICMPAnalyzer()
         # Copy TCP payload for the stream only if somebody listens (saves a copy per packet).
         self.want_stream = (type(self.hooks).tcp_deliver is not EngineHooks.tcp_deliver
                             and getattr(self.hooks, "wants_stream", True))
@@ -247,15 +250,15 @@ class ConnTracker:
                         flip = True
             timeout = s.udp_inactivity_timeout  # TCP starts with the UDP value (spec §5.2)
         elif proto == 17:
-            analyzer = UDPAnalyzer()
+            analyzer = self._udp_analyzer
             likely = self._likely_udp
             flip = pkt.sport in likely and pkt.dport not in likely
             timeout = s.udp_inactivity_timeout
         elif proto == 1 or proto == 58:
-            analyzer = ICMPAnalyzer()
+            analyzer = self._icmp_analyzer
             timeout = s.icmp_inactivity_timeout
         else:
-            analyzer = ICMPAnalyzer()
+            analyzer = self._icmp_analyzer
             timeout = s.unknown_ip_inactivity_timeout
         if flip and pkt.dst == BROADCAST4:
             flip = False
@@ -362,7 +365,9 @@ class ConnTracker:
             conn.inact_from = conn.last_time
 
     def remove(self, conn: Connection) -> None:
-        """Finish a connection: state_remove hook, record, sink (exactly once)."""
+        """Finish a connection: state_remove hook, record, sink (exactly once). Afterwards a
+        TCP connection's analyser no longer points back at it (its endpoints' `peer`/`side`
+        are gone); its counters, history and record fields stay readable."""
         if conn.removed:
             return
         conn.removed = True
@@ -380,6 +385,10 @@ class ConnTracker:
         self.sink(conn, row)
         if self.tunnels.active:
             self.tunnels.removed(conn)  # tunnel.log CLOSE of a UDP tunnel's connection
+        if type(conn.analyzer) is TCPAnalyzer:
+            # Break the connection <-> analyser cycle: the removed connection is then freed
+            # at once by reference counting, not by the next full collection.
+            conn.analyzer.conn = None
 
     def finish(self) -> None:
         """End of input (spec §5.5): expire termination timers, then drain in key order."""

@@ -30,19 +30,18 @@ class UDPEndpoint(SummedEndpoint):
 
 
 class UDPAnalyzer:
-    """Zeek's UDP session adapter for one connection."""
+    """Zeek's UDP session adapter. Stateless (the state is in the endpoints): one instance
+    serves every UDP connection of a tracker, and a connection holds no reference cycle
+    through it, so a removed one is freed at once instead of by a full collection."""
 
-    __slots__ = ("conn",)
-
-    def __init__(self) -> None:
-        self.conn: Connection = None  # type: ignore[assignment]
+    __slots__ = ()
 
     @staticmethod
     def make_endpoints() -> tuple[UDPEndpoint, UDPEndpoint]:
         return (UDPEndpoint(), UDPEndpoint())
 
     def attach(self, conn: Connection) -> None:
-        self.conn = conn
+        """Nothing to keep (see the class docstring)."""
 
     def flipped(self, conn: Connection) -> None:
         a, b = conn.sides

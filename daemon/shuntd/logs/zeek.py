@@ -26,8 +26,9 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,9 @@ class LogWriter:
         self._reopened = False     # opened again after `reopen`: append, never truncate
         self._render = self._tsv_line if fmt == "tsv" else self._json_line
         self._kinds = tuple(_kind(t) for t in schema.types)
+        self._tsv_fns = tuple(_tsv_renderer(k) for k in self._kinds)
+        self._tsv_fast = tuple(_TSV_FAST.get(k, fn)
+                               for k, fn in zip(self._kinds, self._tsv_fns, strict=True))
         self._json_keys = tuple(json.dumps(n) + ":" for n in schema.names)
 
     # -- public -----------------------------------------------------------------------------
@@ -328,8 +332,13 @@ class LogWriter:
         return True
 
     def tick(self) -> None:
-        """Retry held lines if the last attempt is a second old (call from a loop)."""
-        if self.full and time.monotonic() - self._last_try >= RETRY_EVERY:
+        """Call from a loop: retry held lines if the last attempt is a second old; write a
+        buffered writer's pending lines (a live loop can then batch a pass's records into
+        one write instead of one per record)."""
+        if self.full:
+            if time.monotonic() - self._last_try >= RETRY_EVERY:
+                self.flush()
+        elif self._pending:
             self.flush()
 
     @property
@@ -469,10 +478,14 @@ class LogWriter:
         return "\n".join(lines) + "\n"
 
     def _tsv_line(self, values: Sequence[Any]) -> str:
-        out: list[str] = []
-        for kind, v in zip(self._kinds, values, strict=True):
-            out.append(_tsv_value(kind, v))
-        line = SEPARATOR.join(out)
+        # One renderer per field, chosen once (a record per connection: this is per-conn
+        # cost); first the builtins that take the usual types, else the general ones.
+        try:
+            line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
+                                   for fn, v in zip(self._tsv_fast, values, strict=True)])
+        except (TypeError, ValueError, KeyError):
+            line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
+                                   for fn, v in zip(self._tsv_fns, values, strict=True)])
         if line.startswith("#"):
             line = "\\x23" + line[1:]
         return line + "\n"
@@ -499,6 +512,48 @@ def _kind(zeek_type: str) -> str:
     if zeek_type in ("bool", "double", "addr", "subnet"):
         return zeek_type
     return "string"   # string, enum, and anything else printed as text
+
+
+def _tsv_count(v: Any) -> str:
+    return str(v) if type(v) is int else str(int(v))
+
+
+def _tsv_time(v: Any) -> str:
+    return format(float(v), ".6f")
+
+
+def _tsv_bool(v: Any) -> str:
+    return "T" if v else "F"
+
+
+def _tsv_addr(v: Any) -> str:
+    return addr_text(v) if isinstance(v, (bytes, bytearray)) else escape_text(v)
+
+
+# Builtins rendering the usual value types exactly as the renderers below do (int/bool
+# counts, int/float times, bool flags, text needing no escapes); any other value raises
+# TypeError/ValueError/KeyError and the line is rendered again with the general renderers.
+_TSV_FAST: dict[str, Callable[[Any], str]] = {
+    "count": int.__repr__,
+    "time": "{:.6f}".format,
+    "bool": {True: "T", False: "F"}.__getitem__,
+}
+
+
+def _tsv_renderer(kind: str) -> Callable[[Any], str]:
+    """`_tsv_value` for a fixed kind, for values known not to be None (the common kinds
+    skip the kind dispatch)."""
+    if kind == "string":
+        return escape_text
+    if kind == "count":
+        return _tsv_count
+    if kind == "time":
+        return _tsv_time
+    if kind == "bool":
+        return _tsv_bool
+    if kind == "addr":
+        return _tsv_addr
+    return partial(_tsv_value, kind)
 
 
 def _tsv_value(kind: str, v: Any) -> str:

@@ -67,7 +67,7 @@ class DnsAnalyzer(Analyzer):
     def __init__(self, tcp: bool = False) -> None:
         super().__init__()
         self.tcp = tcp
-        self._bufs = (bytearray(), bytearray())
+        self._bufs = (bytearray(), bytearray()) if tcp else ()  # framing buffers: TCP only
         self._first = True
         self._tries = 0
         self.flip_wanted = False
