@@ -6,7 +6,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from shuntd.gcpace import OLD_NEVER, GcPacer
+from shuntd.gcpace import MAX_SPACING, OLD_NEVER, GcPacer
 
 
 @pytest.fixture
@@ -54,3 +54,30 @@ def test_collect_frees_cycles(restore_gc: None) -> None:
     assert gc.get_count()[0] > 0
     pacer.collect()
     assert not any(isinstance(o, _Cycle) for o in gc.get_objects())
+
+
+def test_spacing_grows_while_removals_leave_no_cycles(restore_gc: None) -> None:
+    pacer = GcPacer(lambda: 10, floor=10)
+    for expected in (2, 4):
+        for _ in range(10 * pacer.spacing):
+            pacer.removed()
+        pacer.tick()
+        assert pacer.spacing == expected       # nothing cyclic found: wait longer next time
+    for _ in range(39):
+        pacer.removed()
+    pacer.tick()
+    assert pacer.spacing == 4                  # 39 < 4 turnovers of 10: not yet
+    pacer.removed()
+    cycles = [_Cycle() for _ in range(40)]     # removals leaving cycles again
+    del cycles
+    pacer.tick()
+    assert pacer.collections == 3 and pacer.spacing == 1
+
+
+def test_spacing_is_bounded(restore_gc: None) -> None:
+    pacer = GcPacer(lambda: 1, floor=1)
+    for _ in range(12):
+        for _ in range(pacer.spacing):
+            pacer.removed()
+        pacer.tick()
+    assert pacer.spacing == MAX_SPACING

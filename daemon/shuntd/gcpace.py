@@ -13,6 +13,12 @@ since the last as are alive now (at least `floor`). Garbage then never outgrows 
 (memory at most about twice the live connections'), the cost per removed connection is bounded,
 and a steady link pays one pause per table turnover instead of one per 25% of heap growth.
 `max_interval` also bounds the time between two full collections for other cyclic garbage.
+
+Removed connections no longer form cycles (the tracker breaks them at removal, so reference
+counting frees them at once), so most full collections find almost nothing. The spacing adapts:
+a collection that found under CYCLIC_PER_REMOVAL unreachable objects per connection removed
+doubles the number of turnovers until the next one (up to MAX_SPACING); one that found more
+(a policy or analyser leaving cycles again) sets it back to one turnover.
 """
 
 from __future__ import annotations
@@ -28,13 +34,16 @@ YOUNG_THRESHOLD = 10_000   # allocations minus deallocations between two generat
 MIDDLE_THRESHOLD = 5       # generation-0 runs per generation-1 run
 OLD_NEVER = 1 << 30        # generation-1 runs per automatic full run: never, tick() runs it
 SLOW_PAUSE = 0.25          # seconds: a full collection longer than this is logged
+CYCLIC_PER_REMOVAL = 0.5   # unreachable objects per removed connection below which cycles are rare
+MAX_SPACING = 32           # table turnovers between two full collections, at most
 
 
 class GcPacer:
     """Takes over full collections for one process; call `removed()` per connection logged
     and `tick()` from the main loop."""
 
-    __slots__ = ("live", "floor", "max_interval", "pending", "next_due", "collections")
+    __slots__ = ("live", "floor", "max_interval", "pending", "next_due", "collections",
+                 "spacing")
 
     def __init__(self, live: Callable[[], int], floor: int = 20_000,
                  max_interval: float = 600.0) -> None:
@@ -43,6 +52,7 @@ class GcPacer:
         self.max_interval = max_interval
         self.pending = 0
         self.collections = 0
+        self.spacing = 1   # table turnovers between two full collections (adapts in collect())
         gc.collect()
         gc.freeze()
         gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_THRESHOLD, OLD_NEVER)
@@ -52,7 +62,8 @@ class GcPacer:
         self.pending += 1
 
     def tick(self) -> None:
-        if self.pending >= self.floor and self.pending >= self.live():
+        due = self.pending // self.spacing
+        if due >= self.floor and due >= self.live():
             self.collect()
         elif time.monotonic() >= self.next_due:
             self.collect()
@@ -60,8 +71,12 @@ class GcPacer:
     def collect(self) -> float:
         """One full collection now; returns its duration in seconds."""
         start = time.perf_counter()
-        gc.collect()
+        found = gc.collect()
         took = time.perf_counter() - start
+        if found < CYCLIC_PER_REMOVAL * self.pending:
+            self.spacing = min(self.spacing * 2, MAX_SPACING)
+        else:
+            self.spacing = 1
         self.pending = 0
         self.collections += 1
         self.next_due = time.monotonic() + self.max_interval
