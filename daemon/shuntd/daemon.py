@@ -320,7 +320,8 @@ class Engine:
 
     def capture(self, ring: Any, timeout: float = 0.02,
                 read_events: Callable[[], list[Any]] | None = None) -> int:
-        """Analyse what the ring holds now (up to MAX_BATCH frames); raises CaptureError.
+        """Analyse what the ring holds now (up to MAX_BATCH frames analysed, and the late
+        packets of shunted sessions among them); returns how many; raises CaptureError.
 
         `read_events` (the process that reads the BPF ring buffer) is called before the batch
         and again for any frame captured after the last read, so each FIN/RST/lease event is
@@ -330,27 +331,36 @@ class Engine:
         n = 0
         tracker, defrag, ignore = self.tracker, self.defrag, self.ignore
         process = tracker.process
-        late, late_packet = self.shunts.late, self.shunts.late_packet
-        horizon = self._read_events(read_events)
-        for ts, frame, wire_len, linktype in ring.poll(timeout):
-            if ts > horizon:  # captured after the events were read: read them again
-                horizon = self._read_events(read_events)
-            n += 1
-            # A packet of a session shunted after XDP passed it: counted as XDP would have.
-            if late and linktype == 1 and late_packet(frame, ts, wire_len,
-                                                      ignore or ring.csum_unchecked):
+        shunts = self.shunts
+        pending = shunts.pending
+        shunts.horizon = horizon = self._read_events(read_events)
+        # Late packets of shunted sessions are taken in the ring (ShuntManager.late_frame).
+        claim = (shunts.late, shunts.late_frame)
+        claimed = ring.claimed
+        try:
+            for ts, frame, wire_len, linktype in ring.poll(timeout, claim):
+                if ts > horizon:  # captured after the events were read: read them again
+                    shunts.horizon = horizon = self._read_events(read_events)
+                n += 1
+                pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
+                if pkt is not None:
+                    if pending and pkt.proto == 6 and pkt.ip_version == 4 and (
+                            pkt.ip_hdr_len != 20 or pkt.inner_vlan or pkt.frag):
+                        # Maybe a shunted session's packet the ring could not match by its
+                        # bytes 26-38: what its late packets did must come first.
+                        shunts.flush_pending()
+                    if pkt.frag:
+                        tracker.advance(ts)
+                        pkt = defrag.add(pkt)
+                    if pkt is not None:
+                        process(pkt)
                 if n >= MAX_BATCH:
                     break
-                continue
-            pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
-            if pkt is not None and pkt.frag:
-                tracker.advance(ts)
-                pkt = defrag.add(pkt)
-            if pkt is not None:
-                process(pkt)
-            if n >= MAX_BATCH:
-                break
-        return n
+        finally:
+            shunts.horizon = math.inf
+            if pending:
+                shunts.flush_pending()
+        return n + ring.claimed - claimed
 
     def apply(self, events: list[Any]) -> None:
         for ev in events:
