@@ -656,7 +656,9 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                 out.reopen()
 
         _sd_notify("STOPPING=1")
-        log.info("stopping: logging %d open connections", len(tracker.conns))
+        log.info("stopping: logging %d open connections; %d frames analysed, %d taken as "
+                 "late packets of shunted sessions", len(tracker.conns),
+                 ring.stats().delivered, ring.claimed)
         engine.apply(ring_events())
         engine.finish()
         return 0 if failed is None else EXIT_FAILED
