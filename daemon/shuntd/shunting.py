@@ -54,8 +54,9 @@ _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
 M32 = 0xFFFFFFFF
 # A late packet's Ethernet type, IPv4 + TCP header (ShuntManager.late_frame), from the frame's
-# byte 12: type, version/IHL, total length, fragment field, protocol, seq, ack, data offset, flags.
-_LATE_HDR = struct.Struct("!HBxHxxHxBxx12xIIBB")
+# byte 12: type + version/IHL + TOS, total length, fragment field, protocol, seq, ack, data
+# offset, flags.
+_LATE_HDR = struct.Struct("!IHxxHxBxx12xIIBB")
 _LATE_SNAP = 54  # Ethernet + IPv4 without options + TCP without options
 _HALF = 0x80000000
 # Pending history letters of late packets (ShuntManager.late_frame): tracker side 0 data, side 0
@@ -261,6 +262,7 @@ class ShuntManager:
         # leaves them to the caller, which reads the events first (daemon.Engine.capture).
         self.horizon = float("inf")
         self._timers = getattr(tracker, "timers", None)
+        self._heap = getattr(self._timers, "heap", None)  # kept for the manager's lifetime
         hooks = getattr(tracker, "hooks", None)
         # Whether network time must reach the hooks packet by packet (as tracker.process).
         self._tick_hooks = hooks is not None and type(hooks).tick is not EngineHooks.tick
@@ -497,10 +499,9 @@ class ShuntManager:
         (XDP's rule: what it drops is counted unchecked)."""
         if snap < _LATE_SNAP:
             return self._not_late(s)
-        et, ver, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(
-            buf, start + 12)
+        head, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(buf, start + 12)
         thl = (off >> 4) << 2
-        if (et != 0x0800 or ver != 0x45 or proto != 6 or flags & 0x07 or frag & 0x3FFF
+        if (head >> 8 != 0x080045 or proto != 6 or flags & 0x07 or frag & 0x3FFF
                 or thl < 20 or ip_len < 20 + thl or wire_len < 14 + ip_len
                 or ts > self.horizon):
             return self._not_late(s)
@@ -508,7 +509,7 @@ class ShuntManager:
         tracker = self.tracker
         if ts > tracker.network_time:
             timers = self._timers
-            heap = timers.heap
+            heap = self._heap
             if (heap and heap[0][0] <= ts) or ts >= timers.wake_at or self._tick_hooks:
                 tracker.advance(ts)  # timers due first: they may end this shunt
                 if st.key is None:
