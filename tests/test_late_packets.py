@@ -114,7 +114,7 @@ def test_syn_fin_rst_are_left_to_the_analyser_bad_header_checksums_are_not():
     from shuntd.shunting import ConnShunt, LateSide, ShuntManager
 
     manager = ShuntManager.__new__(ShuntManager)
-    manager.pending = []
+    manager.pending = {}
     manager.horizon = float("inf")
     frames = conversation()
     syn, fin = frames[0][1], frames[-3][1]

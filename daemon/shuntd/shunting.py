@@ -257,7 +257,7 @@ class ShuntManager:
         # of a frame's headers, each direction: its LateSide. See late_frame().
         self.late: dict[bytes, LateSide] = {}
         # Connections (ConnShunt) with late packets not yet applied to the TCP state.
-        self.pending: list[ConnShunt] = []
+        self.pending: dict[ConnShunt, None] = {}  # (ordered set: removal in O(1))
         # Frames captured after this time may follow ring events not read yet: late_frame
         # leaves them to the caller, which reads the events first (daemon.Engine.capture).
         self.horizon = float("inf")
@@ -422,18 +422,19 @@ class ShuntManager:
         st.late = None  # no cycle connection -> ext -> ConnShunt -> LateSide -> connection
         if st.dirty:
             st.dirty = False
-            self.pending.remove(st)
+            del self.pending[st]
         o, r = sides[conn.orig_side], sides[1 - conn.orig_side]
         return (o.pkts, o.bytes, r.pkts, r.bytes)
 
     def flush_pending(self) -> None:
         """Apply every connection's pending late packets (end of a capture batch, or before
         the analyser sees a packet that may belong to one of them)."""
-        pending = self.pending
-        for st in pending:
+        todo = list(self.pending)  # a flush may end another's shunt (a policy's handler)
+        self.pending.clear()
+        for st in todo:
             st.dirty = False
+        for st in todo:
             self._flush_late(st)
-        pending.clear()
 
     @staticmethod
     def _flush_late(st: ConnShunt) -> None:
@@ -475,7 +476,7 @@ class ShuntManager:
         st = s.st
         if st.dirty:
             st.dirty = False
-            self.pending.remove(st)
+            del self.pending[st]
             self._flush_late(st)
         return False
 
@@ -523,7 +524,7 @@ class ShuntManager:
             st.late_ts = ts
         if not st.dirty:
             st.dirty = True
-            self.pending.append(st)
+            self.pending[st] = None
         bit = s.data_bit if payload else (s.ack_bit if flags & 0x10 else 0)
         if bit and not st.letters & bit:
             st.letters |= bit
