@@ -226,6 +226,42 @@ def test_vlan_tags_are_reinserted(lab: Lab) -> None:
     assert struct.unpack_from("!HHHH", got[3][1], 12) == (0x88A8, 100, 0x8100, 200)
 
 
+def test_claimed_frames_are_taken_before_they_are_yielded(lab: Lab) -> None:
+    """poll(claim=...): frames whose bytes 26-38 are a key go to the claim function first (the
+    outer VLAN tag still stripped, as the kernel left it); taken ones are never yielded, the
+    others are, in order and unchanged."""
+    mine = IP(src="10.201.0.1", dst="10.201.0.2") / TCP(sport=1234, dport=443) / b"late"
+    other = IP(src="10.201.0.1", dst="10.201.0.2") / TCP(sport=1235, dport=443) / b"not"
+    pkts = [Ether(src=SRC_MAC, dst=DST_MAC) / mine,
+            Ether(src=SRC_MAC, dst=DST_MAC) / other,
+            Ether(src=SRC_MAC, dst=DST_MAC) / Dot1Q(vlan=7) / mine,
+            Ether(src=SRC_MAC, dst=DST_MAC) / mine / b"refused"]
+    sent = [bytes(p) for p in pkts]
+    key = sent[0][26:38]
+    offered: list[tuple[str, bytes, int]] = []
+
+    def take(value: str, buf: object, start: int, snap: int, wire_len: int,
+             ts: float) -> bool:
+        frame = bytes(buf[start:start + snap])  # type: ignore[index]
+        offered.append((value, frame, wire_len))
+        assert abs(ts - time.time()) < 60
+        return not frame.endswith(b"refused")
+
+    with CaptureRing(lab.host_if, SMALL_RING) as ring:
+        lab.sendp(pkts)
+        got = []
+        deadline = time.monotonic() + 0.25
+        while time.monotonic() < deadline:
+            for _ts, frame, _wire_len, _lt in ring.poll(0.02, ({key: "v"}, take)):
+                got.append(bytes(frame))
+                deadline = time.monotonic() + 0.25
+        claimed = ring.claimed
+    assert [o[1] for o in offered] == [sent[0], sent[0], sent[3]]  # the tag stripped
+    assert [o[2] for o in offered] == [len(sent[0]), len(sent[0]), len(sent[3])]
+    assert {o[0] for o in offered} == {"v"}
+    assert got == [sent[1], sent[3]] and claimed == 2
+
+
 def test_outgoing_packets_ignored_unless_asked(lab: Lab) -> None:
     """Frames the host transmits on the captured interface (into the lab namespace)."""
     frame = _raw_frame(99)

@@ -1,4 +1,4 @@
-"""Late packets of a shunted TCP session (shunting.ShuntManager.late_packet): the packets XDP
+"""Late packets of a shunted TCP session (shunting.ShuntManager.late_frame): the packets XDP
 passed before the session's entry landed are counted as shunted, with the history letters and
 sequence numbers XDP would have recorded, so the conn.log record equals the one of the same
 conversation analysed packet by packet (the real XDP program's maps; no interface needed)."""
@@ -69,7 +69,8 @@ def run(frames: list[tuple[bool, bytes]], shunt_after: int | None
         late = 0
         for i, (_up, f) in enumerate(frames):
             ts = 1_700_000_000.0 + i * 0.01
-            if manager.late_packet(memoryview(f), ts, len(f), False):
+            hit = manager.late.get(f[26:38])   # as the capture ring offers it
+            if hit is not None and manager.late_frame(hit, f, 0, len(f), len(f), ts):
                 late += 1
                 continue
             conn = tracker.process(decode(memoryview(f), 1, ts, len(f)))
@@ -107,17 +108,25 @@ def test_late_packets_count_as_shunted_and_keep_the_record():
                         shunted["resp_shunted_pkts"], shunted["resp_shunted_bytes"])
 
 
-def test_syn_fin_rst_and_bad_header_checksums_are_left_to_the_analyser():
-    from shuntd.shunting import ShuntManager
+def test_syn_fin_rst_are_left_to_the_analyser_bad_header_checksums_are_not():
+    """XDP drops and counts a shunted packet without checking its IPv4 header checksum, so a
+    late packet with a bad one is counted as shunted too; SYN/FIN/RST go to the analyser."""
+    from shuntd.shunting import ConnShunt, LateSide, ShuntManager
 
     manager = ShuntManager.__new__(ShuntManager)
+    manager.pending = {}
+    manager.horizon = float("inf")
     frames = conversation()
     syn, fin = frames[0][1], frames[-3][1]
-    data = bytearray(frames[4][1])
-    manager.late = {bytes(data[26:38]): (None, 0)}
-    bad = bytearray(data)
+    side = LateSide(None, ConnShunt("test"), 0)
+    for f in (syn, fin):
+        assert manager.late_frame(side, f, 0, len(f), len(f), 1.0) is False
+    assert side.pkts == 0 and not manager.pending
+    bad = bytearray(frames[4][1])
     bad[24] ^= 0xFF          # IPv4 header checksum
-    for f in (syn, fin, bytes(bad)):
-        key = bytes(f[26:38])
-        manager.late = {key: (None, 0)}
-        assert manager.late_packet(memoryview(f), 1.0, len(f), False) is False
+    frames[4] = (frames[4][0], bytes(bad))
+    clean, _, _ = run(conversation(), 4)
+    dirty, _, late = run(frames, 4)
+    clean.pop("uid")
+    dirty.pop("uid")
+    assert late == len(frames) - 4 - 2 and dirty == clean

@@ -40,7 +40,9 @@ LOG_CLOSE_RETRY = 5.0  # seconds a stop waits for a full disk before giving up o
 # that XDP passes while its handshake waits in an open block reaches Python: a shorter timeout
 # lands shunts sooner, for one wake-up per block. A block closed by its timeout holds only what
 # arrived meanwhile, so the ring is cut into small blocks (BLOCKS_PER_MIB per MiB of
-# --ring-blocks): 64 MiB are 256 blocks, 1 s of a stalled daemon even on a quiet link.
+# --ring-blocks): 64 MiB are 256 blocks, 1 s of a stalled daemon even on a quiet link. Under
+# load (bench/shunt_gain.py, shunting on, ~800 Mbit/s at half a core) 4 per MiB leaked fewest
+# packets to Python: 2 and 16 per MiB both let more through (more wake-ups, or later hand-over).
 RING_BLOCK_TIMEOUT_MS = 4
 BLOCKS_PER_MIB = 4
 
@@ -320,7 +322,8 @@ class Engine:
 
     def capture(self, ring: Any, timeout: float = 0.02,
                 read_events: Callable[[], list[Any]] | None = None) -> int:
-        """Analyse what the ring holds now (up to MAX_BATCH frames); raises CaptureError.
+        """Analyse what the ring holds now (up to MAX_BATCH frames analysed, and the late
+        packets of shunted sessions among them); returns how many; raises CaptureError.
 
         `read_events` (the process that reads the BPF ring buffer) is called before the batch
         and again for any frame captured after the last read, so each FIN/RST/lease event is
@@ -330,27 +333,36 @@ class Engine:
         n = 0
         tracker, defrag, ignore = self.tracker, self.defrag, self.ignore
         process = tracker.process
-        late, late_packet = self.shunts.late, self.shunts.late_packet
-        horizon = self._read_events(read_events)
-        for ts, frame, wire_len, linktype in ring.poll(timeout):
-            if ts > horizon:  # captured after the events were read: read them again
-                horizon = self._read_events(read_events)
-            n += 1
-            # A packet of a session shunted after XDP passed it: counted as XDP would have.
-            if late and linktype == 1 and late_packet(frame, ts, wire_len,
-                                                      ignore or ring.csum_unchecked):
+        shunts = self.shunts
+        pending = shunts.pending
+        shunts.horizon = horizon = self._read_events(read_events)
+        # Late packets of shunted sessions are taken in the ring (ShuntManager.late_frame).
+        claim = (shunts.late, shunts.late_frame)
+        claimed = ring.claimed
+        try:
+            for ts, frame, wire_len, linktype in ring.poll(timeout, claim):
+                if ts > horizon:  # captured after the events were read: read them again
+                    shunts.horizon = horizon = self._read_events(read_events)
+                n += 1
+                pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
+                if pkt is not None:
+                    if pending and pkt.proto == 6 and pkt.ip_version == 4 and (
+                            pkt.ip_hdr_len != 20 or pkt.inner_vlan or pkt.frag):
+                        # Maybe a shunted session's packet the ring could not match by its
+                        # bytes 26-38: what its late packets did must come first.
+                        shunts.flush_pending()
+                    if pkt.frag:
+                        tracker.advance(ts)
+                        pkt = defrag.add(pkt)
+                    if pkt is not None:
+                        process(pkt)
                 if n >= MAX_BATCH:
                     break
-                continue
-            pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
-            if pkt is not None and pkt.frag:
-                tracker.advance(ts)
-                pkt = defrag.add(pkt)
-            if pkt is not None:
-                process(pkt)
-            if n >= MAX_BATCH:
-                break
-        return n
+        finally:
+            shunts.horizon = math.inf
+            if pending:
+                shunts.flush_pending()
+        return n + ring.claimed - claimed
 
     def apply(self, events: list[Any]) -> None:
         for ev in events:
@@ -646,7 +658,9 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                 out.reopen()
 
         _sd_notify("STOPPING=1")
-        log.info("stopping: logging %d open connections", len(tracker.conns))
+        log.info("stopping: logging %d open connections; %d frames analysed, %d taken as "
+                 "late packets of shunted sessions", len(tracker.conns),
+                 ring.stats().delivered, ring.claimed)
         engine.apply(ring_events())
         engine.finish()
         return 0 if failed is None else EXIT_FAILED

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from shuntd.conn.hooks import EngineHooks
 from shuntd.conn.record import addr_text
 from shuntd.conn.settings import TUNNEL_UDP_PORTS
 from shuntd.conn.tcp import HIST_ACK_PKT, HIST_DATA_PKT, TCPAnalyzer, TCPEndpoint
@@ -52,9 +53,16 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
 M32 = 0xFFFFFFFF
-# A late packet's IPv4 + TCP header (shunting.ShuntManager.late_packet), from the frame's
-# byte 14: version/IHL, total length, fragment field, protocol, seq, ack, data offset, flags.
-_LATE_HDR = struct.Struct("!BxHxxHxBxx12xIIBB")
+# A late packet's Ethernet type, IPv4 + TCP header (ShuntManager.late_frame), from the frame's
+# byte 12: type + version/IHL + TOS, total length, fragment field, protocol, seq, ack, data
+# offset, flags.
+_LATE_HDR = struct.Struct("!IHxxHxBxx12xIIBB")
+_LATE_SNAP = 54  # Ethernet + IPv4 without options + TCP without options
+_HALF = 0x80000000
+# Pending history letters of late packets (ShuntManager.late_frame): tracker side 0 data, side 0
+# ack, side 1 data, side 1 ack; applied in order of first appearance by _flush_late.
+_LATE_LETTERS = ((0, HIST_DATA_PKT, "D"), (0, HIST_ACK_PKT, "A"),
+                 (1, HIST_DATA_PKT, "D"), (1, HIST_ACK_PKT, "A"))
 
 
 # Services of connections that carry other traffic: XDP sees only outer headers, so shunting
@@ -90,11 +98,13 @@ def trigger_name(code: int) -> str:
 
 class ConnShunt:
     """A connection's shunt history: trigger, live map key, counters of ended episodes, and
-    the late packets of the live episode (`late`: orig pkts, orig bytes, resp pkts, resp
-    bytes; see `ShuntManager.late_packet`)."""
+    what the late packets of the live episode did and the connection was not yet told
+    (`late`: the two `LateSide`s while the episode takes late packets; `letters`, `order`,
+    `late_ts`, `dirty`: see `ShuntManager.late_frame`)."""
 
     __slots__ = ("trigger", "key", "orig_side", "start", "orig_pkts", "orig_bytes",
-                 "resp_pkts", "resp_bytes", "anchor", "late")
+                 "resp_pkts", "resp_bytes", "anchor", "late", "letters", "order", "late_ts",
+                 "dirty")
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
@@ -105,7 +115,30 @@ class ConnShunt:
         # XDP tracks them from there (shuntd.h, flow_value.tcp).
         self.anchor: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.orig_pkts = self.orig_bytes = self.resp_pkts = self.resp_bytes = 0
-        self.late = [0, 0, 0, 0]
+        self.late: tuple[LateSide, LateSide] | None = None
+        self.letters = 0          # _LATE_LETTERS bits pending
+        self.order: list[int] = []  # those bits, in order of first appearance
+        self.late_ts = 0.0        # time of the last late packet not yet applied
+        self.dirty = False        # in ShuntManager.pending
+
+
+class LateSide:
+    """The late packets of one tracker side of a shunted connection (the value of
+    `ShuntManager.late`): counts until the episode ends; the sequence and ack numbers since the
+    last `_flush_late`, as a forward-only chain from the first one (`seq0`, `seq`: None when
+    nothing is pending)."""
+
+    __slots__ = ("conn", "st", "side", "pkts", "bytes", "seq0", "seq", "ack0", "ack",
+                 "data_bit", "ack_bit")
+
+    def __init__(self, conn: Any, st: ConnShunt, side: int) -> None:
+        self.conn, self.st, self.side = conn, st, side
+        self.pkts = self.bytes = 0
+        self.seq0: int = 0
+        self.seq: int | None = None
+        self.ack0: int = 0
+        self.ack: int | None = None
+        self.data_bit, self.ack_bit = (1, 2) if side == 0 else (4, 8)
 
 
 class PairShunt:
@@ -221,8 +254,18 @@ class ShuntManager:
         self.shunted_inactivity_timeout = shunted_inactivity_timeout
         self.flows: dict[bytes, Any] = {}  # key bytes -> Connection
         # Shunted IPv4 TCP connections by the 12 bytes src addr, dst addr, src port, dst port
-        # of a frame's headers, each direction: (connection, tracker side). See late_packet().
-        self.late: dict[bytes, tuple[Any, int]] = {}
+        # of a frame's headers, each direction: its LateSide. See late_frame().
+        self.late: dict[bytes, LateSide] = {}
+        # Connections (ConnShunt) with late packets not yet applied to the TCP state.
+        self.pending: dict[ConnShunt, None] = {}  # (ordered set: removal in O(1))
+        # Frames captured after this time may follow ring events not read yet: late_frame
+        # leaves them to the caller, which reads the events first (daemon.Engine.capture).
+        self.horizon = float("inf")
+        self._timers = getattr(tracker, "timers", None)
+        self._heap = getattr(self._timers, "heap", None)  # kept for the manager's lifetime
+        hooks = getattr(tracker, "hooks", None)
+        # Whether network time must reach the hooks packet by packet (as tracker.process).
+        self._tick_hooks = hooks is not None and type(hooks).tick is not EngineHooks.tick
         self.pairs: dict[bytes, PairShunt] = {}
         self.refused_full = 0
         self._full_episode = False
@@ -292,8 +335,9 @@ class ShuntManager:
             st.anchor = anchor
             keys = _late_keys(conn)
             if keys is not None:  # tracker side of the originator, then of the responder
-                self.late[keys[0]] = (conn, conn.orig_side)
-                self.late[keys[1]] = (conn, 1 - conn.orig_side)
+                st.late = sides = (LateSide(conn, st, 0), LateSide(conn, st, 1))
+                self.late[keys[0]] = sides[conn.orig_side]
+                self.late[keys[1]] = sides[1 - conn.orig_side]
         self.flows[bytes(key)] = conn
         return "ok"
 
@@ -337,9 +381,7 @@ class ShuntManager:
         key = st.key
         st.key = None
         self.flows.pop(bytes(key), None)
-        self._forget_late(conn)
-        lop, lob, lrp, lrb = st.late
-        st.late = [0, 0, 0, 0]
+        lop, lob, lrp, lrb = self._forget_late(conn, st)
         c = self.table.unshunt_key(key)
         if c is None:
             # The entry is gone (not ours to log); its late packets still count.
@@ -366,65 +408,143 @@ class ShuntManager:
                               st.trigger, st.start, end, reason, op, ob, rp, rb))
         return True
 
-    def _forget_late(self, conn: Any) -> None:
+    def _forget_late(self, conn: Any, st: ConnShunt) -> tuple[int, int, int, int]:
+        """Apply what late packets left pending and stop taking them; returns their counts
+        (orig pkts, orig bytes, resp pkts, resp bytes)."""
         keys = _late_keys(conn)
         if keys is not None:
             self.late.pop(keys[0], None)
             self.late.pop(keys[1], None)
+        sides = st.late
+        if sides is None:
+            return (0, 0, 0, 0)
+        self._flush_late(st)
+        st.late = None  # no cycle connection -> ext -> ConnShunt -> LateSide -> connection
+        if st.dirty:
+            st.dirty = False
+            del self.pending[st]
+        o, r = sides[conn.orig_side], sides[1 - conn.orig_side]
+        return (o.pkts, o.bytes, r.pkts, r.bytes)
 
-    def late_packet(self, frame: Any, ts: float, wire_len: int, ignore_checksums: bool) -> bool:
+    def flush_pending(self) -> None:
+        """Apply every connection's pending late packets (end of a capture batch, or before
+        the analyser sees a packet that may belong to one of them)."""
+        todo = list(self.pending)  # a flush may end another's shunt (a policy's handler)
+        self.pending.clear()
+        for st in todo:
+            st.dirty = False
+        for st in todo:
+            self._flush_late(st)
+
+    @staticmethod
+    def _flush_late(st: ConnShunt) -> None:
+        """Tell the connection what its late packets since the last flush did, as the
+        analyser would have packet by packet: history letters in order of first appearance,
+        last_time, and each endpoint's sequence and ack numbers moved forward."""
+        sides = st.late
+        if sides is None:
+            return
+        conn = sides[0].conn
+        if st.order:
+            for bit in st.order:
+                side, mask, code = _LATE_LETTERS[bit.bit_length() - 1]
+                conn.sides[side].check_history(conn, mask, code)
+            st.order.clear()
+            st.letters = 0
+        e0, e1 = conn.sides
+        if st.late_ts > conn.last_time and not (e0.did_close and e1.did_close):
+            conn.last_time = st.late_ts  # as the analyser (Zeek: not once both sides closed)
+        for s in sides:
+            ep = e1 if s.side else e0
+            if s.seq is not None:
+                cur = _seq64(ep)
+                nxt = _near(s.seq0, cur + 0x7FFFFFFF) + (s.seq - s.seq0)
+                if nxt > cur:
+                    advance_seq(ep, nxt)
+                s.seq = None
+            if s.ack is not None:
+                peer = e0 if s.side else e1
+                cur = _ack64(peer)
+                nxt = _near(s.ack0, cur + 0x7FFFFFFF) + (s.ack - s.ack0)
+                if nxt > cur:
+                    advance_ack(peer, nxt)
+                s.ack = None
+
+    def _not_late(self, s: LateSide) -> bool:
+        """A frame of a shunted connection the analyser gets after all: what came before it
+        is applied first."""
+        st = s.st
+        if st.dirty:
+            st.dirty = False
+            del self.pending[st]
+            self._flush_late(st)
+        return False
+
+    def late_frame(self, s: LateSide, buf: Any, start: int, snap: int, wire_len: int,
+                   ts: float) -> bool:
         """Account a late packet of a shunted TCP connection as XDP would have; False: not one
-        (the caller analyses the frame as usual).
+        (the caller analyses the frame as usual). `s` is the `late` entry of the frame's bytes
+        26-38 (addresses and ports), the frame is `buf[start:start + snap]` (the capture ring
+        calls this before it makes any object of the frame).
 
         Packets of a session that XDP passed before its entry landed (they were on the wire,
         in the capture ring or in this batch when the policy decided) carry nothing the
         analyser still wants. Near capacity the daemon runs tens of milliseconds behind the
         capture, so they can outnumber the handshake itself; analysing each costs as much as
         any packet. Instead they are counted as shunted, and their history letters, sequence
-        and ack numbers are applied exactly as `tcp_track()` in the XDP program records them
-        for the entry (SYN, FIN and RST are left to the analyser, as XDP sends those as
-        events). Plain Ethernet + IPv4 (no options, not a fragment) + TCP only; the IPv4
-        header checksum is checked as decode() does, the TCP checksum is not (XDP's rule)."""
-        hit = self.late.get(bytes(frame[26:38]))  # any frame: the checks follow a hit
-        if hit is None or len(frame) < 54 or frame[12] != 8 or frame[13]:
-            return False
-        ver, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(frame, 14)
+        and ack numbers are kept as `tcp_track()` in the XDP program records them for the
+        entry (SYN, FIN and RST are left to the analyser, as XDP sends those as events): as
+        the entry's, they are applied to the connection once (`_flush_late`: at the end of
+        the batch, before the analyser sees another packet of it, and when the shunt ends).
+        Ethernet + IPv4 (no options, not a fragment) + TCP only; neither checksum is checked
+        (XDP's rule: what it drops is counted unchecked)."""
+        if snap < _LATE_SNAP:
+            return self._not_late(s)
+        head, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(buf, start + 12)
         thl = (off >> 4) << 2
-        if (ver != 0x45 or proto != 6 or flags & 0x07 or frag & 0x3FFF or thl < 20
-                or ip_len < 20 + thl or wire_len < 14 + ip_len):
-            return False
-        if not ignore_checksums and int.from_bytes(frame[14:34], "big") % 0xFFFF:
-            return False  # decode() drops it: so does the analyser's path
-        conn, side = hit
+        if (head >> 8 != 0x080045 or proto != 6 or flags & 0x07 or frag & 0x3FFF
+                or thl < 20 or ip_len < 20 + thl or wire_len < 14 + ip_len
+                or ts > self.horizon):
+            return self._not_late(s)
+        st = s.st
         tracker = self.tracker
         if ts > tracker.network_time:
-            tracker.advance(ts)  # timers due first: they may end this shunt
-        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
-        if conn.removed or st is None or st.key is None:
-            return False
+            timers = self._timers
+            heap = self._heap
+            if (heap and heap[0][0] <= ts) or ts >= timers.wake_at or self._tick_hooks:
+                tracker.advance(ts)  # timers due first: they may end this shunt
+                if st.key is None:
+                    return False
+            else:
+                tracker.network_time = timers.now = ts  # as tracker.process
         payload = ip_len - 20 - thl
-        late = st.late
-        resp = side != conn.orig_side
-        late[2 if resp else 0] += 1
-        late[3 if resp else 1] += ip_len
-        ep = conn.side1 if side else conn.side0
-        peer = conn.side0 if side else conn.side1
-        if ts > conn.last_time and not (ep.did_close and peer.did_close):
-            conn.last_time = ts  # as the analyser would (Zeek: not once both sides closed)
-        if payload or flags & 0x10:
-            mask = HIST_DATA_PKT if payload else HIST_ACK_PKT
-            if not conn.hist_seen & (mask << 16 if resp else mask) or conn.history == "H":
-                ep.check_history(conn, mask, "D" if payload else "A")
-        # Forward only, the nearest 64-bit value to the endpoint's own (as _apply_close).
-        cur = (ep.seq_wraps << 32) | ep.last_seq
-        nxt = _near((seq + payload) & M32, cur + 0x7FFFFFFF)
-        if nxt > cur:
-            advance_seq(ep, nxt)
+        s.pkts += 1
+        s.bytes += ip_len
+        if ts > st.late_ts:
+            st.late_ts = ts
+        if not st.dirty:
+            st.dirty = True
+            self.pending[st] = None
+        bit = s.data_bit if payload else (s.ack_bit if flags & 0x10 else 0)
+        if bit and not st.letters & bit:
+            st.letters |= bit
+            st.order.append(bit)
+        x = (seq + payload) & M32
+        cur = s.seq
+        if cur is None:
+            s.seq0 = s.seq = x
+        else:
+            d = (x - cur) & M32
+            if d and d < _HALF:
+                s.seq = cur + d
         if flags & 0x10:
-            cur = (peer.ack_wraps << 32) | peer.ack_seq
-            nxt = _near(ack, cur + 0x7FFFFFFF)
-            if nxt > cur:
-                advance_ack(peer, nxt)
+            cur = s.ack
+            if cur is None:
+                s.ack0 = s.ack = ack
+            else:
+                d = (ack - cur) & M32
+                if d and d < _HALF:
+                    s.ack = cur + d
         return True
 
     @staticmethod
@@ -500,6 +620,8 @@ class ShuntManager:
         # Without the entry's numbers: the values closest ahead (TCP's own rule).
         ref_next = _seq64(ep) + 0x7FFFFFFF
         ref_ack = _ack64(ep.peer) + 0x7FFFFFFF
+        if st is not None and st.dirty:
+            self._not_late(st.late[0])  # the late packets came first
         if not ev.via_pair and st is not None and st.key is not None:
             add_letters(conn, ev.tcp_letters)
             c = self.table.lookup_key(st.key)  # XDP side 1/2 = tracker side 0/1

@@ -41,8 +41,9 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -99,6 +100,10 @@ _SOCK_FPROG = struct.Struct("@HP")
 _BPF_RET_K = 0x06
 
 Record = tuple[float, memoryview, int, int]
+# `poll(claim=(keys, take))`: a frame whose bytes 26-38 are a key of `keys` is offered to
+# `take(value, ring, start, snap, wire_len, ts)` first, before any object is made of it; the
+# ring skips it when `take` returns True (see CaptureRing.poll).
+Claim = tuple[dict[bytes, Any], Callable[[Any, mmap.mmap, int, int, int, float], bool]]
 log = logging.getLogger(__name__)
 
 FANOUT_NEW_GROUP = -1  # `fanout_group` value: let the kernel pick an unused id (see .fanout_group)
@@ -205,6 +210,7 @@ class CaptureRing:
         self.fanout_group: int | None = None
         self.link_down_events = 0
         self.resyncs = 0  # times the kernel went on past the block we waited for (_resync)
+        self.claimed = 0  # frames taken by a `poll()` claim instead of yielded
         # Of the frame `poll()` yielded last: the kernel says its checksum is not filled in
         # yet (CSUM_NOTREADY) or already verified (CSUM_VALID). Either way the bytes cannot
         # or need not be checked: pass it as `ignore_checksums` to decode().
@@ -303,11 +309,20 @@ class CaptureRing:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def poll(self, timeout: float | None = 0.0) -> Iterator[Record]:
+    def poll(self, timeout: float | None = 0.0, claim: Claim | None = None
+             ) -> Iterator[Record]:
         """Yield every frame ready now, waiting up to `timeout` seconds (None: forever) first.
 
         Stops when no block is ready. Breaking out early is fine: the next call resumes at the
         frame after the last one yielded.
+
+        `claim` (Ethernet only) lets the consumer take frames it recognises by their bytes
+        26-38 (IPv4 addresses and ports) straight from the ring: a frame whose slice is a key
+        of the dict (which may change meanwhile) is passed to the function with the dict's
+        value, the ring's buffer, the frame's offset in it, its captured and wire length
+        (VLAN tag stripped: the kernel removed it, bytes 12-13 are the type after it) and its
+        time; if that returns True the frame is not yielded. Such frames cost a header read,
+        a slice and a lookup: no memoryview, no tuple.
         """
         cfg = self.config
         bsize, bcount = cfg.block_size, cfg.block_count
@@ -319,6 +334,8 @@ class CaptureRing:
         stats = self._stats
         # libpcap caps the frame at the snap length again after re-inserting a VLAN tag.
         snaplen = cfg.snaplen or bsize
+        keys, take = claim if claim is not None and linktype == LINKTYPE_ETHERNET else ({}, None)
+        claimed = 0
         if not self._block_ready(self._block * bsize):
             wait = -1 if timeout is None else max(0, int(timeout * 1000))
             for _fd, events in self._poller.poll(wait):
@@ -348,6 +365,12 @@ class CaptureRing:
                     if drop_outgoing and pkttype == PACKET_OUTGOING:
                         continue
                     start = pkt + mac
+                    if keys:
+                        hit = keys.get(ring[start + 26:start + 38])
+                        if hit is not None and take(hit, ring, start, snap, wire_len,  # type: ignore[misc]
+                                                    sec + (nsec // 1000) / 1e6):
+                            claimed += 1
+                            continue
                     if status & TP_STATUS_VLAN_VALID and snap >= 12:
                         if not status & TP_STATUS_VLAN_TPID_VALID:
                             tpid = ETH_P_8021Q
@@ -366,6 +389,9 @@ class CaptureRing:
                 # Also reached when the consumer stops iterating: remember where to resume, or
                 # hand the block back if its last frame was already yielded.
                 stats.delivered += delivered
+                if claimed:
+                    self.claimed += claimed
+                    claimed = 0
                 if frame is not None:
                     frame.release()
                 if left:
