@@ -240,6 +240,13 @@ def _late_keys(conn: Any) -> tuple[bytes, bytes] | None:
     return a + b + pa + pb, b + a + pb + pa
 
 
+def _forward(cur: int, x32: int) -> int:
+    """`cur` (unwrapped) moved forward to the 32-bit value `x32` if that lies less than half
+    the sequence space ahead of it (XDP's forward-only rule, tcp_track), else unchanged."""
+    d = (x32 - cur) & M32
+    return cur + d if d and d < _HALF else cur
+
+
 class ShuntManager:
     """Implements `policy.Actions` for the live daemon, and keeps map entries and connections
     in step (ring events, leases, removal)."""
@@ -530,21 +537,15 @@ class ShuntManager:
             st.letters |= bit
             st.order.append(bit)
         x = (seq + payload) & M32
-        cur = s.seq
-        if cur is None:
+        if s.seq is None:
             s.seq0 = s.seq = x
         else:
-            d = (x - cur) & M32
-            if d and d < _HALF:
-                s.seq = cur + d
+            s.seq = _forward(s.seq, x)
         if flags & 0x10:
-            cur = s.ack
-            if cur is None:
+            if s.ack is None:
                 s.ack0 = s.ack = ack
             else:
-                d = (ack - cur) & M32
-                if d and d < _HALF:
-                    s.ack = cur + d
+                s.ack = _forward(s.ack, ack)
         return True
 
     @staticmethod

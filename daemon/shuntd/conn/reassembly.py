@@ -96,13 +96,7 @@ class Reassembler:
         if seq == self.lrs and seq >= self.trim_seq and (not blocks or blocks[-1][1] <= seq):
             upper = seq + n
             self.size += n
-            if blocks:
-                blocks.append((seq, upper, None))
-            elif self.head_lo is None:
-                self.head_lo = seq
-                self.head_hi = upper
-            else:
-                self.blocks = [(seq, upper, None)]
+            self._add_delivered(seq, upper)
             self.lrs = upper
             ep = self.ep
             acked = ep.ack_rel   # ep.no_data_acked(), inlined
@@ -125,13 +119,7 @@ class Reassembler:
             # Fast path of _new_block: in-order data at the delivery point (the common case).
             upper = seq + n
             self.size += n
-            if blocks:
-                blocks.append((seq, upper, None))
-            elif self.head_lo is None:
-                self.head_lo = seq
-                self.head_hi = upper
-            else:
-                self.blocks = [(seq, upper, None)]
+            self._add_delivered(seq, upper)
             self.lrs = upper
             if an.want_stream:
                 conn = an.conn
