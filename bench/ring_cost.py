@@ -229,7 +229,7 @@ def main() -> int:
                 try:
                     fill(lab, ring, frames)
                     m = sh.manager
-                    t, n, c = drain(ring, (m.late, m.late_frame))
+                    t, n, c = drain(ring, (m.late, m.late_frame, m.late_due, m.late_clock))
                     if n + c != len(frames):
                         raise SystemExit(f"ring_cost: late drain saw {n + c} of {len(frames)}")
                     pend = len(m.pending)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from lab import is_root
+from lab import Lab, is_root, lab_fixture  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root (BPF)")
 
 A, B = "10.0.0.1", "10.0.0.2"
 CLIENT, SERVER = 40000, 443
+LAB_PREFIX = "lp"
 
 
 def conversation() -> list[tuple[bool, bytes]]:
@@ -45,9 +46,15 @@ def conversation() -> list[tuple[bool, bytes]]:
     return out
 
 
-def run(frames: list[tuple[bool, bytes]], shunt_after: int | None
-        ) -> tuple[dict[str, Any], list[tuple], int]:
-    """(conn.log record, shunt.log rows, frames taken as late packets)."""
+def ends(conn: Any) -> list[tuple[int, ...]]:
+    """Each endpoint's sequence and ack numbers (what late packets move)."""
+    return [(e.last_seq, e.seq_wraps, e.ack_seq, e.ack_wraps) for e in conn.sides]
+
+
+def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
+        seq_ack: list | None = None) -> tuple[dict[str, Any], list[tuple], int]:
+    """(conn.log record, shunt.log rows, frames taken as late packets); `seq_ack` gets ends()
+    once every packet was seen."""
     from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
     from shuntd.conn.tracker import ConnTracker
     from shuntd.datapath.program import XdpProgram
@@ -76,6 +83,9 @@ def run(frames: list[tuple[bool, bytes]], shunt_after: int | None
             conn = tracker.process(decode(memoryview(f), 1, ts, len(f)))
             if i + 1 == shunt_after:
                 assert manager.shunt(conn, "test") == "ok"
+        manager.flush_pending()
+        if seq_ack is not None:
+            seq_ack += ends(conn)
         tracker.finish()
         assert not manager.late  # forgotten with the entry
         return rows[0], shunt_rows, late
@@ -130,3 +140,79 @@ def test_syn_fin_rst_are_left_to_the_analyser_bad_header_checksums_are_not():
     clean.pop("uid")
     dirty.pop("uid")
     assert late == len(frames) - 4 - 2 and dirty == clean
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["fin", "open"])
+def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab, closed: bool):
+    """The same conversation captured on a real veth: after the shunt, the ring counts most late
+    packets itself (its tallies: no call per packet) and gives the rest to late_frame; the
+    record and the sequence and ack numbers equal those of late_frame taking every packet
+    (apart from capture times). Left open (no FINs), the record's sizes come from the late
+    packets' sequence numbers."""
+    import time
+
+    from shuntd.capture.ring import CaptureRing, RingConfig
+    from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
+    from shuntd.conn.tracker import ConnTracker
+    from shuntd.datapath.program import XdpProgram
+    from shuntd.datapath.table import ShuntTable
+    from shuntd.events import EventDispatcher
+    from shuntd.packet import decode
+    from shuntd.shunting import ShuntManager, shunt_conn_values
+
+    frames = conversation() if closed else conversation()[:11]  # up to the last full ack
+    expected_ends: list = []
+    expected, expected_rows, expected_late = run(frames, 4, expected_ends)
+    pair = lab.veth_to_netns()
+    names = [n for n, _ in CONN_FIELDS + SHUNT_CONN_FIELDS]
+    rows: list[dict[str, Any]] = []
+    shunt_rows: list[tuple] = []
+    prog = XdpProgram.compile(flows_max=16, pairs_max=4)
+    table = ShuntTable(prog, lease_seconds=30)
+    try:
+        d = EventDispatcher()
+        tracker = ConnTracker(None, hooks=d, sink=lambda c, r: rows.append(
+            dict(zip(names, r + shunt_conn_values(c), strict=True))))
+        manager = ShuntManager(table, tracker, d, shunt_rows.append)
+        calls = 0
+
+        def take(*args: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            return manager.late_frame(*args)
+
+        claim = (manager.late, take, manager.late_due, manager.late_clock)
+        with CaptureRing(pair.host, RingConfig(block_size=1 << 16, block_count=16,
+                                               retire_timeout_ms=10)) as ring:
+            conn = None
+            for part in (frames[:4], frames[4:]):
+                lab.send_frames(pair, [f for _up, f in part])
+                got = 0
+                deadline = time.monotonic() + 2
+                while got < len(part) and time.monotonic() < deadline:
+                    before = ring.claimed
+                    for ts, frame, wire_len, linktype in ring.poll(0.05, claim):
+                        if frame[12:14] != b"\x08\x00":
+                            continue  # the namespace's own IPv6 chatter
+                        got += 1
+                        pkt = decode(frame, linktype, ts, wire_len, ring.csum_unchecked)
+                        conn = tracker.process(pkt) or conn
+                    got += ring.claimed - before
+                    manager.flush_pending()
+                assert got == len(part)
+                if conn is not None and manager.late == {}:
+                    assert manager.shunt(conn, "test") == "ok"
+            late = ring.claimed
+        assert conn is not None and ends(conn) == expected_ends
+        tracker.finish()
+        assert not manager.late
+    finally:
+        table.close()
+        prog.close()
+    assert late == expected_late and 0 < calls < late   # most counted by the ring itself
+    (record,) = rows
+    for field in ("ts", "uid", "duration"):
+        record.pop(field)
+        expected.pop(field)
+    assert record == expected
+    assert [r[11:] for r in shunt_rows] == [r[11:] for r in expected_rows]

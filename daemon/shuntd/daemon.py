@@ -336,8 +336,9 @@ class Engine:
         shunts = self.shunts
         pending = shunts.pending
         shunts.horizon = horizon = self._read_events(read_events)
-        # Late packets of shunted sessions are taken in the ring (ShuntManager.late_frame).
-        claim = (shunts.late, shunts.late_frame)
+        # Late packets of shunted sessions are taken in the ring (ShuntManager.late_frame),
+        # most counted by the ring itself (its tallies).
+        claim = (shunts.late, shunts.late_frame, shunts.late_due, shunts.late_clock)
         claimed = ring.claimed
         try:
             for ts, frame, wire_len, linktype in ring.poll(timeout, claim):

@@ -18,6 +18,7 @@ its own timestamp, so every packet XDP passed before it is analysed first.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import time
 import zlib
@@ -54,9 +55,9 @@ _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
 M32 = 0xFFFFFFFF
 # A late packet's Ethernet type, IPv4 + TCP header (ShuntManager.late_frame), from the frame's
-# byte 12: type + version/IHL + TOS, total length, fragment field, protocol, seq, ack, data
-# offset, flags.
-_LATE_HDR = struct.Struct("!IHxxHxBxx12xIIBB")
+# byte 12: type + version/IHL + TOS, total length, fragment field + TTL + protocol, seq, ack,
+# data offset + flags.
+_LATE_HDR = struct.Struct("!IHxxIxx12xIIH")
 _LATE_SNAP = 54  # Ethernet + IPv4 without options + TCP without options
 _HALF = 0x80000000
 # Pending history letters of late packets (ShuntManager.late_frame): tracker side 0 data, side 0
@@ -100,11 +101,10 @@ class ConnShunt:
     """A connection's shunt history: trigger, live map key, counters of ended episodes, and
     what the late packets of the live episode did and the connection was not yet told
     (`late`: the two `LateSide`s while the episode takes late packets; `letters`, `order`,
-    `late_ts`, `dirty`: see `ShuntManager.late_frame`)."""
+    `dirty`: see `ShuntManager.late_frame`)."""
 
     __slots__ = ("trigger", "key", "orig_side", "start", "orig_pkts", "orig_bytes",
-                 "resp_pkts", "resp_bytes", "anchor", "late", "letters", "order", "late_ts",
-                 "dirty")
+                 "resp_pkts", "resp_bytes", "anchor", "late", "letters", "order", "dirty")
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
@@ -118,27 +118,30 @@ class ConnShunt:
         self.late: tuple[LateSide, LateSide] | None = None
         self.letters = 0          # _LATE_LETTERS bits pending
         self.order: list[int] = []  # those bits, in order of first appearance
-        self.late_ts = 0.0        # time of the last late packet not yet applied
         self.dirty = False        # in ShuntManager.pending
 
 
 class LateSide:
     """The late packets of one tracker side of a shunted connection (the value of
-    `ShuntManager.late`): counts until the episode ends; the sequence and ack numbers since the
-    last `_flush_late`, as a forward-only chain from the first one (`seq0`, `seq`: None when
-    nothing is pending)."""
+    `ShuntManager.late`, a tally of the capture ring, see CaptureRing.poll): counts until the
+    episode ends; the time of the last one; the sequence and ack numbers since the last
+    `_flush_late`, as a forward-only chain from the first one (`seq0`, `seq`: None when nothing
+    is pending). `fast`: the kinds of frame (1: ACK with payload, 2: ACK without) the ring may
+    count itself, as their letter is pending and both chains are started (0 after a flush)."""
 
-    __slots__ = ("conn", "st", "side", "pkts", "bytes", "seq0", "seq", "ack0", "ack",
-                 "data_bit", "ack_bit")
+    __slots__ = ("conn", "st", "side", "pkts", "bytes", "last_ts", "seq0", "seq", "ack0",
+                 "ack", "data_bit", "ack_bit", "fast")
 
     def __init__(self, conn: Any, st: ConnShunt, side: int) -> None:
         self.conn, self.st, self.side = conn, st, side
         self.pkts = self.bytes = 0
+        self.last_ts = 0.0
         self.seq0: int = 0
         self.seq: int | None = None
         self.ack0: int = 0
         self.ack: int | None = None
         self.data_bit, self.ack_bit = (1, 2) if side == 0 else (4, 8)
+        self.fast = 0
 
 
 class PairShunt:
@@ -238,13 +241,6 @@ def _late_keys(conn: Any) -> tuple[bytes, bytes] | None:
         return None
     pa, pb = conn.orig_p.to_bytes(2, "big"), conn.resp_p.to_bytes(2, "big")
     return a + b + pa + pb, b + a + pb + pa
-
-
-def _forward(cur: int, x32: int) -> int:
-    """`cur` (unwrapped) moved forward to the 32-bit value `x32` if that lies less than half
-    the sequence space ahead of it (XDP's forward-only rule, tcp_track), else unchanged."""
-    d = (x32 - cur) & M32
-    return cur + d if d and d < _HALF else cur
 
 
 class ShuntManager:
@@ -459,9 +455,11 @@ class ShuntManager:
             st.order.clear()
             st.letters = 0
         e0, e1 = conn.sides
-        if st.late_ts > conn.last_time and not (e0.did_close and e1.did_close):
-            conn.last_time = st.late_ts  # as the analyser (Zeek: not once both sides closed)
+        late_ts = max(sides[0].last_ts, sides[1].last_ts)
+        if late_ts > conn.last_time and not (e0.did_close and e1.did_close):
+            conn.last_time = late_ts  # as the analyser (Zeek: not once both sides closed)
         for s in sides:
+            s.fast = 0
             ep = e1 if s.side else e0
             if s.seq is not None:
                 cur = _seq64(ep)
@@ -505,48 +503,74 @@ class ShuntManager:
         the batch, before the analyser sees another packet of it, and when the shunt ends).
         Ethernet + IPv4 (no options, not a fragment) + TCP only; neither checksum is checked
         (XDP's rule: what it drops is counted unchecked)."""
-        if snap < _LATE_SNAP:
+        if snap < _LATE_SNAP or ts > self.horizon:
             return self._not_late(s)
-        head, ip_len, frag, proto, seq, ack, off, flags = _LATE_HDR.unpack_from(buf, start + 12)
-        thl = (off >> 4) << 2
-        if (head >> 8 != 0x080045 or proto != 6 or flags & 0x07 or frag & 0x3FFF
-                or thl < 20 or ip_len < 20 + thl or wire_len < 14 + ip_len
-                or ts > self.horizon):
+        head, ip_len, frag_proto, seq, ack, of = _LATE_HDR.unpack_from(buf, start + 12)
+        thl = (of >> 10) & 0x3C
+        payload = ip_len - 20 - thl
+        if (head >> 8 != 0x080045 or frag_proto & 0x3FFF00FF != 6 or of & 0x07 or thl < 20
+                or payload < 0 or wire_len < 14 + ip_len):
             return self._not_late(s)
         st = s.st
         tracker = self.tracker
         if ts > tracker.network_time:
             timers = self._timers
             heap = self._heap
-            if (heap and heap[0][0] <= ts) or ts >= timers.wake_at or self._tick_hooks:
+            if ts >= timers.wake_at or (heap and heap[0][0] <= ts) or self._tick_hooks:
                 tracker.advance(ts)  # timers due first: they may end this shunt
                 if st.key is None:
                     return False
             else:
                 tracker.network_time = timers.now = ts  # as tracker.process
-        payload = ip_len - 20 - thl
         s.pkts += 1
         s.bytes += ip_len
-        if ts > st.late_ts:
-            st.late_ts = ts
+        if ts > s.last_ts:
+            s.last_ts = ts
         if not st.dirty:
             st.dirty = True
             self.pending[st] = None
-        bit = s.data_bit if payload else (s.ack_bit if flags & 0x10 else 0)
+        bit = s.data_bit if payload else (s.ack_bit if of & 0x10 else 0)
         if bit and not st.letters & bit:
             st.letters |= bit
             st.order.append(bit)
+        # Sequence and ack numbers move forward only, by less than half the space (XDP's
+        # rule, tcp_track); inline, not a shared helper: this runs for every late packet.
         x = (seq + payload) & M32
-        if s.seq is None:
+        cur = s.seq
+        if cur is None:
             s.seq0 = s.seq = x
         else:
-            s.seq = _forward(s.seq, x)
-        if flags & 0x10:
-            if s.ack is None:
+            d = (x - cur) & M32
+            if 0 < d < _HALF:
+                s.seq = cur + d
+        if of & 0x10:
+            cur = s.ack
+            if cur is None:
                 s.ack0 = s.ack = ack
             else:
-                s.ack = _forward(s.ack, ack)
+                d = (ack - cur) & M32
+                if 0 < d < _HALF:
+                    s.ack = cur + d
+            s.fast |= 1 if payload else 2  # the ring may count the next ones of this kind
         return True
+
+    def late_due(self) -> float:
+        """Time before which the capture ring may count late packets itself (its tallies,
+        CaptureRing.poll): no timer is due and no ring event unread (`horizon`) before it."""
+        timers = self._timers
+        if timers is None or self._tick_hooks:
+            return -math.inf
+        due = min(self.horizon, timers.wake_at)
+        heap = self._heap
+        if heap and heap[0][0] < due:
+            due = heap[0][0]
+        return due
+
+    def late_clock(self, ts: float) -> None:
+        """Network time moves to the capture ring's last tallied late packet (as late_frame)."""
+        tracker = self.tracker
+        if ts > tracker.network_time:
+            tracker.network_time = self._timers.now = ts
 
     @staticmethod
     def _catch_up(conn: Any, st: ConnShunt, c: ShuntCounters) -> None:

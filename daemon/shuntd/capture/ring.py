@@ -92,6 +92,20 @@ _BLOCK_STATUS_OFF = 8
 # [2 pad + 8 tp_padding + sll_family, sll_protocol, sll_ifindex, sll_hatype], sll_pkttype.
 _PKT_HDR = struct.Struct("=IIIIIIHHIIH20xB")
 _TPACKET3_HDRLEN = 48 + 20
+# Where the kernel puts an Ethernet frame (tp_mac) with our PACKET_RESERVE: TPACKET_ALIGN(hdr
+# + 16) + reserve - 14 (af_packet.c tpacket_rcv). `_PKT_KEY` reads the header and, when the
+# frame is there, its bytes 26-38 (a claim key) in one go; `_PKT_HDR1` has the same fields with
+# a cheap last one instead (no claim: no key wanted). Near the end of the mapping the key may
+# lie past it: `_PKT_HDR` + a slice then.
+_MAC_USUAL = ((_TPACKET3_HDRLEN + 16 + 15) & ~15) + VLAN_TAG_LEN - 14
+_PKT_KEY = struct.Struct(f"=IIIIIIHHIIH20xB{_MAC_USUAL + 26 - 59}x12s")
+_PKT_HDR1 = struct.Struct("=IIIIIIHHIIH20xBB")
+# A claimed frame's Ethernet type + IPv4 version/IHL + TOS, total length, fragment field + TTL +
+# protocol, TCP seq, ack, data offset + flags (from byte 12): the ring's own tally.
+_TCP4 = struct.Struct("!IHxxIxx12xIIH")
+_TCP4_SNAP = 54
+_M32 = 0xFFFFFFFF
+_HALF = 0x80000000
 _TAG = struct.Struct("!HH")
 _STATS_V3 = struct.Struct("=III")
 _MREQ = struct.Struct("=iHH8s")
@@ -100,10 +114,13 @@ _SOCK_FPROG = struct.Struct("@HP")
 _BPF_RET_K = 0x06
 
 Record = tuple[float, memoryview, int, int]
-# `poll(claim=(keys, take))`: a frame whose bytes 26-38 are a key of `keys` is offered to
-# `take(value, ring, start, snap, wire_len, ts)` first, before any object is made of it; the
-# ring skips it when `take` returns True (see CaptureRing.poll).
-Claim = tuple[dict[bytes, Any], Callable[[Any, mmap.mmap, int, int, int, float], bool]]
+# `poll(claim=(keys, take[, due, clock]))`: a frame whose bytes 26-38 are a key of `keys` is
+# offered to `take(value, ring, start, snap, wire_len, ts)` first, before any object is made of
+# it; the ring skips it when `take` returns True. With `due` and `clock`, values may be tallies
+# the ring updates itself for the common frames (see CaptureRing.poll).
+Claim = (tuple[dict[bytes, Any], Callable[[Any, mmap.mmap, int, int, int, float], bool]]
+         | tuple[dict[bytes, Any], Callable[[Any, mmap.mmap, int, int, int, float], bool],
+                 Callable[[], float], Callable[[float], None]])
 log = logging.getLogger(__name__)
 
 FANOUT_NEW_GROUP = -1  # `fanout_group` value: let the kernel pick an unused id (see .fanout_group)
@@ -321,20 +338,47 @@ class CaptureRing:
         of the dict (which may change meanwhile) is passed to the function with the dict's
         value, the ring's buffer, the frame's offset in it, its captured and wire length
         (VLAN tag stripped: the kernel removed it, bytes 12-13 are the type after it) and its
-        time; if that returns True the frame is not yielded. Such frames cost a header read,
-        a slice and a lookup: no memoryview, no tuple.
+        time; if that returns True the frame is not yielded. Such frames cost a header read
+        and a lookup: no memoryview, no tuple.
+
+        Tallies (`claim` with `due` and `clock`): a value whose `fast` is not 0 is counted by
+        the ring itself, without calling `take`, for its common frames: IPv4 without options,
+        not a fragment, TCP with ACK and none of SYN, FIN, RST, captured before `due()` (asked
+        again after the consumer or `take` ran), of a kind `fast` allows (bit 1: with payload,
+        bit 2: without). The ring adds 1 to `pkts` and the IP total length to `bytes`, keeps
+        the latest time in `last_ts`, and moves `seq` (the sequence number after the payload)
+        and `ack` forward as XDP's tcp_track does: to the frame's value when it lies less than
+        half the 32-bit space ahead (both are kept unwrapped). `take` does the same for the
+        frames it takes, so the result is as if it had taken them all; it sets `fast` once it
+        holds for the value. `clock(ts)` is told the latest time of the frames tallied before
+        the ring calls `take`, yields a frame or stops (the consumer's clock moves as if
+        `take` had seen them). Ring-tallied frames cost a second header read and a few
+        additions.
         """
         cfg = self.config
         bsize, bcount = cfg.block_size, cfg.block_count
         view = self._view
         ring = self._map
-        unpack_hdr = _PKT_HDR.unpack_from
-        drop_outgoing = self._drop_outgoing
+        outgoing = PACKET_OUTGOING if self._drop_outgoing else -1
         linktype = self.linktype
         stats = self._stats
         # libpcap caps the frame at the snap length again after re-inserting a VLAN tag.
         snaplen = cfg.snaplen or bsize
-        keys, take = claim if claim is not None and linktype == LINKTYPE_ETHERNET else ({}, None)
+        keys: dict[bytes, Any] = {}
+        take: Any = None
+        due_fn: Any = None
+        clock_fn: Any = None
+        if claim is not None and linktype == LINKTYPE_ETHERNET:
+            keys, take = claim[0], claim[1]
+            if len(claim) == 4:
+                due_fn, clock_fn = claim[2], claim[3]  # type: ignore[misc]
+        unpack_hdr = _PKT_KEY.unpack_from if take is not None else _PKT_HDR1.unpack_from
+        unpack_tcp = _TCP4.unpack_from
+        mac_usual = _MAC_USUAL
+        # Tally frames captured before `due`; None: ask due_fn (the consumer or take ran).
+        stale: float | None = None if due_fn is not None else -1.0
+        due = stale
+        clock = 0.0  # latest time of frames tallied, not yet told to clock_fn
         claimed = 0
         if not self._block_ready(self._block * bsize):
             wait = -1 if timeout is None else max(0, int(timeout * 1000))
@@ -357,20 +401,60 @@ class CaptureRing:
             frame: memoryview | None = None
             try:
                 while left:
-                    (nxt, sec, nsec, snap, wire_len, status, mac, _net, _rxh, tci, tpid,
-                     pkttype) = unpack_hdr(ring, off)
+                    try:
+                        (nxt, sec, nsec, snap, wire_len, status, mac, _net, _rxh, tci, tpid,
+                         pkttype, key) = unpack_hdr(ring, off)
+                    except struct.error:  # the key would lie past the end of the mapping
+                        (nxt, sec, nsec, snap, wire_len, status, mac, _net, _rxh, tci, tpid,
+                         pkttype) = _PKT_HDR.unpack_from(ring, off)
+                        key = ring[off + mac + 26:off + mac + 38]
                     pkt = off
                     off += nxt
                     left -= 1
-                    if drop_outgoing and pkttype == PACKET_OUTGOING:
+                    if pkttype == outgoing:
                         continue
                     start = pkt + mac
                     if keys:
-                        hit = keys.get(ring[start + 26:start + 38])
-                        if hit is not None and take(hit, ring, start, snap, wire_len,  # type: ignore[misc]
-                                                    sec + (nsec // 1000) / 1e6):
-                            claimed += 1
-                            continue
+                        if mac != mac_usual:
+                            key = ring[start + 26:start + 38]
+                        hit = keys.get(key)
+                        if hit is not None:
+                            ts = sec + (nsec // 1000) / 1e6
+                            if due is None:
+                                due = due_fn()
+                            if ts < due and hit.fast and snap >= _TCP4_SNAP:
+                                head, ip_len, frag_proto, seq, ack, of = unpack_tcp(
+                                    ring, start + 12)
+                                thl = (of >> 10) & 0x3C
+                                payload = ip_len - 20 - thl
+                                if (head >> 8 == 0x080045 and frag_proto & 0x3FFF00FF == 6
+                                        and of & 0x17 == 0x10 and thl >= 20 and payload >= 0
+                                        and wire_len >= 14 + ip_len
+                                        and hit.fast & (1 if payload else 2)):
+                                    hit.pkts += 1
+                                    hit.bytes += ip_len
+                                    if ts > hit.last_ts:
+                                        hit.last_ts = ts
+                                    cur = hit.seq
+                                    d = (seq + payload - cur) & _M32
+                                    if 0 < d < _HALF:
+                                        hit.seq = cur + d
+                                    cur = hit.ack
+                                    d = (ack - cur) & _M32
+                                    if 0 < d < _HALF:
+                                        hit.ack = cur + d
+                                    if ts > clock:
+                                        clock = ts
+                                    claimed += 1
+                                    continue
+                            if clock:
+                                clock_fn(clock)
+                                clock = 0.0
+                            taken = take(hit, ring, start, snap, wire_len, ts)
+                            due = stale
+                            if taken:
+                                claimed += 1
+                                continue
                     if status & TP_STATUS_VLAN_VALID and snap >= 12:
                         if not status & TP_STATUS_VLAN_TPID_VALID:
                             tpid = ETH_P_8021Q
@@ -380,11 +464,15 @@ class CaptureRing:
                         snap = min(snap + VLAN_TAG_LEN, snaplen)
                         wire_len += VLAN_TAG_LEN
                     frame = view[start:start + snap]
-                    self.csum_unchecked = bool(status & _CSUM_UNCHECKABLE)
+                    self.csum_unchecked = status & _CSUM_UNCHECKABLE != 0
                     delivered += 1
+                    if clock:
+                        clock_fn(clock)
+                        clock = 0.0
                     yield sec + (nsec // 1000) / 1e6, frame, wire_len, linktype
                     frame.release()
                     frame = None
+                    due = stale
             finally:
                 # Also reached when the consumer stops iterating: remember where to resume, or
                 # hand the block back if its last frame was already yielded.
@@ -392,6 +480,9 @@ class CaptureRing:
                 if claimed:
                     self.claimed += claimed
                     claimed = 0
+                if clock:
+                    clock_fn(clock)
+                    clock = 0.0
                 if frame is not None:
                     frame.release()
                 if left:
