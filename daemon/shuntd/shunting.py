@@ -560,7 +560,9 @@ class ShuntManager:
         timers = self._timers
         if timers is None or self._tick_hooks:
             return -math.inf
-        due = min(self.horizon, timers.wake_at)
+        due = self.horizon
+        if timers.wake_at < due:
+            due = timers.wake_at
         heap = self._heap
         if heap and heap[0][0] < due:
             due = heap[0][0]

@@ -88,9 +88,13 @@ _BLOCK_HDR = struct.Struct("=III")  # read at block + 8: status, num_pkts, first
 _BLOCK_STATUS = struct.Struct("=I")
 _BLOCK_STATUS_OFF = 8
 # struct tpacket3_hdr (48 bytes) then struct sockaddr_ll at TPACKET_ALIGN(48) = 48:
-# next_offset, sec, nsec, snaplen, len, status, mac, net, rxhash, vlan_tci, vlan_tpid,
-# [2 pad + 8 tp_padding + sll_family, sll_protocol, sll_ifindex, sll_hatype], sll_pkttype.
-_PKT_HDR = struct.Struct("=IIIIIIHHIIH20xB")
+# next_offset, sec, nsec, snaplen, len, status, mac, [net, rxhash, vlan_tci, vlan_tpid,
+# 2 pad + 8 tp_padding + sll_family, sll_protocol, sll_ifindex, sll_hatype], sll_pkttype.
+# The VLAN fields are read apart (`_VLAN`, at 32), only for the frames that have them: every
+# field costs each frame an object.
+_PKT_HDR = struct.Struct("=IIIIIIH32xB")
+_VLAN = struct.Struct("=IH")
+_VLAN_OFF = 32
 _TPACKET3_HDRLEN = 48 + 20
 # Where the kernel puts an Ethernet frame (tp_mac) with our PACKET_RESERVE: TPACKET_ALIGN(hdr
 # + 16) + reserve - 14 (af_packet.c tpacket_rcv). `_PKT_KEY` reads the header and, when the
@@ -98,8 +102,8 @@ _TPACKET3_HDRLEN = 48 + 20
 # a cheap last one instead (no claim: no key wanted). Near the end of the mapping the key may
 # lie past it: `_PKT_HDR` + a slice then.
 _MAC_USUAL = ((_TPACKET3_HDRLEN + 16 + 15) & ~15) + VLAN_TAG_LEN - 14
-_PKT_KEY = struct.Struct(f"=IIIIIIHHIIH20xB{_MAC_USUAL + 26 - 59}x12s")
-_PKT_HDR1 = struct.Struct("=IIIIIIHHIIH20xBB")
+_PKT_KEY = struct.Struct(f"=IIIIIIH32xB{_MAC_USUAL + 26 - 59}x12s")
+_PKT_HDR1 = struct.Struct("=IIIIIIH32xBB")
 # A claimed frame's Ethernet type + IPv4 version/IHL + TOS, total length, fragment field + TTL +
 # protocol, TCP seq, ack, data offset + flags (from byte 12): the ring's own tally.
 _TCP4 = struct.Struct("!IHxxIxx12xIIH")
@@ -402,11 +406,11 @@ class CaptureRing:
             try:
                 while left:
                     try:
-                        (nxt, sec, nsec, snap, wire_len, status, mac, _net, _rxh, tci, tpid,
-                         pkttype, key) = unpack_hdr(ring, off)
+                        nxt, sec, nsec, snap, wire_len, status, mac, pkttype, key = unpack_hdr(
+                            ring, off)
                     except struct.error:  # the key would lie past the end of the mapping
-                        (nxt, sec, nsec, snap, wire_len, status, mac, _net, _rxh, tci, tpid,
-                         pkttype) = _PKT_HDR.unpack_from(ring, off)
+                        nxt, sec, nsec, snap, wire_len, status, mac, pkttype = (
+                            _PKT_HDR.unpack_from(ring, off))
                         key = ring[off + mac + 26:off + mac + 38]
                     pkt = off
                     off += nxt
@@ -422,14 +426,16 @@ class CaptureRing:
                             ts = sec + (nsec // 1000) / 1e6
                             if due is None:
                                 due = due_fn()
-                            if ts < due and hit.fast and snap >= _TCP4_SNAP:
+                            if ts < due and snap >= _TCP4_SNAP:
                                 head, ip_len, frag_proto, seq, ack, of = unpack_tcp(
                                     ring, start + 12)
-                                thl = (of >> 10) & 0x3C
-                                payload = ip_len - 20 - thl
+                                # IPv4 without options, not a fragment, TCP, ACK without
+                                # SYN/FIN/RST, a TCP header of 20+ bytes, all within the IP
+                                # and the wire lengths, a kind the tally takes.
+                                payload = ip_len - 20 - ((of >> 10) & 0x3C)
                                 if (head >> 8 == 0x080045 and frag_proto & 0x3FFF00FF == 6
-                                        and of & 0x17 == 0x10 and thl >= 20 and payload >= 0
-                                        and wire_len >= 14 + ip_len
+                                        and of & 0x17 == 0x10 and of >= 0x5000
+                                        and payload >= 0 and wire_len >= 14 + ip_len
                                         and hit.fast & (1 if payload else 2)):
                                     hit.pkts += 1
                                     hit.bytes += ip_len
@@ -456,6 +462,7 @@ class CaptureRing:
                                 claimed += 1
                                 continue
                     if status & TP_STATUS_VLAN_VALID and snap >= 12:
+                        tci, tpid = _VLAN.unpack_from(ring, pkt + _VLAN_OFF)
                         if not status & TP_STATUS_VLAN_TPID_VALID:
                             tpid = ETH_P_8021Q
                         start -= VLAN_TAG_LEN
