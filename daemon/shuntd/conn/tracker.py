@@ -76,6 +76,7 @@ class ConnTracker:
                                    on_deadline=self._conn_timer)
         self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
         self._addrs: dict[bytes, bytes] = {}    # see _shared_key
+        self.addr_texts: dict[bytes, str] = {}  # conn.log's address texts (memo_addr_text)
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
@@ -380,7 +381,7 @@ class ConnTracker:
         if type(conn.analyzer) is TCPAnalyzer:
             conn.analyzer.cancel_timers()
         self.hooks.connection_state_remove(conn)
-        row = conn_record(conn, self.local_nets)
+        row = conn_record(conn, self.local_nets, self.addr_texts)
         self.hooks.connection_logged(conn, row)
         self.sink(conn, row)
         if self.tunnels.active:
