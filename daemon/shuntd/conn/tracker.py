@@ -305,6 +305,9 @@ class ConnTracker:
         if conn.removed:
             return
         an = conn.analyzer
+        if type(an) is not TCPAnalyzer:
+            self._inactivity_deadline(conn, now)
+            return
         inact = None if conn.inact_from is None else conn.inact_from + conn.inactivity_timeout
         tcp_due = an.next_due() if type(an) is TCPAnalyzer else None
         if inact is not None and (tcp_due is None or inact <= tcp_due):
@@ -315,6 +318,31 @@ class ConnTracker:
             an.run_due(tcp_due, now)  # type: ignore[union-attr]
         if not conn.removed:
             self._rearm(conn)
+
+    def _inactivity_deadline(self, conn: Connection, now: float) -> None:
+        """_conn_timer of a connection whose only check is inactivity (UDP, ICMP, others):
+        the same steps, inline (every such connection comes here at least twice: its first
+        deadline finds the later packets and re-arms, the second removes it)."""
+        start = conn.inact_from
+        if start is None:
+            return
+        timeout = conn.inactivity_timeout
+        when = start + timeout
+        if when <= now:
+            last = conn.last_time
+            when = last + timeout
+            if when <= now:   # _inactivity_timer: inactive long enough
+                conn.inact_from = None
+                if not self.hooks.connection_timing_out(conn):
+                    self.remove(conn)
+                elif not conn.removed:
+                    # Vetoed: due again a timeout from now (a handler may have armed it).
+                    conn.inact_from = now
+                    self._rearm(conn)
+                return
+            conn.inact_from = last
+        conn.timer_at = when   # (no deadline is pending: it has just fired)
+        self.timers.set_deadline(conn, when)
 
     def _rearm(self, conn: Connection) -> None:
         when = None if conn.inact_from is None else conn.inact_from + conn.inactivity_timeout
