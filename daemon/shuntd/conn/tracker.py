@@ -209,7 +209,9 @@ class ConnTracker:
         an.account(conn, side, is_orig, pkt.udp_len)
         self.hooks.udp_payload(conn, is_orig, pkt.payload)
         # ConnSize counts with the direction the packet had before any app-layer flip.
-        conn.endpoint(conn.orig_side if is_orig else conn.orig_side ^ 1).count(pkt.ip_len)
+        ep = conn.side1 if (conn.orig_side if is_orig else conn.orig_side ^ 1) else conn.side0
+        ep.num_pkts += 1
+        ep.num_bytes_ip += pkt.ip_len
         self.hooks.packet(conn, pkt, side == conn.orig_side)
 
     def _icmp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
@@ -271,7 +273,13 @@ class ConnTracker:
         if flip:
             conn.flip_roles()
         analyzer.attach(conn)  # type: ignore[attr-defined]
-        self.set_inactivity_timeout(conn, timeout)
+        if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
+            self.set_inactivity_timeout(conn, timeout)
+        elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
+            conn.inactivity_timeout = timeout
+            conn.inact_from = start = conn.last_time
+            conn.timer_at = start + timeout
+            self.timers.set_deadline(conn, start + timeout)
         if self.tunnels.depth:
             self.tunnels.check(conn)  # tunnel_parents set before new_connection (Zeek)
         self.hooks.new_connection(conn)

@@ -62,10 +62,13 @@ class UDPAnalyzer:
     def account(conn: Connection, side: int, is_orig: bool, udp_len: int) -> None:
         """History letter and role-bound byte count of one valid datagram."""
         if is_orig:
-            conn.check_history(HIST_ORIG_DATA_PKT, "D")
-        else:
+            if not conn.hist_seen & HIST_ORIG_DATA_PKT:
+                conn.check_history(HIST_ORIG_DATA_PKT, "D")
+        elif not conn.hist_seen & HIST_RESP_DATA_PKT:
             conn.check_history(HIST_RESP_DATA_PKT, "d")
-        conn.endpoint(side).add(udp_len - 8)
+        ep = conn.side1 if side else conn.side0
+        n = ep.nbytes
+        ep.nbytes = udp_len - 8 if n is None else n + udp_len - 8
 
     @staticmethod
     def conn_state(conn: Connection) -> str:
