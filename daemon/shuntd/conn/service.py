@@ -190,13 +190,14 @@ class _Layer:
     __slots__ = ("analyzers", "chunks", "prefix_orig", "prefix_resp", "count_orig",
                  "count_resp", "matched", "candidates", "done_orig", "done_resp")
 
-    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer]) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
         self.analyzers = analyzers
         # Made on first use (most connections end, or their PIA gives up, with few or none
         # of these): a shared empty value until then.
         self.chunks: list[tuple[bool, bytes]] | tuple[()] = ()
-        self.prefix_orig: bytearray | bytes = b""
-        self.prefix_resp: bytearray | bytes = b""
+        # TCP: the first bytes of each direction, matched as a whole; UDP: their number.
+        self.prefix_orig: bytearray | bytes | int = b"" if tcp else 0
+        self.prefix_resp: bytearray | bytes | int = b"" if tcp else 0
         self.count_orig = 0
         self.count_resp = 0
         self.matched: set[str] | frozenset[str] = _NO_MATCHES
@@ -255,7 +256,7 @@ class ServiceDetection:
         factories, candidates = plan
         state = ConnServices(tcp)
         # The candidates are shared: _Layer only ever replaces them, never changes them.
-        state.layers.append(_Layer(candidates, [factory() for factory in factories]))
+        state.layers.append(_Layer(candidates, [factory() for factory in factories], tcp))
         ext = conn.ext
         if ext is None:
             conn.ext = {STATE_KEY: state}
@@ -349,7 +350,10 @@ class ServiceDetection:
                 return
             prefix, layer.count_resp = layer.prefix_resp, layer.count_resp + 1
             count = layer.count_resp
-        if len(prefix) >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
+        tcp = state.tcp
+        # (UDP: the prefix slots only count the bytes buffered; each datagram is matched alone.)
+        buffered = len(prefix) if tcp else prefix   # type: ignore[arg-type]
+        if buffered >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
             self._pia_direction_done(layer, is_orig)
             return
         chunks = layer.chunks
@@ -357,16 +361,24 @@ class ServiceDetection:
             chunks.append((is_orig, data))  # type: ignore[union-attr]
         else:
             layer.chunks = [(is_orig, data)]
-        piece = data[: max(0, settings.dpd_buffer_size - len(prefix))]
-        if prefix:
-            prefix += piece          # a bytearray: extended in place
-        else:
-            prefix = bytearray(piece)
+        subject: bytes | bytearray
+        if not tcp:
+            subject = data
             if is_orig:
-                layer.prefix_orig = prefix
+                layer.prefix_orig = buffered + len(data)
             else:
-                layer.prefix_resp = prefix
-        subject: bytes | bytearray = prefix if state.tcp else data
+                layer.prefix_resp = buffered + len(data)
+        else:
+            piece = data[: max(0, settings.dpd_buffer_size - buffered)]
+            if prefix:
+                prefix += piece          # a bytearray: extended in place
+            else:
+                prefix = bytearray(piece)
+                if is_orig:
+                    layer.prefix_orig = prefix
+                else:
+                    layer.prefix_resp = prefix
+            subject = prefix
         cands = layer.candidates
         any_of = cands.orig if is_orig else cands.resp
         if any_of is None or any_of.match(subject) is None:
@@ -482,7 +494,7 @@ class ServiceDetection:
     def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
         disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures
         layer = _Layer(self._candidates([s for s in TCP_SIGNATURES
-                                         if s.analyzer not in disabled]), [])
+                                         if s.analyzer not in disabled]), [], True)
         state.layers.append(layer)
         orig, resp = data
         if orig:

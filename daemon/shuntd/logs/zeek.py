@@ -490,8 +490,8 @@ class LogWriter:
         # is one of the strings it rewrites, the line is right; otherwise it is made again.
         text_of = self._text_of
         try:
-            parts = [UNSET_FIELD if v is None else fn(v)
-                     for fn, v in zip(self._tsv_fast, values, strict=True)]
+            parts = [UNSET_FIELD if v is None else fn(v)   # (write() checked the length)
+                     for fn, v in zip(self._tsv_fast, values, strict=False)]
             if text_of is not None:
                 text = "".join(text_of(parts))
                 if (not text.isascii() or not text.isprintable() or "\\" in text
