@@ -206,19 +206,26 @@ class _Layer:
         self.done_resp = False
 
 
-class ConnServices:
-    """Service-detection state of one connection."""
+class ConnServices(_Layer):
+    """Service-detection state of one connection: its first layer (the analysers and the
+    PIA over the connection's own bytes) and the layers an HTTP CONNECT opens inside."""
 
-    __slots__ = ("tcp", "layers", "failed", "established", "active", "saw_syn")
+    __slots__ = ("tcp", "inner", "failed", "established", "active", "saw_syn")
 
-    def __init__(self, tcp: bool) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+        super().__init__(candidates, analyzers, tcp)
         self.tcp = tcp
-        self.layers: list[_Layer] = []
+        self.inner: list[_Layer] | tuple[()] = ()   # a list once a tunnel opens one
         # Analysers that confirmed and then failed (a tuple until the first one).
         self.failed: list[str] | tuple[str, ...] = ()
         self.established = False
         self.active = True                   # False once nothing can change any more
         self.saw_syn = False                 # a SYN/SYN-ACK is in the history (not midstream)
+
+    @property
+    def layers(self) -> tuple[_Layer, ...]:
+        """Every layer, outermost first (a snapshot: a verdict may open another)."""
+        return (self, *self.inner) if self.inner else (self,)
 
 
 class ServiceDetection:
@@ -254,9 +261,8 @@ class ServiceDetection:
         if plan is None:
             plan = self._plan(tcp, conn.resp_p)
         factories, candidates = plan
-        state = ConnServices(tcp)
-        # The candidates are shared: _Layer only ever replaces them, never changes them.
-        state.layers.append(_Layer(candidates, [factory() for factory in factories], tcp))
+        # The candidates are shared: a layer only ever replaces them, never changes them.
+        state = ConnServices(candidates, [factory() for factory in factories], tcp)
         ext = conn.ext
         if ext is None:
             conn.ext = {STATE_KEY: state}
@@ -324,8 +330,8 @@ class ServiceDetection:
 
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
         partial = state.tcp and _midstream(conn, state)
-        # (Copies: a verdict may add a layer or an analyser while these loops run.)
-        for layer in tuple(state.layers):
+        # (Snapshots: a verdict may add a layer or an analyser while these loops run.)
+        for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers
             if analyzers:
                 for an in tuple(analyzers):
@@ -495,7 +501,10 @@ class ServiceDetection:
         disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures
         layer = _Layer(self._candidates([s for s in TCP_SIGNATURES
                                          if s.analyzer not in disabled]), [], True)
-        state.layers.append(layer)
+        if state.inner:
+            state.inner.append(layer)  # type: ignore[union-attr]
+        else:
+            state.inner = [layer]
         orig, resp = data
         if orig:
             self._pia(conn, state, layer, True, orig)
@@ -506,7 +515,7 @@ class ServiceDetection:
     def _sweep(conn: Any, state: ConnServices) -> None:
         """Drop finished analysers; a connection with nothing left costs nothing more."""
         busy = False
-        for layer in state.layers:
+        for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers
             for an in analyzers:
                 if an.done:

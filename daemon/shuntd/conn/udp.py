@@ -72,8 +72,13 @@ class UDPAnalyzer:
 
     @staticmethod
     def conn_state(conn: Connection) -> str:
-        o = conn.orig.state
-        r = conn.resp.state
+        # (SummedEndpoint.state of each role, read from the slots: once per logged row)
+        if conn.orig_side:
+            o_bytes, r_bytes = conn.side1.nbytes, conn.side0.nbytes
+        else:
+            o_bytes, r_bytes = conn.side0.nbytes, conn.side1.nbytes
+        o = o_bytes is not None and o_bytes >= 0
+        r = r_bytes is not None and r_bytes >= 0
         if o and r:
             return "SF"
         if o:
