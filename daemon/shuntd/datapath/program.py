@@ -518,6 +518,16 @@ class XdpProgram:
             return self._flow_key_struct.pack(src, dst, sport, dport, proto, 0, 0), 1
         return self._flow_key_struct.pack(dst, src, dport, sport, proto, 0, 0), 2
 
+    def flow_key_fields(self, key: bytes) -> tuple[bytes, int, bytes, int]:
+        """(addr1, port1, addr2, port2) of a flow key's bytes: wire addresses, 4 bytes for
+        an IPv4 (v4-mapped) one, as a Connection holds them."""
+        a1, a2, p1, p2, _proto, _vo, _vi = self._flow_key_struct.unpack(key)
+        if a1[:12] == _V4_MAPPED:
+            a1 = a1[12:]
+        if a2[:12] == _V4_MAPPED:
+            a2 = a2[12:]
+        return a1, p1, a2, p2
+
     def pair_key(self, a: Address, b: Address, vlan: int = 0,
                  inner_vlan: int = 0) -> tuple[Any, int]:
         """Canonical IP-pair key and the side (1/2) of `a`."""

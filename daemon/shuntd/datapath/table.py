@@ -169,6 +169,15 @@ class ShuntTable:
         """(canonical key, side of (src, sport))."""
         return self.prog.flow_key(src, sport, dst, dport, proto, vlan, inner_vlan)
 
+    def flow_key_bytes(self, src: bytes, sport: int, dst: bytes, dport: int,
+                       proto: int) -> tuple[bytes, int]:
+        """flow_key() of wire addresses without VLANs, as bytes (every method takes them)."""
+        return self.prog.flow_key_bytes(src, sport, dst, dport, proto)
+
+    def flow_key_fields(self, key: bytes) -> tuple[bytes, int, bytes, int]:
+        """(addr1, port1, addr2, port2) of a flow key's bytes, as wire addresses."""
+        return self.prog.flow_key_fields(key)
+
     def pair_key(self, a: Address, b: Address, vlan: int = 0,
                  inner_vlan: int = 0) -> tuple[Any, int]:
         return self.prog.pair_key(a, b, vlan, inner_vlan)
