@@ -75,7 +75,8 @@ def _tunnel_refusal(conn: Any) -> str | None:
     of a tunnel has tunnel_parents before any of its events (conn/tunnels.py `check`)."""
     if conn.tunnel_parents:
         return "it is inside a tunnel, which XDP does not decapsulate"
-    carried = TUNNEL_SERVICES.intersection(conn.service)
+    service = conn.service
+    carried = TUNNEL_SERVICES.intersection(service) if service else None
     if carried:
         return f"it is a {', '.join(sorted(carried))} tunnel: shunting it would hide its contents"
     if conn.ip_proto == 17 and conn.resp_p in TUNNEL_UDP_PORTS:
@@ -203,7 +204,8 @@ def advance_ack(ep: TCPEndpoint, ack64: int) -> None:
 def _tcp_anchor(conn: Any) -> tuple[int, int, int, int]:
     """(next, ack sent) of tracker side 0, then of side 1, as 64-bit values."""
     e0, e1 = conn.sides
-    return (_seq64(e0), _ack64(e1), _seq64(e1), _ack64(e0))
+    return ((e0.seq_wraps << 32) | e0.last_seq, (e1.ack_wraps << 32) | e1.ack_seq,
+            (e1.seq_wraps << 32) | e1.last_seq, (e0.ack_wraps << 32) | e0.ack_seq)
 
 
 def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, ...]:

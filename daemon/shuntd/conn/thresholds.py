@@ -74,18 +74,26 @@ class ThresholdManager:
         if threshold <= 0:
             return False
         st = self._state(conn)
-        bisect.insort(st.bytes_orig if is_orig else st.bytes_resp, int(threshold))
-        st.refresh()
-        self._check_direction(conn, st, is_orig)
+        if is_orig:
+            bisect.insort(st.bytes_orig, int(threshold))
+            st.next_bytes_orig = st.bytes_orig[0]
+        else:
+            bisect.insort(st.bytes_resp, int(threshold))
+            st.next_bytes_resp = st.bytes_resp[0]
+        self._check_if_due(conn, st, is_orig)
         return True
 
     def set_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
         if threshold <= 0:
             return False
         st = self._state(conn)
-        bisect.insort(st.pkts_orig if is_orig else st.pkts_resp, int(threshold))
-        st.refresh()
-        self._check_direction(conn, st, is_orig)
+        if is_orig:
+            bisect.insort(st.pkts_orig, int(threshold))
+            st.next_pkts_orig = st.pkts_orig[0]
+        else:
+            bisect.insort(st.pkts_resp, int(threshold))
+            st.next_pkts_resp = st.pkts_resp[0]
+        self._check_if_due(conn, st, is_orig)
         return True
 
     def set_duration_threshold(self, conn: Any, seconds: float, now: float | None = None) -> bool:
@@ -140,6 +148,17 @@ class ThresholdManager:
         if st is None:
             st = ext[STATE_KEY] = ConnThresholds()
         return st
+
+    def _check_if_due(self, conn: Any, st: ConnThresholds, is_orig: bool) -> None:
+        """_check_direction, only called when a cached limit says it has something to do."""
+        if is_orig:
+            ep = conn.orig
+            due = ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig
+        else:
+            ep = conn.resp
+            due = ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp
+        if due:
+            self._check_direction(conn, st, is_orig)
 
     def _check_direction(self, conn: Any, st: ConnThresholds, is_orig: bool) -> None:
         endpoint = conn.orig if is_orig else conn.resp
