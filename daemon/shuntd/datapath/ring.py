@@ -146,10 +146,14 @@ class RingPoller:
 
     def poll(self, timeout_ms: int = 0) -> list[ShuntEventRecord]:
         """Wait up to ``timeout_ms`` (-1: forever) for records; return all that are ready."""
-        if timeout_ms == 0 and not self.ready():
-            return []
-        self._offset = time.time() - monotonic_ns() / 1e9
-        self.prog.bpf.ring_buffer_poll(int(timeout_ms))
+        if timeout_ms == 0 and self._consumer is not None:
+            if not self.ready():
+                return []
+            self._offset = time.time() - monotonic_ns() / 1e9
+            self.prog.bpf.ring_buffer_consume()  # records are there: no epoll_wait needed
+        else:
+            self._offset = time.time() - monotonic_ns() / 1e9
+            self.prog.bpf.ring_buffer_poll(int(timeout_ms))
         out, self._pending = self._pending, []
         return out
 
