@@ -267,3 +267,38 @@ def test_pass_all_switch_opens_everything_and_back(prog, table):
         table.set_pass_all(False)
     assert prog.test_run(frame).retval == XDP_DROP
     assert table.lookup_flow(A, 8000, B, 8001, 17).pkts1 == 1  # untouched while open
+
+
+def test_poll_without_wait_reads_the_ring_positions_first(prog, table, ring):
+    """poll(0) (every capture batch) looks at the ring's positions before any syscall: an
+    empty ring says so, a record makes it ready and is read without waiting."""
+    from shuntd.datapath.ring import TcpCloseEvent
+
+    assert ring.ready() is False and ring.poll(0) == []
+    table.shunt_flow(A, 41000, B, 443, 6)
+    assert prog.test_run(tcp(A, 41000, B, 443, b"", "FA", seq=7, ack=8)).retval == XDP_DROP
+    assert ring.ready() is True
+    (fin,) = ring.poll(0)
+    assert isinstance(fin, TcpCloseEvent) and (fin.seq, fin.ack) == (7, 8)
+    assert ring.ready() is False and ring.poll(0) == []
+
+
+@pytest.mark.parametrize("src,sport,dst,dport,proto", [
+    (B, 443, A, 40000, 6),                          # side 2 first
+    ("fe80::2", 53, "fe80::1", 5353, 17),
+    (A, 3, B, 1, 1),                                # ICMP unreachable: one-way, source first
+    (B, 8, A, 0, 1),                                # ICMP echo: ordered like ports
+    (A, 7, A, 7, 132),
+])
+def test_key_bytes_equal_the_ctypes_keys(table, src, sport, dst, dport, proto):
+    """The shunt path's keys (bytes from a struct) are the bcc-typed keys' bytes."""
+    import ipaddress
+
+    key, side = table.flow_key(src, sport, dst, dport, proto)
+    packed_src = ipaddress.ip_address(src).packed
+    packed_dst = ipaddress.ip_address(dst).packed
+    assert table.flow_key_bytes(packed_src, sport, packed_dst, dport, proto) == (bytes(key),
+                                                                                 side)
+    fields = table.flow_key_fields(bytes(key))
+    assert fields == ((packed_src, sport, packed_dst, dport) if side == 1
+                      else (packed_dst, dport, packed_src, sport))

@@ -328,3 +328,32 @@ def test_json_round_trips(name: str, x: float) -> None:
         text = (Path(tmp) / "j.log").read_text()
     assert text.count("\n") == 1
     assert json.loads(text) == {"name": name, "x": x}
+
+
+def test_tsv_escaping_in_one_of_several_text_fields(tmp_path: Path) -> None:
+    """Rows whose text is written unchanged and rows where one text field of several (or an
+    address given packed) needs Zeek's rewriting come out the same as field by field."""
+    schema = LogSchema("mix", [("a", "string"), ("h", "addr"), ("n", "count"), ("b", "enum")])
+    rows = [
+        ("plain", "10.0.0.1", 1, "udp"),
+        ("plain", "10.0.0.1", 2, ""),
+        ("-", "10.0.0.1", 3, "udp"),
+        ("ok", "10.0.0.1", 4, "(empty)"),
+        ("t\tab", "10.0.0.1", 5, "udp"),
+        ("ok", b"\x0a\x00\x00\x02", 6, "udp"),
+        ("é", "10.0.0.1", 7, None),
+    ]
+    with open_log(tmp_path, schema) as log:
+        for r in rows:
+            log.write(r)
+    data = [ln for ln in (tmp_path / "mix.log").read_text().split("\n")
+            if ln and not ln.startswith("#")]
+    assert data == [
+        "plain\t10.0.0.1\t1\tudp",
+        "plain\t10.0.0.1\t2\t(empty)",
+        "\\x2d\t10.0.0.1\t3\tudp",
+        "ok\t10.0.0.1\t4\t\\x28empty)",
+        "t\\x09ab\t10.0.0.1\t5\tudp",
+        "ok\t10.0.0.2\t6\tudp",
+        "é\t10.0.0.1\t7\t-",
+    ]

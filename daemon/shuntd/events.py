@@ -94,8 +94,8 @@ class EventDispatcher(EngineHooks):
     `long_connections` enables conn_long.log: `write_long_row(row)` writes one record and
     `record(conn)` builds it (default: conn.log's `conn_record` with the tracker's local
     nets). `contents` enables contents extraction.
-    `handler_context`, if given, wraps every handler call (policy actions install themselves
-    with it).
+    `handler_context`, if given, wraps every dispatch to handlers (policy actions install
+    themselves with it).
     """
 
     def __init__(
@@ -123,6 +123,9 @@ class EventDispatcher(EngineHooks):
             raise ValueError("long connections need write_long_row=")
         self._record = record or _live_record
         self._write_long_row = write_long_row
+        # The tracker calls `packet` for every packet: straight to the thresholds, without
+        # the method below in between (it stays, so the tracker knows the hook is wanted).
+        self.packet = self.thresholds.packet  # type: ignore[method-assign]
 
     # -- handler registry ----------------------------------------------------------------
 
@@ -156,17 +159,21 @@ class EventDispatcher(EngineHooks):
         if not handlers:
             return []
         results = []
-        for handler in list(handlers):
-            try:
-                if self.handler_context is None:
+        # One handler context for the whole dispatch (not one per handler call).
+        ctx = self.handler_context() if self.handler_context is not None else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            for handler in tuple(handlers):
+                try:
                     results.append(handler(*args))
-                else:
-                    with self.handler_context():
-                        results.append(handler(*args))
-            except Exception:
-                log.exception("handler %s for event %s raised; it is disabled for this event",
-                              getattr(handler, "__qualname__", handler), event)
-                self.remove_handler(event, handler)
+                except Exception:
+                    log.exception("handler %s for event %s raised; it is disabled for this "
+                                  "event", getattr(handler, "__qualname__", handler), event)
+                    self.remove_handler(event, handler)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
         return results
 
     # -- framework API for policies ------------------------------------------------------
@@ -227,7 +234,7 @@ class EventDispatcher(EngineHooks):
             self.contents.connection_established(conn)
 
     def packet(self, conn: Any, pkt: Any, is_orig: bool) -> None:
-        self.thresholds.packet(conn, is_orig, pkt.ts)
+        self.thresholds.packet(conn, pkt, is_orig)
 
     @property
     def wants_stream(self) -> bool:

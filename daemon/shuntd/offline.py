@@ -37,29 +37,34 @@ def run_trace(path: str | Path, tracker: ConnTracker) -> OfflineResult:
     process = tracker.process
     # Every connection makes a handful of tracked objects; with the default gen-0 threshold
     # (700) the cyclic collector runs every few connections and costs ~10% of a run. Collect
-    # less often while feeding; restored afterwards (bench/engine.py measures the effect).
+    # less often while feeding and draining; restored afterwards (bench/engine.py measures
+    # the effect).
     thresholds = gc.get_threshold()
     gc.set_threshold(max(thresholds[0], _GC_GEN0_THRESHOLD), *thresholds[1:])
     try:
-        with open_trace(path) as reader:
-            for ts, frame, wire_len, linktype in reader:
-                result.frames += 1
-                pkt = decode(frame, linktype, ts, wire_len, ignore)
-                if pkt is None:
-                    result.undecodable += 1
-                    tracker.advance(ts)
-                    continue
-                if pkt.frag:
-                    tracker.advance(ts)
-                    pkt = defrag.add(pkt)
+        try:
+            with open_trace(path) as reader:
+                for ts, frame, wire_len, linktype in reader:
+                    result.frames += 1
+                    pkt = decode(frame, linktype, ts, wire_len, ignore)
                     if pkt is None:
+                        result.undecodable += 1
+                        tracker.advance(ts)
                         continue
-                process(pkt)
-    except TraceError as exc:
-        result.error = str(exc)
-    except OSError as exc:
-        result.error = f"cannot read {path}: {exc.strerror or exc}"
+                    if pkt.frag:
+                        tracker.advance(ts)
+                        pkt = defrag.add(pkt)
+                        if pkt is None:
+                            continue
+                    process(pkt)
+        except TraceError as exc:
+            result.error = str(exc)
+        except OSError as exc:
+            result.error = f"cannot read {path}: {exc.strerror or exc}"
+        # The end of input removes every connection still open at once: still under the
+        # raised threshold (with the default one, full collections over the whole table run
+        # several times while it drains).
+        tracker.finish()
     finally:
         gc.set_threshold(*thresholds)
-    tracker.finish()
     return result

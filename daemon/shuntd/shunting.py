@@ -76,7 +76,8 @@ def _tunnel_refusal(conn: Any) -> str | None:
     of a tunnel has tunnel_parents before any of its events (conn/tunnels.py `check`)."""
     if conn.tunnel_parents:
         return "it is inside a tunnel, which XDP does not decapsulate"
-    carried = TUNNEL_SERVICES.intersection(conn.service)
+    service = conn.service
+    carried = TUNNEL_SERVICES.intersection(service) if service else None
     if carried:
         return f"it is a {', '.join(sorted(carried))} tunnel: shunting it would hide its contents"
     if conn.ip_proto == 17 and conn.resp_p in TUNNEL_UDP_PORTS:
@@ -108,7 +109,7 @@ class ConnShunt:
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
-        self.key: Any = None          # FlowKey while an entry is in the map
+        self.key: bytes | None = None  # the flow key's bytes while an entry is in the map
         self.orig_side = 1            # side of the originator in the key
         self.start = 0.0
         # (next seq, ack sent) of tracker side 0, then side 1, when this episode began:
@@ -206,28 +207,40 @@ def advance_ack(ep: TCPEndpoint, ack64: int) -> None:
 def _tcp_anchor(conn: Any) -> tuple[int, int, int, int]:
     """(next, ack sent) of tracker side 0, then of side 1, as 64-bit values."""
     e0, e1 = conn.sides
-    return (_seq64(e0), _ack64(e1), _seq64(e1), _ack64(e0))
+    return ((e0.seq_wraps << 32) | e0.last_seq, (e1.ack_wraps << 32) | e1.ack_seq,
+            (e1.seq_wraps << 32) | e1.last_seq, (e0.ack_wraps << 32) | e0.ack_seq)
 
 
 def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, ...]:
     """The entry's (next, ack sent) per side as 64-bit values: XDP counts wraps since the
     anchor (shuntd.h)."""
-    low = (c.tcp_next1, c.tcp_ack1, c.tcp_next2, c.tcp_ack2)
-    return tuple((((a >> 32) + w) << 32) | x for a, w, x in zip(anchor, c.tcp_wraps, low,
-                                                                strict=True))
+    a0, a1, a2, a3 = anchor
+    w0, w1, w2, w3 = c.tcp_wraps
+    return (((a0 >> 32) + w0) << 32 | c.tcp_next1, ((a1 >> 32) + w1) << 32 | c.tcp_ack1,
+            ((a2 >> 32) + w2) << 32 | c.tcp_next2, ((a3 >> 32) + w3) << 32 | c.tcp_ack2)
+
+
+def _letter_order(letters: int) -> tuple[tuple[int, int, str], ...]:
+    """(tracker side, history mask, letter) of each letter present in a 12-bit letters
+    value, in the order its ranks give (letter i: tracker side i >> 1, D then A)."""
+    present = [i for i in range(4) if letters >> i & 1]
+    present.sort(key=lambda i: (letters >> (_RANK_SHIFT - _LETTERS_SHIFT + 2 * i)) & 3)
+    return tuple((i >> 1, HIST_ACK_PKT, "A") if i & 1 else (i >> 1, HIST_DATA_PKT, "D")
+                 for i in present)
+
+
+# Every letters value's order, made once (4 presence bits and 4 two-bit ranks: 4,096 values).
+_LETTER_ORDER = tuple(_letter_order(x) for x in range(1 << 12))
 
 
 def add_letters(conn: Any, letters: int) -> None:
     """History letters of dropped packets (bits 0-11 of SHUNT_F_TCP_*, shifted down), in the
     order XDP first saw them; each is added once per endpoint role, as Zeek does."""
-    present = [i for i in range(4) if letters >> i & 1]
-    present.sort(key=lambda i: (letters >> (_RANK_SHIFT - _LETTERS_SHIFT + 2 * i)) & 3)
-    for i in present:
-        ep = conn.sides[i >> 1]  # letter i: side 1 (tracker side 0) for i < 2
-        if i & 1:
-            ep.check_history(conn, HIST_ACK_PKT, "A")
-        else:
-            ep.check_history(conn, HIST_DATA_PKT, "D")
+    order = _LETTER_ORDER[letters & 0xFFF]
+    if order:
+        sides = conn.sides
+        for side, mask, code in order:
+            sides[side].check_history(conn, mask, code)
 
 
 def _late_keys(conn: Any) -> tuple[bytes, bytes] | None:
@@ -302,10 +315,15 @@ class ShuntManager:
                 log.warning("not shunting %s: %s (fail open; further refusals are counted "
                             "as result=error, not logged)", conn.uid, why)
             return "error"
-        key, orig_side = self.table.flow_key(conn.orig_h, conn.orig_p, conn.resp_h,
-                                             conn.resp_p, conn.ip_proto)
-        anchor = _tcp_anchor(conn) if isinstance(conn.analyzer, TCPAnalyzer) else None
-        tcp_start = tuple(a & M32 for a in anchor) if anchor else None
+        key, orig_side = self.table.flow_key_bytes(conn.orig_h, conn.orig_p, conn.resp_h,
+                                                   conn.resp_p, conn.ip_proto)
+        if isinstance(conn.analyzer, TCPAnalyzer):
+            anchor: tuple[int, int, int, int] | None = _tcp_anchor(conn)
+            n0, a0, n1, a1 = anchor
+            tcp_start: tuple[int, int, int, int] | None = (n0 & M32, a0 & M32, n1 & M32,
+                                                           a1 & M32)
+        else:
+            anchor = tcp_start = None
         result = self.table.shunt_key(key, trigger_code(trigger), tcp_start=tcp_start)
         if result is ShuntResult.FULL:
             self.refused_full += 1
@@ -341,7 +359,7 @@ class ShuntManager:
                 st.late = sides = (LateSide(conn, st, 0), LateSide(conn, st, 1))
                 self.late[keys[0]] = sides[conn.orig_side]
                 self.late[keys[1]] = sides[1 - conn.orig_side]
-        self.flows[bytes(key)] = conn
+        self.flows[key] = conn
         return "ok"
 
     def shunt_ip_pair(self, addr1: str, addr2: str, trigger: str,
@@ -383,7 +401,7 @@ class ShuntManager:
             return False
         key = st.key
         st.key = None
-        self.flows.pop(bytes(key), None)
+        self.flows.pop(key, None)
         lop, lob, lrp, lrb = self._forget_late(conn, st)
         c = self.table.unshunt_key(key)
         if c is None:
@@ -630,11 +648,11 @@ class ShuntManager:
     def _apply_close(self, ev: TcpCloseEvent) -> None:
         """Feed the FIN/RST XDP dropped to the TCP analyser, as if it had been seen (not
         counted in ConnSize: XDP counted it)."""
-        a1, p1, a2, p2 = key_endpoints(ev.key)
+        a1, p1, a2, p2 = self.table.flow_key_fields(ev.key_bytes)
         if ev.side == 1:
-            src, sport, dst, dport = a1.packed, p1, a2.packed, p2
+            src, sport, dst, dport = a1, p1, a2, p2
         else:
-            src, sport, dst, dport = a2.packed, p2, a1.packed, p1
+            src, sport, dst, dport = a2, p2, a1, p1
         if src < dst or (src == dst and sport <= dport):
             tkey, side = (6, src, sport, dst, dport), 0
         else:

@@ -99,7 +99,7 @@ class LongConnections:
     def new_connection(self, conn: Any) -> None:
         """Queue the first poll (`durations[0]` from now); it runs as `ConnPolling` would
         run a watched one, and later polls are watched."""
-        first = self._durations(conn)[0]
+        first = (self._durations(conn) if self._special else self.settings.durations)[0]
         queue = self._first.get(first)
         if queue is None:
             queue = self._first[first] = _FirstPolls(first)

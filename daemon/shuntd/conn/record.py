@@ -45,18 +45,33 @@ def addr_text(addr: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, addr)
 
 
-def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
+_TEXT_MEMO_MAX = 65536
+
+
+def memo_addr_text(texts: dict[bytes, str], addr: bytes) -> str:
+    """`addr_text(addr)` kept in `texts` (bounded: emptied when full); a busy server's
+    address is then formatted once, not once per connection."""
+    text = texts.get(addr)
+    if text is None:
+        if len(texts) >= _TEXT_MEMO_MAX:
+            texts.clear()
+        text = texts[addr] = addr_text(addr)
+    return text
+
+
+def conn_record(conn: Connection, local_nets: LocalNets | None,
+                texts: dict[bytes, str] | None = None) -> tuple:
     """Values in CONN_FIELDS order (None = unset), computed as Zeek's set_conn(c, T).
+    `texts`: a memo of address texts (see memo_addr_text), if the caller keeps one.
 
     Reads the connection's slots directly (not its orig/resp/duration views): one record per
     connection is a measurable share of an offline run."""
     ip_proto, a, pa, b, pb = conn.key
-    sides = conn.sides
     if conn.orig_side:
-        orig, resp = sides[1], sides[0]
+        orig, resp = conn.side1, conn.side0
         orig_h, orig_p, resp_h, resp_p = b, pb, a, pa
     else:
-        orig, resp = sides
+        orig, resp = conn.side0, conn.side1
         orig_h, orig_p, resp_h, resp_p = a, pa, b, pb
     duration: float | None = conn.last_time - conn.start_time
     if duration > 0:  # type: ignore[operator]
@@ -70,12 +85,25 @@ def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
     else:
         local_orig = local_resp = None
     service = ",".join(conn.service).lower() if conn.service else None
+    if texts is None:
+        orig_text = addr_text(orig_h)
+        resp_text = addr_text(resp_h)
+    else:
+        orig_text = texts.get(orig_h) or memo_addr_text(texts, orig_h)
+        resp_text = texts.get(resp_h) or memo_addr_text(texts, resp_h)
+    rare = conn.rare
+    if rare is None:
+        missed = 0
+        parents = None
+    else:
+        missed = rare.missed_bytes
+        parents = set(rare.tunnel_parents) if rare.tunnel_parents else None
     return (
         conn.start_time,
         conn.uid,
-        addr_text(orig_h),
+        orig_text,
         orig_p,
-        addr_text(resp_h),
+        resp_text,
         resp_p,
         PROTO_NAMES.get(ip_proto, "unknown_transport"),
         service,
@@ -85,13 +113,13 @@ def conn_record(conn: Connection, local_nets: LocalNets | None) -> tuple:
         conn.analyzer.conn_state(conn),
         local_orig,
         local_resp,
-        conn.missed_bytes,
+        missed,
         conn.history or None,
         orig.num_pkts,
         orig.num_bytes_ip,
         resp.num_pkts,
         resp.num_bytes_ip,
-        set(conn.tunnel_parents) if conn.tunnel_parents else None,
+        parents,
         ip_proto,
     )
 

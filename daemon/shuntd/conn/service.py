@@ -19,8 +19,10 @@ results go to a `ServiceSink` (the event dispatcher).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .protocols.base import Analyzer
@@ -114,20 +116,45 @@ ALL_ANALYZERS: frozenset[str] = (
     | frozenset(s.analyzer for s in TCP_SIGNATURES + UDP_SIGNATURES))
 
 
+_FACTORIES: dict[tuple[str, bool], Callable[[], Analyzer]] = {}
+for _tcp in (True, False):
+    _FACTORIES["ssl", _tcp] = TlsAnalyzer
+    _FACTORIES["http", _tcp] = HttpAnalyzer
+    _FACTORIES["dns", _tcp] = functools.partial(DnsAnalyzer, tcp=_tcp)
+    _FACTORIES["ssh", _tcp] = SshAnalyzer
+    _FACTORIES["dtls", _tcp] = DtlsAnalyzer
+    _FACTORIES["quic", _tcp] = QuicAnalyzer
+del _tcp
+
+
 def make_analyzer(name: str, tcp: bool) -> Analyzer:
-    if name == "ssl":
-        return TlsAnalyzer()
-    if name == "http":
-        return HttpAnalyzer()
-    if name == "dns":
-        return DnsAnalyzer(tcp=tcp)
-    if name == "ssh":
-        return SshAnalyzer()
-    if name == "dtls":
-        return DtlsAnalyzer()
-    if name == "quic":
-        return QuicAnalyzer()
-    raise ValueError(f"unknown analyser {name!r}")
+    factory = _FACTORIES.get((name, tcp))
+    if factory is None:
+        raise ValueError(f"unknown analyser {name!r}")
+    return factory()
+
+
+class _Candidates:
+    """Signatures a PIA still matches, and per direction one pattern of all of them: a
+    packet none of them can match (nearly every one) costs one regex call, not one per
+    signature. Made once per distinct set (ServiceDetection._candidates), never changed."""
+
+    __slots__ = ("sigs", "orig", "resp")
+
+    def __init__(self, sigs: tuple[Signature, ...]) -> None:
+        self.sigs = sigs
+        self.orig = self._any_of([s for s in sigs if s.direction != "resp"])
+        self.resp = self._any_of([s for s in sigs if s.direction != "orig"])
+
+    @staticmethod
+    def _any_of(sigs: list[Signature]) -> re.Pattern[bytes] | None:
+        if not sigs:
+            return None
+        return re.compile(b"|".join(b"(?:" + s.pattern.pattern + b")" for s in sigs),
+                          re.DOTALL)
+
+
+_NO_CANDIDATES = _Candidates(())
 
 
 @dataclasses.dataclass
@@ -163,47 +190,57 @@ class _Layer:
     __slots__ = ("analyzers", "chunks", "prefix_orig", "prefix_resp", "count_orig",
                  "count_resp", "matched", "candidates", "done_orig", "done_resp")
 
-    def __init__(self, candidates: list[Signature]) -> None:
-        self.analyzers: list[Analyzer] = []
+    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+        self.analyzers = analyzers
         # Made on first use (most connections end, or their PIA gives up, with few or none
         # of these): a shared empty value until then.
         self.chunks: list[tuple[bool, bytes]] | tuple[()] = ()
-        self.prefix_orig: bytearray | bytes = b""
-        self.prefix_resp: bytearray | bytes = b""
+        # TCP: the first bytes of each direction, matched as a whole; UDP: their number.
+        self.prefix_orig: bytearray | bytes | int = b"" if tcp else 0
+        self.prefix_resp: bytearray | bytes | int = b"" if tcp else 0
         self.count_orig = 0
         self.count_resp = 0
         self.matched: set[str] | frozenset[str] = _NO_MATCHES
-        self.candidates = candidates   # empty list = PIA finished
+        self.candidates = candidates   # no signatures = PIA finished
         self.done_orig = False         # that direction is past the DPD limits
         self.done_resp = False
 
 
-class ConnServices:
-    """Service-detection state of one connection."""
+class ConnServices(_Layer):
+    """Service-detection state of one connection: its first layer (the analysers and the
+    PIA over the connection's own bytes) and the layers an HTTP CONNECT opens inside."""
 
-    __slots__ = ("tcp", "layers", "failed", "established", "active", "saw_syn")
+    __slots__ = ("tcp", "inner", "failed", "established", "active", "saw_syn")
 
-    def __init__(self, tcp: bool) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+        super().__init__(candidates, analyzers, tcp)
         self.tcp = tcp
-        self.layers: list[_Layer] = []
+        self.inner: list[_Layer] | tuple[()] = ()   # a list once a tunnel opens one
         # Analysers that confirmed and then failed (a tuple until the first one).
         self.failed: list[str] | tuple[str, ...] = ()
         self.established = False
         self.active = True                   # False once nothing can change any more
         self.saw_syn = False                 # a SYN/SYN-ACK is in the history (not midstream)
 
+    @property
+    def layers(self) -> tuple[_Layer, ...]:
+        """Every layer, outermost first (a snapshot: a verdict may open another)."""
+        return (self, *self.inner) if self.inner else (self,)
+
 
 class ServiceDetection:
     """Attaches analysers to connections and turns their verdicts into `service` entries."""
 
-    __slots__ = ("settings", "sink", "off", "_plans")
+    __slots__ = ("settings", "sink", "off", "_plans", "_cands")
 
     def __init__(self, sink: ServiceSink, settings: ServiceSettings | None = None) -> None:
         self.settings = settings or ServiceSettings()
         self.sink = sink
-        # (tcp, responder port) -> (analysers attached by port, signatures left to the PIA):
-        # at most 2 x 65536 entries, computed once each instead of once per connection.
-        self._plans: dict[tuple[bool, int], tuple[tuple[str, ...], list[Signature]]] = {}
+        # responder port (+ 65536 for TCP) -> (factories of the analysers attached by port,
+        # signatures left to the PIA): at most 2 x 65536 entries, computed once each instead
+        # of once per connection.
+        self._plans: dict[int, tuple[tuple[Callable[[], Analyzer], ...], _Candidates]] = {}
+        self._cands: dict[tuple[str, ...], _Candidates] = {}   # see _candidates
         # Bare mode without protocol analysers (`zeek -b`): no per-connection state at all.
         self.off = self.settings.disabled >= ALL_ANALYZERS
 
@@ -214,42 +251,57 @@ class ServiceDetection:
             return None
         proto = conn.proto
         if proto == "tcp":
-            ports, sigs, tcp = TCP_PORTS, TCP_SIGNATURES, True
+            tcp = True
+            plan = self._plans.get(conn.resp_p + 65536)
         elif proto == "udp":
-            ports, sigs, tcp = UDP_PORTS, UDP_SIGNATURES, False
+            tcp = False
+            plan = self._plans.get(conn.resp_p)
         else:
             return None
-        state = ConnServices(tcp)
-        resp_p = conn.resp_p
-        plan = self._plans.get((tcp, resp_p))
         if plan is None:
-            disabled = self.settings.disabled
-            names = tuple(name for name, plist in ports.items()
-                          if resp_p in plist and name not in disabled)
-            sigs_left = [s for s in sigs if s.analyzer not in names
-                         and s.analyzer not in disabled]
-            plan = self._plans[(tcp, resp_p)] = (names, sigs_left)
-        attached, candidates = plan
-        # The candidate list is shared: _Layer only ever replaces it, never changes it.
-        layer = _Layer(candidates)
-        for name in attached:
-            layer.analyzers.append(make_analyzer(name, tcp))
-        state.layers.append(layer)
+            plan = self._plan(tcp, conn.resp_p)
+        factories, candidates = plan
+        # The candidates are shared: a layer only ever replaces them, never changes them.
+        state = ConnServices(candidates, [factory() for factory in factories], tcp)
         ext = conn.ext
         if ext is None:
-            conn.ext = ext = {}
-        ext[STATE_KEY] = state
+            conn.ext = {STATE_KEY: state}
+        else:
+            ext[STATE_KEY] = state
         return state
+
+    def _plan(self, tcp: bool, resp_p: int) -> tuple[tuple[Callable[[], Analyzer], ...],
+                                                    _Candidates]:
+        ports, sigs = (TCP_PORTS, TCP_SIGNATURES) if tcp else (UDP_PORTS, UDP_SIGNATURES)
+        disabled = self.settings.disabled
+        names = tuple(name for name, plist in ports.items()
+                      if resp_p in plist and name not in disabled)
+        sigs_left = [s for s in sigs if s.analyzer not in names and s.analyzer not in disabled]
+        plan = (tuple(_FACTORIES[name, tcp] for name in names), self._candidates(sigs_left))
+        self._plans[resp_p + 65536 if tcp else resp_p] = plan
+        return plan
+
+    def _candidates(self, sigs: list[Signature]) -> _Candidates:
+        """The shared _Candidates of these signatures (a handful of distinct sets exist)."""
+        if not sigs:
+            return _NO_CANDIDATES
+        key = tuple(s.name for s in sigs)
+        cands = self._cands.get(key)
+        if cands is None:
+            cands = self._cands[key] = _Candidates(tuple(sigs))
+        return cands
 
     def udp_payload(self, conn: Any, is_orig: bool, payload: Any) -> None:
         """One UDP datagram, before ConnSize counts it (so a DNS flip attributes like Zeek)."""
-        state = self._state(conn)
+        ext = conn.ext
+        state = ext.get(STATE_KEY) if ext else None
         if state is None or not state.active:
             return
         self._deliver(conn, state, is_orig, bytes(payload))
 
     def tcp_deliver(self, conn: Any, is_orig: bool, data: bytes) -> None:
-        state = self._state(conn)
+        ext = conn.ext
+        state = ext.get(STATE_KEY) if ext else None
         if state is None or not state.active or not data:
             return
         self._deliver(conn, state, is_orig, data)
@@ -278,13 +330,16 @@ class ServiceDetection:
 
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
         partial = state.tcp and _midstream(conn, state)
-        for layer in list(state.layers):
-            for an in list(layer.analyzers):
-                if partial and an.name in SKIP_PARTIAL:
-                    continue
-                an.deliver(is_orig, data)
-                self._verdict(conn, state, an)
-            if layer.candidates:
+        # (Snapshots: a verdict may add a layer or an analyser while these loops run.)
+        for layer in (state, *state.inner) if state.inner else (state,):
+            analyzers = layer.analyzers
+            if analyzers:
+                for an in tuple(analyzers):
+                    if partial and an.name in SKIP_PARTIAL:
+                        continue
+                    an.deliver(is_orig, data)
+                    self._verdict(conn, state, an)
+            if layer.candidates.sigs:
                 self._pia(conn, state, layer, is_orig, data)
         self._sweep(conn, state)
 
@@ -301,7 +356,10 @@ class ServiceDetection:
                 return
             prefix, layer.count_resp = layer.prefix_resp, layer.count_resp + 1
             count = layer.count_resp
-        if len(prefix) >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
+        tcp = state.tcp
+        # (UDP: the prefix slots only count the bytes buffered; each datagram is matched alone.)
+        buffered = len(prefix) if tcp else prefix   # type: ignore[arg-type]
+        if buffered >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
             self._pia_direction_done(layer, is_orig)
             return
         chunks = layer.chunks
@@ -309,20 +367,32 @@ class ServiceDetection:
             chunks.append((is_orig, data))  # type: ignore[union-attr]
         else:
             layer.chunks = [(is_orig, data)]
-        piece = data[: max(0, settings.dpd_buffer_size - len(prefix))]
-        if prefix:
-            prefix += piece          # a bytearray: extended in place
-        else:
-            prefix = bytearray(piece)
+        subject: bytes | bytearray
+        if not tcp:
+            subject = data
             if is_orig:
-                layer.prefix_orig = prefix
+                layer.prefix_orig = buffered + len(data)
             else:
-                layer.prefix_resp = prefix
-        subject: bytes | bytearray = prefix if state.tcp else data
+                layer.prefix_resp = buffered + len(data)
+        else:
+            piece = data[: max(0, settings.dpd_buffer_size - buffered)]
+            if prefix:
+                prefix += piece          # a bytearray: extended in place
+            else:
+                prefix = bytearray(piece)
+                if is_orig:
+                    layer.prefix_orig = prefix
+                else:
+                    layer.prefix_resp = prefix
+            subject = prefix
+        cands = layer.candidates
+        any_of = cands.orig if is_orig else cands.resp
+        if any_of is None or any_of.match(subject) is None:
+            return  # no signature for this direction matches: nothing can fire
         direction = "orig" if is_orig else "resp"
         newly: list[str] = []
         matched = layer.matched
-        for sig in layer.candidates:
+        for sig in cands.sigs:
             if sig.direction != "any" and sig.direction != direction:
                 continue
             if sig.name in matched or not sig.pattern.match(subject):
@@ -334,8 +404,8 @@ class ServiceDetection:
         if not newly:
             return  # nothing new can fire (the loop below only acts on this packet's matches)
         # A signature waiting for its reverse side fires when that side matches (any order).
-        # _attach replaces layer.candidates, never changes the list iterated here.
-        for sig in layer.candidates:
+        # _attach replaces layer.candidates, never changes the signatures iterated here.
+        for sig in cands.sigs:
             if sig.name not in layer.matched or not sig.enables:
                 continue
             if sig.requires_reverse and sig.requires_reverse not in layer.matched:
@@ -347,7 +417,8 @@ class ServiceDetection:
     def _attach(self, conn: Any, state: ConnServices, layer: _Layer, name: str) -> None:
         if any(an.name == name for an in layer.analyzers):
             return
-        layer.candidates = [s for s in layer.candidates if s.analyzer != name]
+        layer.candidates = self._candidates([s for s in layer.candidates.sigs
+                                             if s.analyzer != name])
         an = make_analyzer(name, state.tcp)
         layer.analyzers.append(an)
         if state.tcp and name in SKIP_PARTIAL and _midstream(conn, state):
@@ -358,8 +429,7 @@ class ServiceDetection:
             an.deliver(chunk_orig, chunk)
             self._verdict(conn, state, an)
 
-    @staticmethod
-    def _pia_direction_done(layer: _Layer, is_orig: bool) -> None:
+    def _pia_direction_done(self, layer: _Layer, is_orig: bool) -> None:
         """Stop matching one direction; signatures already matched keep waiting for their
         reverse side until both directions are done (dpd_match_only_beginning)."""
         if is_orig:
@@ -367,32 +437,33 @@ class ServiceDetection:
         else:
             layer.done_resp = True
         if layer.done_orig and layer.done_resp:
-            layer.candidates = []
+            layer.candidates = _NO_CANDIDATES
             return
         direction = "orig" if is_orig else "resp"
-        layer.candidates = [s for s in layer.candidates
-                            if s.name in layer.matched
-                            or (s.direction != direction and s.direction != "any")]
+        layer.candidates = self._candidates(
+            [s for s in layer.candidates.sigs
+             if s.name in layer.matched or (s.direction != direction and s.direction != "any")])
 
     def _verdict(self, conn: Any, state: ConnServices, an: Analyzer) -> None:
-        """Turn an analyser's flags into service entries and events."""
+        """Turn an analyser's flags into service entries and events (the flags an analyser
+        does not have are the base class's defaults)."""
         sink = self.sink
         if an.confirmed and not an.reported:
             an.reported = True
             self._confirm(conn, an.name)
-        inner = getattr(an, "inner", None)
+        inner = an.inner
         if inner and inner not in conn.service:
             self._confirm(conn, inner)
-        if isinstance(an, DnsAnalyzer) and an.flip_wanted:
+        if an.flip_wanted:
             an.flip_wanted = False
             if not _is_multicast(conn.resp_h):
                 sink.flip_roles(conn)
-        if getattr(an, "established", False) and not state.established:
+        if an.established and not state.established:
             state.established = True
             sink.ssl_established(conn)
-        tunnel = getattr(an, "tunnel", None)
+        tunnel = an.tunnel
         if tunnel is not None:
-            an.tunnel = None  # type: ignore[attr-defined]
+            an.tunnel = None
             self._open_tunnel(conn, state, tunnel)
         if an.violation is not None:
             reason, an.violation = an.violation, None
@@ -428,8 +499,12 @@ class ServiceDetection:
 
     def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
         disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures
-        layer = _Layer([s for s in TCP_SIGNATURES if s.analyzer not in disabled])
-        state.layers.append(layer)
+        layer = _Layer(self._candidates([s for s in TCP_SIGNATURES
+                                         if s.analyzer not in disabled]), [], True)
+        if state.inner:
+            state.inner.append(layer)  # type: ignore[union-attr]
+        else:
+            state.inner = [layer]
         orig, resp = data
         if orig:
             self._pia(conn, state, layer, True, orig)
@@ -440,13 +515,19 @@ class ServiceDetection:
     def _sweep(conn: Any, state: ConnServices) -> None:
         """Drop finished analysers; a connection with nothing left costs nothing more."""
         busy = False
-        for layer in state.layers:
-            if any(an.done for an in layer.analyzers):
-                layer.analyzers = [an for an in layer.analyzers if not an.done]
-            if not layer.candidates and layer.chunks:
-                layer.chunks = ()
-            if layer.analyzers or layer.candidates:
+        for layer in (state, *state.inner) if state.inner else (state,):
+            analyzers = layer.analyzers
+            for an in analyzers:
+                if an.done:
+                    analyzers = layer.analyzers = [a for a in analyzers if not a.done]
+                    break
+            if layer.candidates.sigs:
                 busy = True
+            else:
+                if layer.chunks:
+                    layer.chunks = ()
+                if analyzers:
+                    busy = True
         if not busy:
             state.active = False
 

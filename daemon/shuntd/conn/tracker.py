@@ -49,6 +49,16 @@ def session_key_bytes(conn: Connection) -> bytes:
     return a + b + pa.to_bytes(2, "big") + pb.to_bytes(2, "big") + proto.to_bytes(2, "little")
 
 
+def session_key_order(conn: Connection) -> tuple:
+    """A sort key in the order of session_key_bytes, made cheaper: its parts have fixed
+    sizes (16-byte addresses, ports and an IP protocol number below 256), so comparing the
+    parts one by one orders as comparing the whole byte strings."""
+    proto, a, pa, b, pb = conn.key
+    if len(a) == 4:
+        return (_MAPPED_PREFIX + a, _MAPPED_PREFIX + b, pa, pb, proto)
+    return (a, b, pa, pb, proto)
+
+
 class TrackerStats:
     """Counters of packets the tracker did not turn into connection activity."""
 
@@ -76,6 +86,7 @@ class ConnTracker:
                                    on_deadline=self._conn_timer)
         self._heap = self.timers.heap  # the manager keeps this list object for its lifetime
         self._addrs: dict[bytes, bytes] = {}    # see _shared_key
+        self.addr_texts: dict[bytes, str] = {}  # conn.log's address texts (memo_addr_text)
         self.conns: dict[tuple, Connection] = {}
         self.network_time = 0.0
         self.current_ts = 0.0
@@ -208,7 +219,9 @@ class ConnTracker:
         an.account(conn, side, is_orig, pkt.udp_len)
         self.hooks.udp_payload(conn, is_orig, pkt.payload)
         # ConnSize counts with the direction the packet had before any app-layer flip.
-        conn.endpoint(conn.orig_side if is_orig else conn.orig_side ^ 1).count(pkt.ip_len)
+        ep = conn.side1 if (conn.orig_side if is_orig else conn.orig_side ^ 1) else conn.side0
+        ep.num_pkts += 1
+        ep.num_bytes_ip += pkt.ip_len
         self.hooks.packet(conn, pkt, side == conn.orig_side)
 
     def _icmp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
@@ -270,7 +283,13 @@ class ConnTracker:
         if flip:
             conn.flip_roles()
         analyzer.attach(conn)  # type: ignore[attr-defined]
-        self.set_inactivity_timeout(conn, timeout)
+        if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
+            self.set_inactivity_timeout(conn, timeout)
+        elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
+            conn.inactivity_timeout = timeout
+            conn.inact_from = start = conn.last_time
+            conn.timer_at = start + timeout
+            self.timers.set_deadline(conn, start + timeout)
         if self.tunnels.depth:
             self.tunnels.check(conn)  # tunnel_parents set before new_connection (Zeek)
         self.hooks.new_connection(conn)
@@ -304,6 +323,9 @@ class ConnTracker:
         if conn.removed:
             return
         an = conn.analyzer
+        if type(an) is not TCPAnalyzer:
+            self._inactivity_deadline(conn, now)
+            return
         inact = None if conn.inact_from is None else conn.inact_from + conn.inactivity_timeout
         tcp_due = an.next_due() if type(an) is TCPAnalyzer else None
         if inact is not None and (tcp_due is None or inact <= tcp_due):
@@ -314,6 +336,31 @@ class ConnTracker:
             an.run_due(tcp_due, now)  # type: ignore[union-attr]
         if not conn.removed:
             self._rearm(conn)
+
+    def _inactivity_deadline(self, conn: Connection, now: float) -> None:
+        """_conn_timer of a connection whose only check is inactivity (UDP, ICMP, others):
+        the same steps, inline (every such connection comes here at least twice: its first
+        deadline finds the later packets and re-arms, the second removes it)."""
+        start = conn.inact_from
+        if start is None:
+            return
+        timeout = conn.inactivity_timeout
+        when = start + timeout
+        if when <= now:
+            last = conn.last_time
+            when = last + timeout
+            if when <= now:   # _inactivity_timer: inactive long enough
+                conn.inact_from = None
+                if not self.hooks.connection_timing_out(conn):
+                    self.remove(conn)
+                elif not conn.removed:
+                    # Vetoed: due again a timeout from now (a handler may have armed it).
+                    conn.inact_from = now
+                    self._rearm(conn)
+                return
+            conn.inact_from = last
+        conn.timer_at = when   # (no deadline is pending: it has just fired)
+        self.timers.set_deadline(conn, when)
 
     def _rearm(self, conn: Connection) -> None:
         when = None if conn.inact_from is None else conn.inact_from + conn.inactivity_timeout
@@ -380,7 +427,7 @@ class ConnTracker:
         if type(conn.analyzer) is TCPAnalyzer:
             conn.analyzer.cancel_timers()
         self.hooks.connection_state_remove(conn)
-        row = conn_record(conn, self.local_nets)
+        row = conn_record(conn, self.local_nets, self.addr_texts)
         self.hooks.connection_logged(conn, row)
         self.sink(conn, row)
         if self.tunnels.active:
@@ -401,5 +448,5 @@ class ConnTracker:
             if type(an) is TCPAnalyzer:
                 an.termination_timers()
         self.timers.expire_all()
-        for conn in sorted(self.conns.values(), key=session_key_bytes):
+        for conn in sorted(self.conns.values(), key=session_key_order):
             self.remove(conn)

@@ -62,15 +62,23 @@ class UDPAnalyzer:
     def account(conn: Connection, side: int, is_orig: bool, udp_len: int) -> None:
         """History letter and role-bound byte count of one valid datagram."""
         if is_orig:
-            conn.check_history(HIST_ORIG_DATA_PKT, "D")
-        else:
+            if not conn.hist_seen & HIST_ORIG_DATA_PKT:
+                conn.check_history(HIST_ORIG_DATA_PKT, "D")
+        elif not conn.hist_seen & HIST_RESP_DATA_PKT:
             conn.check_history(HIST_RESP_DATA_PKT, "d")
-        conn.endpoint(side).add(udp_len - 8)
+        ep = conn.side1 if side else conn.side0
+        n = ep.nbytes
+        ep.nbytes = udp_len - 8 if n is None else n + udp_len - 8
 
     @staticmethod
     def conn_state(conn: Connection) -> str:
-        o = conn.orig.state
-        r = conn.resp.state
+        # (SummedEndpoint.state of each role, read from the slots: once per logged row)
+        if conn.orig_side:
+            o_bytes, r_bytes = conn.side1.nbytes, conn.side0.nbytes
+        else:
+            o_bytes, r_bytes = conn.side0.nbytes, conn.side1.nbytes
+        o = o_bytes is not None and o_bytes >= 0
+        r = r_bytes is not None and r_bytes >= 0
         if o and r:
             return "SF"
         if o:

@@ -34,6 +34,19 @@ class UidGenerator:
         self._rng = random.Random(seed if seed is not None else os.urandom(16))
 
     def next(self) -> str:
-        word0 = self._rng.getrandbits(64) >> 32
-        word1 = self._rng.getrandbits(64)
-        return "C" + _base62_lsd_first(word0) + _base62_lsd_first(word1)
+        """'C' + the top 32 and the low 64 of 96 random bits, each base62 least significant
+        digit first (one uid per connection: the digits are made inline, two at a time)."""
+        bits = self._rng.getrandbits(96)
+        pairs = _PAIRS
+        out = ["C"]
+        n = bits >> 64
+        while n >= 3844:
+            out.append(pairs[n % 3844])
+            n //= 3844
+        out.append(_ALPHABET[n] if n < 62 else pairs[n])
+        n = bits & 0xFFFFFFFFFFFFFFFF
+        while n >= 3844:
+            out.append(pairs[n % 3844])
+            n //= 3844
+        out.append(_ALPHABET[n] if n < 62 else pairs[n])
+        return "".join(out)

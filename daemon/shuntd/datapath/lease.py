@@ -11,12 +11,13 @@ It is never attached to any interface.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from typing import Any
 
 from shuntd.datapath import libbpf
-from shuntd.datapath.program import F_LEASE_EVENT_SENT, test_run_fd
+from shuntd.datapath.program import F_LEASE_EVENT_SENT
 
 BPF_PROG_TYPE_XDP = 6
 _FOUND, _MISSING = 2, 1  # return codes of the renew program
@@ -55,9 +56,10 @@ def renew_program(map_fd: int, key_size: int, lease_off: int, flags_off: int,
 
 
 class LeaseWriter:
-    """In-place lease renewal for one map (flows or ip_pairs)."""
+    """In-place lease renewal for one map (flows or ip_pairs). One test run per key, on a
+    buffer and options made once (the deadline is written once per batch)."""
 
-    __slots__ = ("key_size", "_fd")
+    __slots__ = ("key_size", "_fd", "_buf", "_view", "_opts", "_opts_ref", "_run")
 
     def __init__(self, table: Any):
         leaf = table.Leaf
@@ -65,13 +67,33 @@ class LeaseWriter:
         code = renew_program(table.map_fd, self.key_size, leaf.lease_expiry_ns.offset,
                              leaf.flags.offset, leaf.flags.size)
         self._fd = libbpf.prog_load(BPF_PROG_TYPE_XDP, b"shuntd_renew", code)
+        # XDP test runs need an Ethernet header's worth of bytes.
+        self._buf = ctypes.create_string_buffer(max(14, self.key_size + 8))
+        self._view = memoryview(self._buf).cast("B")  # slice writes without ctypes' cost
+        self._opts = libbpf.TestRunOpts(sz=ctypes.sizeof(libbpf.TestRunOpts),
+                                        data_in=ctypes.addressof(self._buf),
+                                        data_size_in=len(self._buf), repeat=1)
+        self._opts_ref = ctypes.byref(self._opts)
+        self._run = libbpf.lib().bpf_prog_test_run_opts
 
     def renew(self, key: Any, deadline_ns: int) -> bool:
         """Set the lease of ``key``; False if the entry does not exist."""
-        data = bytes(key) + struct.pack("<Q", deadline_ns)
-        if len(data) < 14:  # XDP test runs need an Ethernet header's worth of bytes
-            data += bytes(14 - len(data))
-        return test_run_fd(self._fd, data).retval == _FOUND
+        return self.renew_many([key], deadline_ns) == 1
+
+    def renew_many(self, keys: list[Any], deadline_ns: int) -> int:
+        """Set the lease of each key (ctypes keys or their bytes); returns how many exist."""
+        view, size, opts, ref, run, fd = (self._view, self.key_size, self._opts,
+                                          self._opts_ref, self._run, self._fd)
+        struct.pack_into("<Q", view, size, deadline_ns)
+        found = 0
+        for key in keys:
+            view[:size] = bytes(key)
+            ret = run(fd, ref)
+            if ret < 0:
+                err = -ret if ret != -1 else (ctypes.get_errno() or errno.EINVAL)
+                raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+            found += opts.retval == _FOUND
+        return found
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

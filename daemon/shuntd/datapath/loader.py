@@ -46,6 +46,7 @@ class Datapath:
         pinned maps (final shutdown: counters of anything still shunted are gone)."""
         self.attachment.detach()
         self.table.close()
+        self.ring.close()
         self.prog.close()
         if unpin and self.pin_dir is not None:
             pins.unpin_all(self.ifname, self.pin_dir.parent)

@@ -228,6 +228,47 @@ def key_endpoints(key: Any) -> tuple[Any, int, Any, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Layouts as struct formats: one `struct` call instead of a ctypes object and an attribute
+# access per field on the hot path. The offsets come from bcc's generated ctypes types, so
+# shuntd.h stays the single source of every layout.
+
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _field_at(cls: Any, path: str) -> tuple[int, Any]:
+    """(offset, ctypes type) of a dotted field path such as "tcp.1.next" or "key.addr1"."""
+    off = 0
+    for part in path.split("."):
+        if part.isdigit():
+            cls = cls._type_
+            off += int(part) * ctypes.sizeof(cls)
+        else:
+            off += getattr(cls, part).offset
+            cls = dict((f[0], f[1]) for f in cls._fields_)[part]
+    return off, cls
+
+
+def layout_struct(cls: Any, fields: tuple[str, ...]) -> struct.Struct:
+    """A native-order `struct.Struct` of sizeof(cls) bytes reading `fields` (in ascending
+    offset order): integers as such, arrays (addresses) as bytes."""
+    fmt, pos = "=", 0
+    for path in fields:
+        off, ftype = _field_at(cls, path)
+        if off < pos:
+            raise ValueError(f"{cls.__name__}: field {path} is out of offset order")
+        size = ctypes.sizeof(ftype)
+        fmt += f"{off - pos}x" if off > pos else ""
+        fmt += _INT_CODES[size] if issubclass(ftype, ctypes._SimpleCData) else f"{size}s"
+        pos = off + size
+    end = ctypes.sizeof(cls)
+    return struct.Struct(fmt + (f"{end - pos}x" if end > pos else ""))
+
+
+FLOW_KEY_FIELDS = ("addr1", "addr2", "port1", "port2", "proto", "vlan_outer", "vlan_inner")
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+# ---------------------------------------------------------------------------------------------
 # Clock
 
 
@@ -325,6 +366,7 @@ class XdpProgram:
         self.pair_filter = bpf[b"pair_filter"]
         self._config_op_fd: int | None = None
         self._check_layout()
+        self._flow_key_struct = layout_struct(self.FlowKey, FLOW_KEY_FIELDS)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -457,6 +499,34 @@ class XdpProgram:
         key.port1, key.port2, key.proto = sport, dport, proto
         key.vlan_outer, key.vlan_inner = vlan & 0xFFF, inner_vlan & 0xFFF
         return key, side
+
+    def flow_key_bytes(self, src: bytes, sport: int, dst: bytes, dport: int,
+                       proto: int) -> tuple[bytes, int]:
+        """flow_key() of a connection's wire addresses (4 or 16 bytes), no VLANs, as the
+        key's bytes: the shunt path's variant (no ctypes object, no address parsing)."""
+        if len(src) == 4:
+            src = _V4_MAPPED + src
+        if len(dst) == 4:
+            dst = _V4_MAPPED + dst
+        if (proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6) and _is_one_way(proto, sport):
+            side = 1
+        elif src != dst:
+            side = 1 if src < dst else 2
+        else:
+            side = 1 if sport <= dport else 2
+        if side == 1:
+            return self._flow_key_struct.pack(src, dst, sport, dport, proto, 0, 0), 1
+        return self._flow_key_struct.pack(dst, src, dport, sport, proto, 0, 0), 2
+
+    def flow_key_fields(self, key: bytes) -> tuple[bytes, int, bytes, int]:
+        """(addr1, port1, addr2, port2) of a flow key's bytes: wire addresses, 4 bytes for
+        an IPv4 (v4-mapped) one, as a Connection holds them."""
+        a1, a2, p1, p2, _proto, _vo, _vi = self._flow_key_struct.unpack(key)
+        if a1[:12] == _V4_MAPPED:
+            a1 = a1[12:]
+        if a2[:12] == _V4_MAPPED:
+            a2 = a2[12:]
+        return a1, p1, a2, p2
 
     def pair_key(self, a: Address, b: Address, vlan: int = 0,
                  inner_vlan: int = 0) -> tuple[Any, int]:

@@ -11,11 +11,12 @@ can map the counters once.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from shuntd.datapath import batch, libbpf
 from shuntd.datapath.lease import LeaseWriter
@@ -24,6 +25,7 @@ from shuntd.datapath.program import (
     F_LEASE_EVENT_SENT,
     Address,
     XdpProgram,
+    layout_struct,
     lease_deadline_ns,
     map_time_to_wall,
 )
@@ -38,9 +40,9 @@ class ShuntResult(enum.Enum):
     ERROR = "error"  # any other kernel refusal: not shunted (see ShuntTable.last_error)
 
 
-@dataclass(frozen=True, slots=True)
-class ShuntCounters:
-    """What XDP counted for one entry. Side 1/2 as in the key; bytes are IP bytes."""
+class ShuntCounters(NamedTuple):
+    """What XDP counted for one entry. Side 1/2 as in the key; bytes are IP bytes.
+    (A named tuple: made once per map read, on the shunt path.)"""
 
     pkts1: int
     bytes1: int
@@ -82,10 +84,22 @@ class ShuntCounters:
         raise ValueError(f"side must be 1 or 2, not {side!r}")
 
 
-class _Map:
-    """One hash map: fd, types, capacity, a running count of our entries."""
+# struct flow_value as read (every field ShuntCounters has, in offset order) and as written
+# by an insert (the rest zero).
+_VALUE_READ = ("pkts1", "bytes1", "pkts2", "bytes2", "last_seen_ns", "lease_expiry_ns",
+               "flags", "event_seq", "trigger", "tcp.0.next", "tcp.0.ack", "tcp.0.next_wraps",
+               "tcp.0.ack_wraps", "tcp.1.next", "tcp.1.ack", "tcp.1.next_wraps",
+               "tcp.1.ack_wraps")
+_VALUE_WRITE = ("lease_expiry_ns", "trigger", "tcp.0.next", "tcp.0.ack", "tcp.1.next",
+                "tcp.1.ack")
 
-    __slots__ = ("table", "fd", "key_type", "value_type", "capacity", "count", "lease")
+
+class _Map:
+    """One hash map: fd, types, capacity, a running count of our entries, and a value buffer
+    with the layouts that read and write it (one ctypes call per map operation)."""
+
+    __slots__ = ("table", "fd", "key_type", "value_type", "capacity", "count", "lease",
+                 "_vbuf", "_vaddr", "_read", "_write", "_lookup", "_take", "_update")
 
     def __init__(self, table: Any):
         self.table = table
@@ -98,6 +112,42 @@ class _Map:
         self.value_type = table.Leaf
         self.capacity = int(table.max_entries)
         self.count = sum(1 for _ in batch.iter_items(self.fd, self.key_type, self.value_type))
+        self._vbuf = ctypes.create_string_buffer(ctypes.sizeof(self.value_type))
+        self._vaddr = ctypes.addressof(self._vbuf)
+        self._read = layout_struct(self.value_type, _VALUE_READ).unpack_from
+        self._write = layout_struct(self.value_type, _VALUE_WRITE).pack
+        lib = libbpf.lib()
+        self._lookup = lib.bpf_map_lookup_elem
+        self._take = lib.bpf_map_lookup_and_delete_elem
+        self._update = lib.bpf_map_update_elem
+
+    def counters(self, value: Any) -> ShuntCounters:
+        """ShuntCounters of a value (its buffer: the map's own, or a ctypes value)."""
+        (p1, b1, p2, b2, seen, lease, flags, event_seq, trigger, n1, a1, nw1, aw1, n2, a2, nw2,
+         aw2) = self._read(value)
+        return ShuntCounters(p1, b1, p2, b2, seen, lease, flags, trigger, event_seq, n1, a1,
+                             n2, a2, (nw1, aw1, nw2, aw2))
+
+    def update(self, key: bytes, trigger: int, deadline: int,
+               tcp_start: tuple[int, int, int, int] | None) -> int:
+        """Insert (BPF_NOEXIST); 0 or a positive errno."""
+        n1, a1, n2, a2 = tcp_start or (0, 0, 0, 0)
+        ret = self._update(self.fd, key, self._write(deadline, trigger, n1, a1, n2, a2),
+                           libbpf.BPF_NOEXIST)
+        if ret < 0:
+            return -ret if ret != -1 else ctypes.get_errno()
+        return 0
+
+    def read(self, key: bytes, delete: bool) -> ShuntCounters | None:
+        """The entry's counters (atomically deleted with `delete`); None when absent."""
+        ret = (self._take if delete else self._lookup)(self.fd, key, self._vaddr)
+        if ret == -errno.ENOENT:
+            return None
+        if ret < 0:
+            err = -ret if ret != -1 else (ctypes.get_errno() or errno.EINVAL)
+            what = "bpf_map_lookup_and_delete_elem" if delete else "bpf_map_lookup_elem"
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return self.counters(self._vbuf)
 
 
 class ShuntTable:
@@ -118,6 +168,15 @@ class ShuntTable:
                  vlan: int = 0, inner_vlan: int = 0) -> tuple[Any, int]:
         """(canonical key, side of (src, sport))."""
         return self.prog.flow_key(src, sport, dst, dport, proto, vlan, inner_vlan)
+
+    def flow_key_bytes(self, src: bytes, sport: int, dst: bytes, dport: int,
+                       proto: int) -> tuple[bytes, int]:
+        """flow_key() of wire addresses without VLANs, as bytes (every method takes them)."""
+        return self.prog.flow_key_bytes(src, sport, dst, dport, proto)
+
+    def flow_key_fields(self, key: bytes) -> tuple[bytes, int, bytes, int]:
+        """(addr1, port1, addr2, port2) of a flow key's bytes, as wire addresses."""
+        return self.prog.flow_key_fields(key)
 
     def pair_key(self, a: Address, b: Address, vlan: int = 0,
                  inner_vlan: int = 0) -> tuple[Any, int]:
@@ -147,10 +206,7 @@ class ShuntTable:
 
     def _insert(self, m: _Map, key: Any, trigger: int, lease_seconds: float | None,
                 tcp_start: tuple[int, int, int, int] | None = None) -> ShuntResult:
-        value = self.prog.new_value(self._deadline(lease_seconds), trigger)
-        if tcp_start is not None:
-            value.tcp[0].next, value.tcp[0].ack, value.tcp[1].next, value.tcp[1].ack = tcp_start
-        err = libbpf.map_update(m.fd, key, value, libbpf.BPF_NOEXIST)
+        err = m.update(bytes(key), trigger, self._deadline(lease_seconds), tcp_start)
         if err == 0:
             m.count += 1
             result = ShuntResult.OK
@@ -183,12 +239,12 @@ class ShuntTable:
             self.prog.pair_removed(key)
         return counters
 
-    def _take(self, m: _Map, key: Any) -> ShuntCounters | None:
-        value = m.value_type()
-        if not libbpf.map_lookup_and_delete(m.fd, key, value):
-            return None
-        m.count = max(0, m.count - 1)
-        return ShuntCounters.from_value(value)
+    @staticmethod
+    def _take(m: _Map, key: Any) -> ShuntCounters | None:
+        counters = m.read(bytes(key), True)
+        if counters is not None:
+            m.count = max(0, m.count - 1)
+        return counters
 
     # -- look up ---------------------------------------------------------------------------
     def lookup_key(self, key: Any) -> ShuntCounters | None:
@@ -206,8 +262,7 @@ class ShuntTable:
 
     @staticmethod
     def _get(m: _Map, key: Any) -> ShuntCounters | None:
-        value = m.value_type()
-        return ShuntCounters.from_value(value) if libbpf.map_lookup(m.fd, key, value) else None
+        return m.read(bytes(key), False)
 
     # -- leases ----------------------------------------------------------------------------
     def renew_key(self, key: Any, lease_seconds: float | None = None) -> bool:
@@ -233,7 +288,7 @@ class ShuntTable:
         """Set the lease (and clear the lease-event flag) of each key, in place."""
         deadline = self._deadline(lease_seconds)
         if m.lease is not None:
-            return sum(m.lease.renew(key, deadline) for key in keys)
+            return m.lease.renew_many(keys, deadline)
         return self._renew_by_rewrite(m, keys, deadline)
 
     @staticmethod
@@ -259,12 +314,12 @@ class ShuntTable:
         """Every flow entry (batched). Keys are copies, safe to keep."""
         for key, value in batch.iter_items(self._flows.fd, self._flows.key_type,
                                            self._flows.value_type):
-            yield key, ShuntCounters.from_value(value)
+            yield key, self._flows.counters(value)
 
     def pair_entries(self) -> Iterator[tuple[Any, ShuntCounters]]:
         for key, value in batch.iter_items(self._pairs.fd, self._pairs.key_type,
                                            self._pairs.value_type):
-            yield key, ShuntCounters.from_value(value)
+            yield key, self._pairs.counters(value)
 
     @property
     def occupancy(self) -> int:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,10 @@ class LogWriter:
         self._tsv_fns = tuple(_tsv_renderer(k) for k in self._kinds)
         self._tsv_fast = tuple(_TSV_FAST.get(k, fn)
                                for k, fn in zip(self._kinds, self._tsv_fns, strict=True))
+        # The text fields (string, enum, addr) the fast path passes through unescaped, checked
+        # together instead (see _tsv_line); a getter of a tuple, even for one field.
+        text = [i for i, k in enumerate(self._kinds) if k in ("string", "addr")]
+        self._text_of = itemgetter(*text, *text[:1]) if text else None
         self._json_keys = tuple(json.dumps(n) + ":" for n in schema.names)
 
     # -- public -----------------------------------------------------------------------------
@@ -479,10 +484,20 @@ class LogWriter:
 
     def _tsv_line(self, values: Sequence[Any]) -> str:
         # One renderer per field, chosen once (a record per connection: this is per-conn
-        # cost); first the builtins that take the usual types, else the general ones.
+        # cost); first the builtins that take the usual types, else the general ones. The
+        # fast renderers pass text through as is: when all of it together is what
+        # escape_text would leave unchanged (printable ASCII, no backslash) and no text value
+        # is one of the strings it rewrites, the line is right; otherwise it is made again.
+        text_of = self._text_of
         try:
-            line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
-                                   for fn, v in zip(self._tsv_fast, values, strict=True)])
+            parts = [UNSET_FIELD if v is None else fn(v)   # (write() checked the length)
+                     for fn, v in zip(self._tsv_fast, values, strict=False)]
+            if text_of is not None:
+                text = "".join(text_of(parts))
+                if (not text.isascii() or not text.isprintable() or "\\" in text
+                        or not _REWRITTEN_TEXT.isdisjoint(text_of(values))):
+                    raise ValueError
+            line = SEPARATOR.join(parts)
         except (TypeError, ValueError, KeyError):
             line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
                                    for fn, v in zip(self._tsv_fns, values, strict=True)])
@@ -537,7 +552,12 @@ _TSV_FAST: dict[str, Callable[[Any], str]] = {
     "count": int.__repr__,
     "time": "{:.6f}".format,
     "bool": {True: "T", False: "F"}.__getitem__,
+    "string": str.__str__,   # only str; checked by _tsv_line
+    "addr": str.__str__,     # text only (packed bytes: the general renderer)
 }
+# Text values escape_text replaces although they are printable (an unhashable value, e.g. a
+# list, raises TypeError here: the general renderers then handle the line).
+_REWRITTEN_TEXT = frozenset(("", UNSET_FIELD, EMPTY_FIELD))
 
 
 def _tsv_renderer(kind: str) -> Callable[[Any], str]:

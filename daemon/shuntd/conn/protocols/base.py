@@ -14,6 +14,12 @@ class Analyzer:
 
     __slots__ = ("confirmed", "violation", "done", "reported")
     name = ""
+    # Flags only some analysers raise (they define a slot of the same name); the service
+    # layer reads them after every delivery, so the others answer with these class defaults.
+    inner: str | None = None             # an inner protocol confirmed too (QUIC: "ssl")
+    flip_wanted = False                  # swap the roles (DNS: the first message a reply)
+    established = False                  # ssl_established (TLS, DTLS)
+    tunnel: tuple[bytes, bytes] | None = None   # bytes after an HTTP CONNECT's 2xx reply
 
     def __init__(self) -> None:
         self.confirmed = False

@@ -37,23 +37,23 @@ def _skip_name(msg: bytes, pos: int) -> int:
 
 def parse_message(msg: bytes) -> bool:
     """True if the header, the questions and the answer records parse."""
-    if len(msg) < 12:
+    n = len(msg)
+    if n < 12:
         return False
-    qdcount = int.from_bytes(msg[4:6], "big")
-    ancount = int.from_bytes(msg[6:8], "big")
+    qdcount = msg[4] << 8 | msg[5]
+    ancount = msg[6] << 8 | msg[7]
     pos = 12
     for _ in range(qdcount):
         pos = _skip_name(msg, pos)
-        if pos < 0 or pos + 4 > len(msg):
+        if pos < 0 or pos + 4 > n:
             return False
         pos += 4
     for _ in range(ancount):
         pos = _skip_name(msg, pos)
-        if pos < 0 or pos + 10 > len(msg):
+        if pos < 0 or pos + 10 > n:
             return False
-        rdlength = int.from_bytes(msg[pos + 8 : pos + 10], "big")
-        pos += 10 + rdlength
-        if pos > len(msg):
+        pos += 10 + (msg[pos + 8] << 8 | msg[pos + 9])
+        if pos > n:
             return False
     return True
 
