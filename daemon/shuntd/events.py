@@ -256,7 +256,7 @@ class EventDispatcher(EngineHooks):
         self.dispatch("content_gap", conn, is_orig, nbytes)
 
     def connection_timing_out(self, conn: Any) -> bool:
-        return any(bool(r) for r in self.dispatch("connection_timing_out", conn))
+        return any(self.dispatch("connection_timing_out", conn))  # truthiness, as bool()
 
     def connection_state_remove(self, conn: Any) -> None:
         self.dispatch("connection_state_remove", conn)
