@@ -109,7 +109,8 @@ class EventDispatcher(EngineHooks):
         contents: ContentsExtractor | None = None,
         handler_context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
-        self._handlers: dict[str, list[Handler]] = {}
+        # Tuples, replaced on change: a dispatch iterates one without copying it.
+        self._handlers: dict[str, tuple[Handler, ...]] = {}
         self._failed: set[tuple[str, int]] = set()
         self.services = ServiceDetection(_ServiceSink(self), service_settings)
         self.thresholds = ThresholdManager(self._threshold_crossed, self._generic_crossed,
@@ -132,7 +133,7 @@ class EventDispatcher(EngineHooks):
     def add_handler(self, event: str, handler: Handler) -> None:
         if event not in NAMES:
             raise ValueError(f"unknown event {event!r}; known: {', '.join(sorted(NAMES))}")
-        self._handlers.setdefault(event, []).append(handler)
+        self._handlers[event] = self._handlers.get(event, ()) + (handler,)
 
     def add_handlers(self, source: Any) -> list[str]:
         """Register every callable of `source` (module, object or mapping) named after an
@@ -151,7 +152,8 @@ class EventDispatcher(EngineHooks):
     def remove_handler(self, event: str, handler: Handler) -> None:
         handlers = self._handlers.get(event)
         if handlers and handler in handlers:
-            handlers.remove(handler)
+            i = handlers.index(handler)
+            self._handlers[event] = handlers[:i] + handlers[i + 1:]
 
     def dispatch(self, event: str, *args: Any) -> list[Any]:
         """Call the handlers of `event` in registration order; returns their results."""
@@ -164,7 +166,7 @@ class EventDispatcher(EngineHooks):
         if ctx is not None:
             ctx.__enter__()
         try:
-            for handler in tuple(handlers):
+            for handler in handlers:
                 try:
                     results.append(handler(*args))
                 except Exception:
