@@ -94,7 +94,6 @@ class Rig:
         self.manager = ShuntManager(table, self.tracker, d, self.shunt_rows.append)
         acting = policy.acting(self.manager)
         d.handler_context = lambda: acting
-        d.add_handler("connection_timing_out", self.manager.timing_out)
         if shunt:
             d.add_handlers(tls)
         d.add_handlers(bulk)

@@ -21,7 +21,10 @@ Hooks:
   connection_timing_out(conn) -> bool       True from any handler vetoes the removal (Zeek's
                                             `break`); the tracker re-arms the timer.
 Removal hooks (`register_removal_hook`) run after the connection_state_remove handlers, i.e.
-after the record's inputs are final and before conn.log is written.
+after the record's inputs are final and before conn.log is written. Timing-out hooks
+(`register_timing_out_hook`) are connection_timing_out handlers of one connection, called
+before the event's handlers: the shunt manager vetoes the removal of its own connections
+without a call on every other connection's expiry.
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ HOOKS: tuple[str, ...] = ("connection_timing_out",)
 NAMES: frozenset[str] = frozenset(EVENTS + HOOKS)
 
 REMOVAL_HOOKS_KEY = "removal_hooks"
+TIMING_OUT_HOOKS_KEY = "timing_out_hooks"
 _THRESHOLD_EVENTS = {BYTES: "bytes_threshold_crossed", PACKETS: "packets_threshold_crossed",
                      DURATION: "duration_threshold_crossed"}
 
 Handler = Callable[..., Any]
 RemovalHook = Callable[[Any], Any]
+TimingOutHook = Callable[[Any], bool]
 
 
 def _live_record(conn: Any) -> tuple:
@@ -212,6 +217,18 @@ class EventDispatcher(EngineHooks):
         return True
 
     @staticmethod
+    def register_timing_out_hook(conn: Any, hook: TimingOutHook) -> bool:
+        """A connection_timing_out handler for `conn` alone; False if registered already."""
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        hooks = ext.setdefault(TIMING_OUT_HOOKS_KEY, [])
+        if hook in hooks:
+            return False
+        hooks.append(hook)
+        return True
+
+    @staticmethod
     def unregister_removal_hook(conn: Any, hook: RemovalHook) -> bool:
         hooks = conn.ext.get(REMOVAL_HOOKS_KEY) if conn.ext else None
         if not hooks or hook not in hooks:
@@ -258,7 +275,16 @@ class EventDispatcher(EngineHooks):
         self.dispatch("content_gap", conn, is_orig, nbytes)
 
     def connection_timing_out(self, conn: Any) -> bool:
-        return any(self.dispatch("connection_timing_out", conn))  # truthiness, as bool()
+        vetoed = False
+        hooks = conn.ext.get(TIMING_OUT_HOOKS_KEY) if conn.ext else None
+        if hooks:
+            for hook in tuple(hooks):
+                try:
+                    vetoed = bool(hook(conn)) or vetoed
+                except Exception:
+                    log.exception("timing-out hook %s raised",
+                                  getattr(hook, "__qualname__", hook))
+        return any(self.dispatch("connection_timing_out", conn)) or vetoed
 
     def connection_state_remove(self, conn: Any) -> None:
         self.dispatch("connection_state_remove", conn)

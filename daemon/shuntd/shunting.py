@@ -352,6 +352,7 @@ class ShuntManager:
                 conn.ext = {}
             conn.ext[EXT_KEY] = st
             self.thresholds.register_removal_hook(conn, self._on_removal)
+            self.thresholds.register_timing_out_hook(conn, self.timing_out)
         st.trigger = trigger
         st.key = key
         st.orig_side = orig_side
@@ -590,7 +591,8 @@ class ShuntManager:
         self._end_flow(conn, reason)
 
     def timing_out(self, conn: Any) -> bool:
-        """connection_timing_out: keep a shunted connection whose entry still sees traffic."""
+        """connection_timing_out (a timing-out hook of every connection it shunts): keep a
+        shunted connection whose entry still sees traffic."""
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
         if st is None or st.key is None:
             return False
