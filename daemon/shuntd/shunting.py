@@ -624,16 +624,23 @@ class ShuntManager:
     def _apply_close(self, ev: TcpCloseEvent) -> None:
         """Feed the FIN/RST XDP dropped to the TCP analyser, as if it had been seen (not
         counted in ConnSize: XDP counted it)."""
-        a1, p1, a2, p2 = self.table.flow_key_fields(ev.key_bytes)
-        if ev.side == 1:
-            src, sport, dst, dport = a1, p1, a2, p2
+        conn = None if ev.via_pair else self.flows.get(ev.key_bytes)
+        if conn is not None:
+            # One of ours: both keys order endpoints alike (XDP side 1/2 = tracker side 0/1).
+            side = ev.side - 1
+            _proto, a, pa, b, pb = conn.key
+            src, sport, dst, dport = (a, pa, b, pb) if side == 0 else (b, pb, a, pa)
         else:
-            src, sport, dst, dport = a2, p2, a1, p1
-        if src < dst or (src == dst and sport <= dport):
-            tkey, side = (6, src, sport, dst, dport), 0
-        else:
-            tkey, side = (6, dst, dport, src, sport), 1
-        conn = self.tracker.conns.get(tkey)
+            a1, p1, a2, p2 = self.table.flow_key_fields(ev.key_bytes)
+            if ev.side == 1:
+                src, sport, dst, dport = a1, p1, a2, p2
+            else:
+                src, sport, dst, dport = a2, p2, a1, p1
+            if src < dst or (src == dst and sport <= dport):
+                tkey, side = (6, src, sport, dst, dport), 0
+            else:
+                tkey, side = (6, dst, dport, src, sport), 1
+            conn = self.tracker.conns.get(tkey)
         if conn is None or not isinstance(conn.analyzer, TCPAnalyzer):
             return
         ep = conn.sides[side]
