@@ -120,7 +120,7 @@ _FACTORIES: dict[tuple[str, bool], Callable[[], Analyzer]] = {}
 for _tcp in (True, False):
     _FACTORIES["ssl", _tcp] = TlsAnalyzer
     _FACTORIES["http", _tcp] = HttpAnalyzer
-    _FACTORIES["dns", _tcp] = functools.partial(DnsAnalyzer, tcp=_tcp)
+    _FACTORIES["dns", _tcp] = functools.partial(DnsAnalyzer, True) if _tcp else DnsAnalyzer
     _FACTORIES["ssh", _tcp] = SshAnalyzer
     _FACTORIES["dtls", _tcp] = DtlsAnalyzer
     _FACTORIES["quic", _tcp] = QuicAnalyzer
@@ -261,8 +261,12 @@ class ServiceDetection:
         if plan is None:
             plan = self._plan(tcp, conn.resp_p)
         factories, candidates = plan
+        if len(factories) == 1:   # (most ports have one analyser, or none)
+            analyzers = [factories[0]()]
+        else:
+            analyzers = [factory() for factory in factories]
         # The candidates are shared: a layer only ever replaces them, never changes them.
-        state = ConnServices(candidates, [factory() for factory in factories], tcp)
+        state = ConnServices(candidates, analyzers, tcp)
         ext = conn.ext
         if ext is None:
             conn.ext = {STATE_KEY: state}
