@@ -190,7 +190,10 @@ class _Layer:
     __slots__ = ("analyzers", "chunks", "prefix_orig", "prefix_resp", "count_orig",
                  "count_resp", "matched", "candidates", "done_orig", "done_resp")
 
-    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: tuple[Analyzer, ...],
+                 tcp: bool) -> None:
+        # Replaced, never changed: a delivery loops over it while a verdict may attach one,
+        # and once every analyser is done it is the shared empty tuple.
         self.analyzers = analyzers
         # Made on first use (most connections end, or their PIA gives up, with few or none
         # of these): a shared empty value until then.
@@ -212,7 +215,8 @@ class ConnServices(_Layer):
 
     __slots__ = ("tcp", "inner", "failed", "established", "active", "saw_syn")
 
-    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: tuple[Analyzer, ...],
+                 tcp: bool) -> None:
         super().__init__(candidates, analyzers, tcp)
         self.tcp = tcp
         self.inner: list[_Layer] | tuple[()] = ()   # a list once a tunnel opens one
@@ -262,9 +266,9 @@ class ServiceDetection:
             plan = self._plan(tcp, conn.resp_p)
         factories, candidates = plan
         if len(factories) == 1:   # (most ports have one analyser, or none)
-            analyzers = [factories[0]()]
+            analyzers: tuple[Analyzer, ...] = (factories[0](),)
         else:
-            analyzers = [factory() for factory in factories]
+            analyzers = tuple([factory() for factory in factories])
         # The candidates are shared: a layer only ever replaces them, never changes them.
         state = ConnServices(candidates, analyzers, tcp)
         ext = conn.ext
@@ -338,7 +342,7 @@ class ServiceDetection:
         for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers
             if analyzers:
-                for an in tuple(analyzers):
+                for an in analyzers:
                     if partial and an.name in SKIP_PARTIAL:
                         continue
                     an.deliver(is_orig, data)
@@ -424,7 +428,7 @@ class ServiceDetection:
         layer.candidates = self._candidates([s for s in layer.candidates.sigs
                                              if s.analyzer != name])
         an = make_analyzer(name, state.tcp)
-        layer.analyzers.append(an)
+        layer.analyzers = (*layer.analyzers, an)
         if state.tcp and name in SKIP_PARTIAL and _midstream(conn, state):
             return
         for chunk_orig, chunk in layer.chunks:
@@ -504,7 +508,7 @@ class ServiceDetection:
     def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
         disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures
         layer = _Layer(self._candidates([s for s in TCP_SIGNATURES
-                                         if s.analyzer not in disabled]), [], True)
+                                         if s.analyzer not in disabled]), (), True)
         if state.inner:
             state.inner.append(layer)  # type: ignore[union-attr]
         else:
@@ -523,7 +527,7 @@ class ServiceDetection:
             analyzers = layer.analyzers
             for an in analyzers:
                 if an.done:
-                    analyzers = layer.analyzers = [a for a in analyzers if not a.done]
+                    analyzers = layer.analyzers = tuple([a for a in analyzers if not a.done])
                     break
             if layer.candidates.sigs:
                 busy = True
