@@ -195,9 +195,10 @@ class _Layer:
         # Replaced, never changed: a delivery loops over it while a verdict may attach one,
         # and once every analyser is done it is the shared empty tuple.
         self.analyzers = analyzers
-        # Made on first use (most connections end, or their PIA gives up, with few or none
-        # of these): a shared empty value until then.
-        self.chunks: list[tuple[bool, bytes]] | tuple[()] = ()
+        # The buffered chunks: a tuple replaced as it grows (at most dpd_max_packets a
+        # direction), empty until the first; tuples of bytes drop out of the garbage
+        # collector's scans, a list would be scanned until the connection is removed.
+        self.chunks: tuple[tuple[bool, bytes], ...] = ()
         # TCP: the first bytes of each direction, matched as a whole; UDP: their number.
         self.prefix_orig: bytearray | bytes | int = b"" if tcp else 0
         self.prefix_resp: bytearray | bytes | int = b"" if tcp else 0
@@ -370,11 +371,7 @@ class ServiceDetection:
         if buffered >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
             self._pia_direction_done(layer, is_orig)
             return
-        chunks = layer.chunks
-        if chunks:
-            chunks.append((is_orig, data))  # type: ignore[union-attr]
-        else:
-            layer.chunks = [(is_orig, data)]
+        layer.chunks = (*layer.chunks, (is_orig, data))
         subject: bytes | bytearray
         if not tcp:
             subject = data
