@@ -234,7 +234,9 @@ def main() -> int:
                     res["floor"].append((t - n * miss) / max(1, c))
                     fill(lab, ring, frames)
                     m = sh.manager
-                    t, n, c = drain(ring, (m.late, m.late_frame, m.late_due, m.late_clock))
+                    claim = ((m.late, m.late_frame, m.late_due, m.late_clock)
+                             if hasattr(m, "late_due") else (m.late, m.late_frame))  # older
+                    t, n, c = drain(ring, claim)
                     if n + c != len(frames):
                         raise SystemExit(f"ring_cost: late drain saw {n + c} of {len(frames)}")
                     pend = len(m.pending)

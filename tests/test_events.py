@@ -140,6 +140,25 @@ def test_connection_timing_out_veto_keeps_one_connection() -> None:
     assert vetoes == [1.0]                  # asked once, when the 5-min timer fired
 
 
+def test_timing_out_hook_vetoes_for_its_connection_before_the_handlers() -> None:
+    """A timing-out hook (the shunt manager's, on the connections it shunts) is asked before
+    the event's handlers, which are asked too; its veto keeps the connection."""
+    d = EventDispatcher()
+    order: list[str] = []
+
+    def hook(conn):
+        order.append("hook")
+        return True
+
+    d.add_handler("new_connection", lambda c: order.append(
+        f"registered={d.register_timing_out_hook(c, hook)},"
+        f"again={d.register_timing_out_hook(c, hook)}"))
+    d.add_handler("connection_timing_out", lambda c: order.append("handler") or False)
+    rows = run_packets(_timeout_case(), hooks=d)
+    assert len(rows) == 1                   # kept, as with a handler's veto
+    assert order == ["registered=True,again=False", "hook", "handler"]
+
+
 def test_removal_hook_runs_after_state_remove_and_before_logging() -> None:
     d = EventDispatcher()
     order: list[str] = []

@@ -300,7 +300,6 @@ class Engine:
         self.shunts.on_insert = out.inserted
         acting = policy.acting(self.shunts)
         dispatcher.handler_context = lambda: acting
-        dispatcher.add_handler("connection_timing_out", self.shunts.timing_out)
         self.ignore = settings.ignore_checksums
         self.defrag = Defragmenter(ignore_checksums=self.ignore)
         self.renew_every = args.lease / 3

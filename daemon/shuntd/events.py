@@ -21,7 +21,10 @@ Hooks:
   connection_timing_out(conn) -> bool       True from any handler vetoes the removal (Zeek's
                                             `break`); the tracker re-arms the timer.
 Removal hooks (`register_removal_hook`) run after the connection_state_remove handlers, i.e.
-after the record's inputs are final and before conn.log is written.
+after the record's inputs are final and before conn.log is written. Timing-out hooks
+(`register_timing_out_hook`) are connection_timing_out handlers of one connection, called
+before the event's handlers: the shunt manager vetoes the removal of its own connections
+without a call on every other connection's expiry.
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ HOOKS: tuple[str, ...] = ("connection_timing_out",)
 NAMES: frozenset[str] = frozenset(EVENTS + HOOKS)
 
 REMOVAL_HOOKS_KEY = "removal_hooks"
+TIMING_OUT_HOOKS_KEY = "timing_out_hooks"
 _THRESHOLD_EVENTS = {BYTES: "bytes_threshold_crossed", PACKETS: "packets_threshold_crossed",
                      DURATION: "duration_threshold_crossed"}
 
 Handler = Callable[..., Any]
 RemovalHook = Callable[[Any], Any]
+TimingOutHook = Callable[[Any], bool]
 
 
 def _live_record(conn: Any) -> tuple:
@@ -109,7 +114,8 @@ class EventDispatcher(EngineHooks):
         contents: ContentsExtractor | None = None,
         handler_context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
-        self._handlers: dict[str, list[Handler]] = {}
+        # Tuples, replaced on change: a dispatch iterates one without copying it.
+        self._handlers: dict[str, tuple[Handler, ...]] = {}
         self._failed: set[tuple[str, int]] = set()
         self.services = ServiceDetection(_ServiceSink(self), service_settings)
         self.thresholds = ThresholdManager(self._threshold_crossed, self._generic_crossed,
@@ -132,7 +138,7 @@ class EventDispatcher(EngineHooks):
     def add_handler(self, event: str, handler: Handler) -> None:
         if event not in NAMES:
             raise ValueError(f"unknown event {event!r}; known: {', '.join(sorted(NAMES))}")
-        self._handlers.setdefault(event, []).append(handler)
+        self._handlers[event] = self._handlers.get(event, ()) + (handler,)
 
     def add_handlers(self, source: Any) -> list[str]:
         """Register every callable of `source` (module, object or mapping) named after an
@@ -151,7 +157,8 @@ class EventDispatcher(EngineHooks):
     def remove_handler(self, event: str, handler: Handler) -> None:
         handlers = self._handlers.get(event)
         if handlers and handler in handlers:
-            handlers.remove(handler)
+            i = handlers.index(handler)
+            self._handlers[event] = handlers[:i] + handlers[i + 1:]
 
     def dispatch(self, event: str, *args: Any) -> list[Any]:
         """Call the handlers of `event` in registration order; returns their results."""
@@ -164,7 +171,7 @@ class EventDispatcher(EngineHooks):
         if ctx is not None:
             ctx.__enter__()
         try:
-            for handler in tuple(handlers):
+            for handler in handlers:
                 try:
                     results.append(handler(*args))
                 except Exception:
@@ -204,6 +211,18 @@ class EventDispatcher(EngineHooks):
         if ext is None:
             conn.ext = ext = {}
         hooks = ext.setdefault(REMOVAL_HOOKS_KEY, [])
+        if hook in hooks:
+            return False
+        hooks.append(hook)
+        return True
+
+    @staticmethod
+    def register_timing_out_hook(conn: Any, hook: TimingOutHook) -> bool:
+        """A connection_timing_out handler for `conn` alone; False if registered already."""
+        ext = conn.ext
+        if ext is None:
+            conn.ext = ext = {}
+        hooks = ext.setdefault(TIMING_OUT_HOOKS_KEY, [])
         if hook in hooks:
             return False
         hooks.append(hook)
@@ -256,7 +275,16 @@ class EventDispatcher(EngineHooks):
         self.dispatch("content_gap", conn, is_orig, nbytes)
 
     def connection_timing_out(self, conn: Any) -> bool:
-        return any(bool(r) for r in self.dispatch("connection_timing_out", conn))
+        vetoed = False
+        hooks = conn.ext.get(TIMING_OUT_HOOKS_KEY) if conn.ext else None
+        if hooks:
+            for hook in tuple(hooks):
+                try:
+                    vetoed = bool(hook(conn)) or vetoed
+                except Exception:
+                    log.exception("timing-out hook %s raised",
+                                  getattr(hook, "__qualname__", hook))
+        return any(self.dispatch("connection_timing_out", conn)) or vetoed
 
     def connection_state_remove(self, conn: Any) -> None:
         self.dispatch("connection_state_remove", conn)

@@ -348,6 +348,7 @@ class ShuntManager:
                 conn.ext = {}
             conn.ext[EXT_KEY] = st
             self.thresholds.register_removal_hook(conn, self._on_removal)
+            self.thresholds.register_timing_out_hook(conn, self.timing_out)
         st.trigger = trigger
         st.key = key
         st.orig_side = orig_side
@@ -520,7 +521,10 @@ class ShuntManager:
         the entry's, they are applied to the connection once (`_flush_late`: at the end of
         the batch, before the analyser sees another packet of it, and when the shunt ends).
         Ethernet + IPv4 (no options, not a fragment) + TCP only; neither checksum is checked
-        (XDP's rule: what it drops is counted unchecked)."""
+        (XDP's rule: what it drops is counted unchecked). Once a side's letter for a kind of
+        packet is pending and its chains are started (`LateSide.fast`), the capture ring counts
+        its next packets of that kind itself, the same way (CaptureRing.poll tallies, before
+        `late_due()`; it reports their time through `late_clock`)."""
         if snap < _LATE_SNAP or ts > self.horizon:
             return self._not_late(s)
         head, ip_len, frag_proto, seq, ack, of = _LATE_HDR.unpack_from(buf, start + 12)
@@ -616,7 +620,8 @@ class ShuntManager:
         self._end_flow(conn, reason)
 
     def timing_out(self, conn: Any) -> bool:
-        """connection_timing_out: keep a shunted connection whose entry still sees traffic."""
+        """connection_timing_out (a timing-out hook of every connection it shunts): keep a
+        shunted connection whose entry still sees traffic."""
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
         if st is None or st.key is None:
             return False
@@ -648,16 +653,23 @@ class ShuntManager:
     def _apply_close(self, ev: TcpCloseEvent) -> None:
         """Feed the FIN/RST XDP dropped to the TCP analyser, as if it had been seen (not
         counted in ConnSize: XDP counted it)."""
-        a1, p1, a2, p2 = self.table.flow_key_fields(ev.key_bytes)
-        if ev.side == 1:
-            src, sport, dst, dport = a1, p1, a2, p2
+        conn = None if ev.via_pair else self.flows.get(ev.key_bytes)
+        if conn is not None:
+            # One of ours: both keys order endpoints alike (XDP side 1/2 = tracker side 0/1).
+            side = ev.side - 1
+            _proto, a, pa, b, pb = conn.key
+            src, sport, dst, dport = (a, pa, b, pb) if side == 0 else (b, pb, a, pa)
         else:
-            src, sport, dst, dport = a2, p2, a1, p1
-        if src < dst or (src == dst and sport <= dport):
-            tkey, side = (6, src, sport, dst, dport), 0
-        else:
-            tkey, side = (6, dst, dport, src, sport), 1
-        conn = self.tracker.conns.get(tkey)
+            a1, p1, a2, p2 = self.table.flow_key_fields(ev.key_bytes)
+            if ev.side == 1:
+                src, sport, dst, dport = a1, p1, a2, p2
+            else:
+                src, sport, dst, dport = a2, p2, a1, p1
+            if src < dst or (src == dst and sport <= dport):
+                tkey, side = (6, src, sport, dst, dport), 0
+            else:
+                tkey, side = (6, dst, dport, src, sport), 1
+            conn = self.tracker.conns.get(tkey)
         if conn is None or not isinstance(conn.analyzer, TCPAnalyzer):
             return
         ep = conn.sides[side]

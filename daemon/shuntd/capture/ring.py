@@ -217,6 +217,10 @@ class CaptureRing:
     Only one `poll()` generator may be in use at a time.
     """
 
+    __slots__ = ("config", "iface", "ifindex", "_stats", "_block", "_resume", "_drop_outgoing",
+                 "fanout_group", "link_down_events", "resyncs", "claimed", "csum_unchecked",
+                 "_sock", "_map", "_view", "linktype", "_poller")
+
     def __init__(
         self, iface: str, config: RingConfig | None = None, fanout_group: int | None = None
     ) -> None:

@@ -120,7 +120,7 @@ _FACTORIES: dict[tuple[str, bool], Callable[[], Analyzer]] = {}
 for _tcp in (True, False):
     _FACTORIES["ssl", _tcp] = TlsAnalyzer
     _FACTORIES["http", _tcp] = HttpAnalyzer
-    _FACTORIES["dns", _tcp] = functools.partial(DnsAnalyzer, tcp=_tcp)
+    _FACTORIES["dns", _tcp] = functools.partial(DnsAnalyzer, True) if _tcp else DnsAnalyzer
     _FACTORIES["ssh", _tcp] = SshAnalyzer
     _FACTORIES["dtls", _tcp] = DtlsAnalyzer
     _FACTORIES["quic", _tcp] = QuicAnalyzer
@@ -190,11 +190,15 @@ class _Layer:
     __slots__ = ("analyzers", "chunks", "prefix_orig", "prefix_resp", "count_orig",
                  "count_resp", "matched", "candidates", "done_orig", "done_resp")
 
-    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: tuple[Analyzer, ...],
+                 tcp: bool) -> None:
+        # Replaced, never changed: a delivery loops over it while a verdict may attach one,
+        # and once every analyser is done it is the shared empty tuple.
         self.analyzers = analyzers
-        # Made on first use (most connections end, or their PIA gives up, with few or none
-        # of these): a shared empty value until then.
-        self.chunks: list[tuple[bool, bytes]] | tuple[()] = ()
+        # The buffered chunks: a tuple replaced as it grows (at most dpd_max_packets a
+        # direction), empty until the first; tuples of bytes drop out of the garbage
+        # collector's scans, a list would be scanned until the connection is removed.
+        self.chunks: tuple[tuple[bool, bytes], ...] = ()
         # TCP: the first bytes of each direction, matched as a whole; UDP: their number.
         self.prefix_orig: bytearray | bytes | int = b"" if tcp else 0
         self.prefix_resp: bytearray | bytes | int = b"" if tcp else 0
@@ -212,7 +216,8 @@ class ConnServices(_Layer):
 
     __slots__ = ("tcp", "inner", "failed", "established", "active", "saw_syn")
 
-    def __init__(self, candidates: _Candidates, analyzers: list[Analyzer], tcp: bool) -> None:
+    def __init__(self, candidates: _Candidates, analyzers: tuple[Analyzer, ...],
+                 tcp: bool) -> None:
         super().__init__(candidates, analyzers, tcp)
         self.tcp = tcp
         self.inner: list[_Layer] | tuple[()] = ()   # a list once a tunnel opens one
@@ -261,8 +266,12 @@ class ServiceDetection:
         if plan is None:
             plan = self._plan(tcp, conn.resp_p)
         factories, candidates = plan
+        if len(factories) == 1:   # (most ports have one analyser, or none)
+            analyzers: tuple[Analyzer, ...] = (factories[0](),)
+        else:
+            analyzers = tuple([factory() for factory in factories])
         # The candidates are shared: a layer only ever replaces them, never changes them.
-        state = ConnServices(candidates, [factory() for factory in factories], tcp)
+        state = ConnServices(candidates, analyzers, tcp)
         ext = conn.ext
         if ext is None:
             conn.ext = {STATE_KEY: state}
@@ -334,7 +343,7 @@ class ServiceDetection:
         for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers
             if analyzers:
-                for an in tuple(analyzers):
+                for an in analyzers:
                     if partial and an.name in SKIP_PARTIAL:
                         continue
                     an.deliver(is_orig, data)
@@ -362,11 +371,7 @@ class ServiceDetection:
         if buffered >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
             self._pia_direction_done(layer, is_orig)
             return
-        chunks = layer.chunks
-        if chunks:
-            chunks.append((is_orig, data))  # type: ignore[union-attr]
-        else:
-            layer.chunks = [(is_orig, data)]
+        layer.chunks = (*layer.chunks, (is_orig, data))
         subject: bytes | bytearray
         if not tcp:
             subject = data
@@ -420,7 +425,7 @@ class ServiceDetection:
         layer.candidates = self._candidates([s for s in layer.candidates.sigs
                                              if s.analyzer != name])
         an = make_analyzer(name, state.tcp)
-        layer.analyzers.append(an)
+        layer.analyzers = (*layer.analyzers, an)
         if state.tcp and name in SKIP_PARTIAL and _midstream(conn, state):
             return
         for chunk_orig, chunk in layer.chunks:
@@ -500,7 +505,7 @@ class ServiceDetection:
     def _open_tunnel(self, conn: Any, state: ConnServices, data: tuple[bytes, bytes]) -> None:
         disabled = self.settings.disabled   # bare mode: only loaded protocols' signatures
         layer = _Layer(self._candidates([s for s in TCP_SIGNATURES
-                                         if s.analyzer not in disabled]), [], True)
+                                         if s.analyzer not in disabled]), (), True)
         if state.inner:
             state.inner.append(layer)  # type: ignore[union-attr]
         else:
@@ -519,7 +524,7 @@ class ServiceDetection:
             analyzers = layer.analyzers
             for an in analyzers:
                 if an.done:
-                    analyzers = layer.analyzers = [a for a in analyzers if not a.done]
+                    analyzers = layer.analyzers = tuple([a for a in analyzers if not a.done])
                     break
             if layer.candidates.sigs:
                 busy = True

@@ -65,7 +65,11 @@ class DnsAnalyzer(Analyzer):
     name = "dns"
 
     def __init__(self, tcp: bool = False) -> None:
-        super().__init__()
+        # Analyzer.__init__, inline (one of these per DNS connection)
+        self.confirmed = False
+        self.violation: str | None = None
+        self.done = False
+        self.reported = False
         self.tcp = tcp
         self._bufs = (bytearray(), bytearray()) if tcp else ()  # framing buffers: TCP only
         self._first = True
