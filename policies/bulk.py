@@ -1,17 +1,17 @@
-"""Shunt bulk transfers (trigger `bulk`): a connection is shunted once one direction has sent
-1 MB of IP bytes.
+"""Shunt bulk transfers (trigger `bulk`): once a connection has sent 10 packets, watch for
+1 MB of IP bytes in either direction and shunt it when one direction crosses that."""
 
-Both directions are watched from the connection's first packet. (Watching only from a
-direction's 10th packet on, as this policy first did, changed nothing: an IP packet is at most
-65,535 bytes, so 1 MB takes a direction at least 16 packets; it only cost a second event on
-every connection that got that far.)"""
+from shuntd.policy import set_bytes_threshold, set_packets_threshold, shunt
 
-from shuntd.policy import set_bytes_threshold, shunt
-
+WATCH_AFTER_PACKETS = 10
 BULK_BYTES = 1_000_000
 
 
 def new_connection(conn):
+    set_packets_threshold(conn, WATCH_AFTER_PACKETS)
+
+
+def packets_threshold_crossed(conn, threshold, is_orig=None):
     set_bytes_threshold(conn, BULK_BYTES, True)
     set_bytes_threshold(conn, BULK_BYTES, False)
 
