@@ -107,6 +107,30 @@ def test_termination_flushes_attempts_first_then_key_order() -> None:
         ("10.0.0.3", "S0"), ("10.0.0.2", "S0"), ("10.0.0.8", "S1"), ("10.0.0.9", "S1")]
 
 
+def test_termination_key_order_across_families_ports_and_protocols() -> None:
+    # Zeek's raw key: both addresses as 16 bytes (IPv4 mapped to ::ffff:a.b.c.d), the lower
+    # one first, then their ports (big-endian), then the protocol: a 2001:db8:: pair sorts
+    # after every IPv4 pair (0x20.. > 0x00..); equal pairs go by port, then by protocol.
+    pkts = [
+        udp_packet("2001:db8::1", 5000, "2001:db8::2", 53, b"a", T0),
+        udp_packet("10.0.0.1", 7000, "10.0.0.2", 53, b"b", T0 + 0.1),
+        udp_packet("10.0.0.1", 6000, "10.0.0.2", 53, b"c", T0 + 0.2),
+        udp_packet("10.0.0.1", 6000, "10.0.0.2", 54, b"d", T0 + 0.3),
+        udp_packet("9.0.0.1", 9000, "10.0.0.2", 53, b"e", T0 + 0.4),
+    ]
+    pkts += TcpScript(c=("10.0.0.1", 6000), s=("10.0.0.2", 53), t=T0 + 0.5).steps(
+        "C S; S SA; C A").packets
+    rows = run_packets(pkts)
+    assert [(r["id.orig_h"], r["id.orig_p"], r["id.resp_p"], r["proto"]) for r in rows] == [
+        ("9.0.0.1", 9000, 53, "udp"),
+        ("10.0.0.1", 6000, 53, "tcp"),
+        ("10.0.0.1", 6000, 53, "udp"),
+        ("10.0.0.1", 6000, 54, "udp"),
+        ("10.0.0.1", 7000, 53, "udp"),
+        ("2001:db8::1", 5000, 53, "udp"),
+    ]
+
+
 @pytest.mark.parametrize(("proto_timeout", "field"), [
     (30.0, "udp_inactivity_timeout")])
 def test_udp_timeout_setting(proto_timeout: float, field: str) -> None:
