@@ -14,8 +14,12 @@ once more before it counts (the machine is shared; a descheduled daemon is noise
 Each step runs a fresh daemon (start-up takes a few seconds, less than a step). An overloaded
 step leaves tens of thousands of half-open connections in the daemon for minutes (memory, GC,
 timers); with one daemon per mode they taxed later steps, and unequally: "on" starts its search
-at 4x the "off" rate, so it overloads first, "off" only at the end. A fresh daemon makes every
-step start from the same empty state in both modes.
+at --floor times the "off" rate, so it overloads first. A fresh daemon makes every step start
+from the same empty state in both modes.
+
+The two searches take turns, one step each: the machine's speed drifts (other guests of the
+host, memory reclaim; the same code measured 415 and 293 Mbit/s unshunted an hour apart), and
+searching one mode after the other measured each at a different speed.
 
 The daemon gets the same fixed CPU budget in both modes, `--cpu-share` of one core (default
 0.5) through a cpu cgroup quota in 10 ms periods, so the daemon and not the sender is the
@@ -57,6 +61,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,9 +355,9 @@ class Runner:
                  budget: CpuBudget):
         self.lab, self.base, self.work, self.args, self.budget = lab, base, work, args, budget
         self.step_no = 0
-        self.notes: list[str] = []   # the daemons' warnings, errors and slow-GC notes
+        self.notes: dict[str, list[str]] = {}   # per mode: the daemons' warnings, errors, slow GCs
 
-    def step(self, policies: list[str], mbps: float) -> Step:
+    def step(self, policies: list[str], mbps: float, mode: str = "") -> Step:
         self.step_no += 1
         pcap = self.work / "step.pcap"
         pcap.write_bytes(shifted(self.base, self.step_no * STEP_OFFSET))
@@ -366,8 +371,9 @@ class Runner:
             cpu = d.cpu_seconds() - cpu0
         finally:
             d.stop()
-            self.notes += [f"step {self.step_no}: {ln}" for ln in d.stderr().splitlines()
-                           if "WARNING" in ln or "ERROR" in ln or "garbage collection" in ln]
+            self.notes.setdefault(mode, []).extend(
+                f"step {self.step_no}: {ln}" for ln in d.stderr().splitlines()
+                if "WARNING" in ln or "ERROR" in ln or "garbage collection" in ln)
             shutil.rmtree(log_dir, ignore_errors=True)
 
         def delta(name: str) -> int:
@@ -376,11 +382,12 @@ class Runner:
         return Step(mbps, sent, sent_mbps, sent_pps, delta(SEEN), delta(CAPTURED), delta(DROPS),
                     cpu)
 
-    def trial(self, policies: list[str], label: str, mbps: float) -> Step:
-        s = self.step(policies, mbps)
+    def trial(self, policies: list[str], mode: str, mbps: float) -> Step:
+        label = f"shunting {mode}"
+        s = self.step(policies, mbps, mode)
         self.show(label, s)
         if not s.ok:  # one repeat before a failure counts: the machine is shared
-            s = self.step(policies, mbps)
+            s = self.step(policies, mbps, mode)
             self.show(label + " (again)", s)
         return s
 
@@ -392,14 +399,15 @@ class Runner:
               f"daemon CPU {s.cpu_per_kpkt * 1e3:5.1f} us/pkt  "
               f"{'ok' if s.ok else 'LOSS'}", flush=True)
 
-    def search(self, policies: list[str], label: str, start: float) -> tuple[Step | None, bool]:
-        """Bisection on offered Mbit/s; (best passing step, sender-limited?)."""
+    def bisection(self, start: float) -> Generator[float, Step, tuple[Step | None, bool]]:
+        """Bisection on offered Mbit/s: yields the next rate to try, is sent that trial's step;
+        returns (best passing step, sender-limited?)."""
         lo: Step | None = None
         hi: float | None = None
         rate = start
         limited = False
         for _ in range(self.args.max_steps):
-            s = self.trial(policies, label, rate)
+            s = yield rate
             if s.ok:
                 if lo is None or s.sent_mbps > lo.sent_mbps:
                     lo = s
@@ -415,6 +423,28 @@ class Runner:
             if rate < 0.5:
                 break
         return lo, limited
+
+    def interleaved(self, modes: dict[str, tuple[list[str], float]]
+                    ) -> dict[str, tuple[Step | None, bool]]:
+        """Both searches at once, one step of each in turn: the machine's speed drifts (other
+        guests of the host, memory reclaim), and searching one mode after the other measured
+        them at different speeds; taking turns spreads any drift over both alike."""
+        results: dict[str, tuple[Step | None, bool]] = {}
+        active: dict[str, tuple[Generator[float, Step, tuple[Step | None, bool]], float]] = {}
+        for mode, (_, start) in modes.items():
+            gen = self.bisection(start)
+            active[mode] = (gen, next(gen))
+            self.notes[mode] = []
+        while active:
+            for mode in list(active):
+                gen, rate = active[mode]
+                policies = modes[mode][0]
+                try:
+                    active[mode] = (gen, gen.send(self.trial(policies, mode, rate)))
+                except StopIteration as done:
+                    results[mode] = done.value
+                    del active[mode]
+        return results
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -436,7 +466,8 @@ def main() -> int:
     ap.add_argument("--mix", type=Path, default=DEFAULT_MIX,
                     help="the pcap (made with scripts/make-tls-mix if missing)")
     ap.add_argument("--regenerate", action="store_true", help="capture the mix again")
-    ap.add_argument("--start-mbps", type=float, default=40.0, help="first rate tried")
+    ap.add_argument("--start-mbps", type=float, default=100.0,
+                    help="first rate tried with shunting off (on: this times --floor)")
     ap.add_argument("--max-steps", type=int, default=10, help="bisection steps per mode")
     ap.add_argument("--tolerance", type=float, default=0.1, help="stop when hi/lo <= 1 + this")
     ap.add_argument("--ring-blocks", type=int, default=64, help="daemon capture ring, MiB")
@@ -478,20 +509,18 @@ def main() -> int:
             raise
         try:
             runner = Runner(lab, base, work, args, budget)
-            start = args.start_mbps
-            for mode, policies in (("off", [str(never)]), ("on", ["tls", "bulk"])):
-                print(f"shunting {mode} (policies: {', '.join(Path(p).stem for p in policies)})",
-                      flush=True)
-                runner.notes = []
-                results[mode] = runner.search(policies, f"shunting {mode}", start)
-                # What disturbed the daemons (pauses, ring trouble) explains odd steps.
-                for ln in runner.notes[:8]:
-                    print(f"  daemon: {ln}", flush=True)
-                if len(runner.notes) > 8:
-                    print(f"  daemon: ... {len(runner.notes) - 8} more", flush=True)
-                best = results[mode][0]
-                if best is not None:
-                    start = best.offered_mbps * 4  # the floor is the first guess for "on"
+            print(f"steps of both modes in turn; shunting off: policy never_shunt, from "
+                  f"{args.start_mbps:g} Mbit/s; shunting on: policies tls, bulk, from "
+                  f"{args.start_mbps * args.floor:g} Mbit/s", flush=True)
+            results = runner.interleaved({
+                "off": ([str(never)], args.start_mbps),
+                "on": (["tls", "bulk"], args.start_mbps * args.floor)})
+            # What disturbed the daemons (pauses, ring trouble) explains odd steps.
+            for mode, notes in runner.notes.items():
+                for ln in notes[:8]:
+                    print(f"  daemon ({mode}): {ln}", flush=True)
+                if len(notes) > 8:
+                    print(f"  daemon ({mode}): ... {len(notes) - 8} more", flush=True)
         finally:
             lab.close()
             budget.close()
