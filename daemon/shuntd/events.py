@@ -131,7 +131,19 @@ class EventDispatcher(EngineHooks):
         self._write_long_row = write_long_row
         # The tracker calls `packet` for every packet: straight to the thresholds, without
         # the method below in between (it stays, so the tracker knows the hook is wanted).
+        # Likewise the policies' threshold actions (the bulk policy sets one on every
+        # connection).
         self.packet = self.thresholds.packet  # type: ignore[method-assign]
+        self.set_bytes_threshold = (  # type: ignore[method-assign]
+            self.thresholds.set_bytes_threshold)
+        self.set_packets_threshold = (  # type: ignore[method-assign]
+            self.thresholds.set_packets_threshold)
+        # The handlers of the events every connection raises, kept up to date by
+        # _handlers_changed(): a connection's hooks test one attribute, not the dict.
+        self._on_new_connection: tuple[Handler, ...] = ()
+        self._on_timing_out: tuple[Handler, ...] = ()
+        self._on_state_remove: tuple[Handler, ...] = ()
+        self._on_logged: tuple[Handler, ...] = ()
 
     # -- handler registry ----------------------------------------------------------------
 
@@ -139,6 +151,7 @@ class EventDispatcher(EngineHooks):
         if event not in NAMES:
             raise ValueError(f"unknown event {event!r}; known: {', '.join(sorted(NAMES))}")
         self._handlers[event] = self._handlers.get(event, ()) + (handler,)
+        self._handlers_changed()
 
     def add_handlers(self, source: Any) -> list[str]:
         """Register every callable of `source` (module, object or mapping) named after an
@@ -159,12 +172,23 @@ class EventDispatcher(EngineHooks):
         if handlers and handler in handlers:
             i = handlers.index(handler)
             self._handlers[event] = handlers[:i] + handlers[i + 1:]
+            self._handlers_changed()
+
+    def _handlers_changed(self) -> None:
+        get = self._handlers.get
+        self._on_new_connection = get("new_connection", ())
+        self._on_timing_out = get("connection_timing_out", ())
+        self._on_state_remove = get("connection_state_remove", ())
+        self._on_logged = get("connection_logged", ())
 
     def dispatch(self, event: str, *args: Any) -> list[Any]:
         """Call the handlers of `event` in registration order; returns their results."""
         handlers = self._handlers.get(event)
         if not handlers:
             return []
+        return self._call(event, handlers, args)
+
+    def _call(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> list[Any]:
         results = []
         # One handler context for the whole dispatch (not one per handler call).
         ctx = self.handler_context() if self.handler_context is not None else None
@@ -240,9 +264,14 @@ class EventDispatcher(EngineHooks):
 
     def new_connection(self, conn: Any) -> None:
         self.services.new_connection(conn)
-        if self._long_settings is not None:
-            self._long_for(conn).new_connection(conn)
-        self.dispatch("new_connection", conn)
+        long = self._long
+        if long is None and self._long_settings is not None:
+            long = self._long_for(conn)
+        if long is not None:
+            long.new_connection(conn)
+        handlers = self._on_new_connection
+        if handlers:
+            self._call("new_connection", handlers, (conn,))
 
     def connection_flipped(self, conn: Any) -> None:
         self.dispatch("connection_flipped", conn)
@@ -284,11 +313,17 @@ class EventDispatcher(EngineHooks):
                 except Exception:
                     log.exception("timing-out hook %s raised",
                                   getattr(hook, "__qualname__", hook))
-        return any(self.dispatch("connection_timing_out", conn)) or vetoed
+        handlers = self._on_timing_out
+        if handlers:
+            return any(self._call("connection_timing_out", handlers, (conn,))) or vetoed
+        return vetoed
 
     def connection_state_remove(self, conn: Any) -> None:
-        self.dispatch("connection_state_remove", conn)
-        hooks = conn.ext.get(REMOVAL_HOOKS_KEY) if conn.ext else None
+        handlers = self._on_state_remove
+        if handlers:
+            self._call("connection_state_remove", handlers, (conn,))
+        ext = conn.ext
+        hooks = ext.get(REMOVAL_HOOKS_KEY) if ext else None
         if hooks:
             for hook in list(hooks):
                 try:
@@ -303,7 +338,9 @@ class EventDispatcher(EngineHooks):
             self._long.forget(conn)
 
     def connection_logged(self, conn: Any, row: tuple) -> None:
-        self.dispatch("connection_logged", conn, row)
+        handlers = self._on_logged
+        if handlers:
+            self._call("connection_logged", handlers, (conn, row))
 
     # -- internals -----------------------------------------------------------------------
 

@@ -57,36 +57,53 @@ class acting:  # noqa: N801 - used like the function it replaces: `with acting(a
         _ACTIONS.reset(self.tokens.pop())
 
 
-def _actions() -> Actions:
-    try:
-        return _ACTIONS.get()
-    except LookupError:
-        raise PolicyError("policy actions can only be called from an event handler") from None
+def _no_actions() -> PolicyError:
+    return PolicyError("policy actions can only be called from an event handler")
+
+
+# Each action looks its target up inline (`_get(None)`, no helper call): the bulk policy's
+# set_packets_threshold runs for every connection.
+_get = _ACTIONS.get
 
 
 def shunt(conn: Any, trigger: str) -> str:
     """Stop analysing `conn`: XDP drops and counts its packets from now on."""
-    return _actions().shunt(conn, trigger)
+    actions = _get(None)
+    if actions is None:
+        raise _no_actions()
+    return actions.shunt(conn, trigger)
 
 
 def shunt_ip_pair(addr1: str, addr2: str, trigger: str, duration: float | None = None) -> str:
     """Shunt every packet between two addresses (any protocol, any port), for `duration`
     seconds or until removed."""
-    return _actions().shunt_ip_pair(addr1, addr2, trigger, duration)
+    actions = _get(None)
+    if actions is None:
+        raise _no_actions()
+    return actions.shunt_ip_pair(addr1, addr2, trigger, duration)
 
 
 def unshunt(conn: Any) -> bool:
     """Analyse `conn` again; its shunted counters so far stay with the connection."""
-    return _actions().unshunt(conn)
+    actions = _get(None)
+    if actions is None:
+        raise _no_actions()
+    return actions.unshunt(conn)
 
 
 def set_bytes_threshold(conn: Any, nbytes: int, is_orig: bool) -> bool:
     """Raise `bytes_threshold_crossed(conn, threshold, is_orig)` once the direction's IP bytes
     reach `nbytes` (Zeek's ConnThreshold semantics)."""
-    return _actions().set_bytes_threshold(conn, nbytes, is_orig)
+    actions = _get(None)
+    if actions is None:
+        raise _no_actions()
+    return actions.set_bytes_threshold(conn, nbytes, is_orig)
 
 
 def set_packets_threshold(conn: Any, npackets: int) -> bool:
     """Raise `packets_threshold_crossed(conn, threshold, is_orig)` when a direction has sent
     `npackets` packets (both directions are watched; each fires once)."""
-    return _actions().set_packets_threshold(conn, npackets)
+    actions = _get(None)
+    if actions is None:
+        raise _no_actions()
+    return actions.set_packets_threshold(conn, npackets)

@@ -38,7 +38,7 @@ class Connection:
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
         "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
-        "history", "hist_seen", "service", "ext", "rare", "analyzer", "removed",
+        "history", "hist_seen", "service", "ext", "thresholds", "rare", "analyzer", "removed",
         "inactivity_timeout", "inact_from", "timer_at", "tracker",
     )
 
@@ -56,6 +56,9 @@ class Connection:
         # Confirmed services in confirmation order; a tuple until service detection adds one.
         self.service: list[str] | tuple[str, ...] = ()
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
+        # Pending thresholds (conn/thresholds.py; None until one is set): the bulk policy
+        # sets one on every connection, and a slot is cheaper than an `ext` dict entry.
+        self.thresholds: Any = None
         # missed_bytes, failed_services, tunnel_parents (properties below): most
         # connections have none, so they share one lazily made object (16 B each).
         self.rare: ConnRare | None = None

@@ -5,10 +5,13 @@ Zeek semantics kept: "bytes" are IP-level bytes (ConnSize's num_bytes_ip), cross
 already crossed when set fires at once, only the smallest pending threshold per kind/direction
 is checked, and after it fires the next smallest is installed (and checked) immediately.
 Generic packet thresholds fire when `orig_pkts + resp_pkts == n`, each once, ascending.
-State per connection lives in `conn.ext["thresholds"]` and exists only if one was set.
-Every packet of such a connection is checked (a policy such as `bulk` sets one on every
-connection), so each direction's smallest pending bytes and packets thresholds are kept as
-plain ints: the per-packet check is two compares.
+
+State per connection lives in the connection's `thresholds` slot (None until one is set).
+A policy such as `bulk` sets a packets threshold on EVERY connection, and most connections
+never reach it: so the smallest pending bytes and packets threshold of each direction is a
+plain int in one small object (setting one costs that object, the per-packet check two
+compares), and anything more (a second threshold of the same kind and direction, durations,
+generic thresholds) lives in `ConnThresholds.more`, made when first needed.
 """
 
 from __future__ import annotations
@@ -17,25 +20,78 @@ import bisect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-STATE_KEY = "thresholds"
-
 BYTES = "bytes"
 PACKETS = "packets"
 DURATION = "duration"
 
-_NEVER = 1 << 62  # the cached limit of a direction with no threshold pending
+_NEVER = 1 << 62  # the limit of a direction with no threshold pending
 
 # fire(kind, conn, threshold, is_orig); kind is BYTES / PACKETS / DURATION
 FireCallback = Callable[[str, Any, float, bool], None]
 GenericCallback = Callable[[Any, int], None]
 
+# (kind, list name) checked for a direction, in Zeek's order: bytes, then packets
+_ORIG = ((BYTES, "bytes_orig"), (PACKETS, "pkts_orig"))
+_RESP = ((BYTES, "bytes_resp"), (PACKETS, "pkts_resp"))
+
 
 class ConnThresholds:
-    """Pending thresholds of one connection, each list kept sorted ascending."""
+    """Pending thresholds of one connection: the smallest of each kind and direction as an
+    int (`_NEVER` when none); the rest in `more`."""
+
+    __slots__ = ("next_bytes_orig", "next_bytes_resp", "next_pkts_orig", "next_pkts_resp",
+                 "more")
+
+    def __init__(self) -> None:
+        self.next_bytes_orig = self.next_bytes_resp = _NEVER
+        self.next_pkts_orig = self.next_pkts_resp = _NEVER
+        self.more: MoreThresholds | None = None
+
+    def add(self, name: str, value: int) -> None:
+        """Install `value` as pending threshold `name` (e.g. "pkts_orig")."""
+        attr = "next_" + name
+        nxt = getattr(self, attr)
+        if nxt == _NEVER:
+            setattr(self, attr, value)
+            return
+        later: list[int] = getattr(self._more(), name)
+        if value < nxt:
+            later.insert(0, nxt)
+            setattr(self, attr, value)
+        else:
+            bisect.insort(later, value)
+
+    def advance(self, name: str) -> int:
+        """Remove the smallest pending threshold `name` (returned); install the next one."""
+        attr = "next_" + name
+        value: int = getattr(self, attr)
+        later = getattr(self.more, name) if self.more is not None else None
+        setattr(self, attr, later.pop(0) if later else _NEVER)
+        return value
+
+    def remove(self, name: str, value: float) -> bool:
+        if getattr(self, "next_" + name) == value:
+            self.advance(name)
+            return True
+        later = getattr(self.more, name) if self.more is not None else None
+        if later and value in later:
+            later.remove(value)
+            return True
+        return False
+
+    def _more(self) -> MoreThresholds:
+        more = self.more
+        if more is None:
+            more = self.more = MoreThresholds()
+        return more
+
+
+class MoreThresholds:
+    """What few connections have: further pending thresholds beyond the smallest of their
+    kind and direction (sorted), durations (sorted) and the generic thresholds' index."""
 
     __slots__ = ("bytes_orig", "bytes_resp", "pkts_orig", "pkts_resp", "duration",
-                 "generic_next", "next_bytes_orig", "next_bytes_resp", "next_pkts_orig",
-                 "next_pkts_resp")
+                 "generic_next")
 
     def __init__(self) -> None:
         self.bytes_orig: list[int] = []
@@ -44,16 +100,6 @@ class ConnThresholds:
         self.pkts_resp: list[int] = []
         self.duration: list[float] = []
         self.generic_next = 0          # index of the next generic packet threshold
-        # The first element of each list above (_NEVER when empty): see refresh().
-        self.next_bytes_orig = self.next_bytes_resp = _NEVER
-        self.next_pkts_orig = self.next_pkts_resp = _NEVER
-
-    def refresh(self) -> None:
-        """Cache the smallest pending thresholds (after every change of the lists)."""
-        self.next_bytes_orig = self.bytes_orig[0] if self.bytes_orig else _NEVER
-        self.next_bytes_resp = self.bytes_resp[0] if self.bytes_resp else _NEVER
-        self.next_pkts_orig = self.pkts_orig[0] if self.pkts_orig else _NEVER
-        self.next_pkts_resp = self.pkts_resp[0] if self.pkts_resp else _NEVER
 
 
 class ThresholdManager:
@@ -73,26 +119,40 @@ class ThresholdManager:
         """IP-level bytes sent by that direction; False for 0 (rejected, like Zeek)."""
         if threshold <= 0:
             return False
-        st = self._state(conn)
-        if is_orig:
-            bisect.insort(st.bytes_orig, int(threshold))
-            st.next_bytes_orig = st.bytes_orig[0]
-        else:
-            bisect.insort(st.bytes_resp, int(threshold))
-            st.next_bytes_resp = st.bytes_resp[0]
+        st = conn.thresholds
+        if st is None:
+            st = conn.thresholds = ConnThresholds()
+        st.add("bytes_orig" if is_orig else "bytes_resp", int(threshold))
         self._check_if_due(conn, st, is_orig)
         return True
 
     def set_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
         if threshold <= 0:
             return False
-        st = self._state(conn)
+        threshold = int(threshold)
+        st = conn.thresholds
+        if st is None:
+            # A new connection's first threshold (the bulk policy's, on every connection):
+            # one small object, no lists, no lookups.
+            st = conn.thresholds = ConnThresholds()
+        # The common case (no packets threshold pending in this direction) inline; a bytes
+        # threshold pending here is not due (it would have fired when set or counted).
         if is_orig:
-            bisect.insort(st.pkts_orig, int(threshold))
-            st.next_pkts_orig = st.pkts_orig[0]
+            if st.next_pkts_orig == _NEVER:
+                st.next_pkts_orig = threshold
+                ep = conn.side1 if conn.orig_side else conn.side0
+                if ep.num_pkts >= threshold:
+                    self._check_direction(conn, st, True)
+                return True
+            st.add("pkts_orig", threshold)
         else:
-            bisect.insort(st.pkts_resp, int(threshold))
-            st.next_pkts_resp = st.pkts_resp[0]
+            if st.next_pkts_resp == _NEVER:
+                st.next_pkts_resp = threshold
+                ep = conn.side0 if conn.orig_side else conn.side1
+                if ep.num_pkts >= threshold:
+                    self._check_direction(conn, st, False)
+                return True
+            st.add("pkts_resp", threshold)
         self._check_if_due(conn, st, is_orig)
         return True
 
@@ -101,9 +161,12 @@ class ThresholdManager:
         already exceeded at `now` (default: the connection's last packet) fires at once."""
         if seconds <= 0:
             return False
-        st = self._state(conn)
-        bisect.insort(st.duration, float(seconds))
-        self._check_duration(conn, st, conn.last_time if now is None else now)
+        st = conn.thresholds
+        if st is None:
+            st = conn.thresholds = ConnThresholds()
+        pending = st._more().duration
+        bisect.insort(pending, float(seconds))
+        self._check_duration(conn, pending, conn.last_time if now is None else now)
         return True
 
     def delete_bytes_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
@@ -113,91 +176,74 @@ class ThresholdManager:
         return self._delete(conn, "pkts_orig" if is_orig else "pkts_resp", threshold)
 
     def delete_duration_threshold(self, conn: Any, seconds: float) -> bool:
-        return self._delete(conn, "duration", seconds)
+        st = conn.thresholds
+        pending = st.more.duration if st is not None and st.more is not None else None
+        if pending and seconds in pending:
+            pending.remove(seconds)
+            return True
+        return False
 
     # -- engine entry point ----------------------------------------------------------------
 
     def packet(self, conn: Any, pkt: Any, is_orig: bool) -> None:
         """After packet `pkt` was counted for `is_orig` (the engine's `packet` hook)."""
-        ext = conn.ext
-        if ext:
-            st = ext.get(STATE_KEY)
-            if st is not None:
-                # conn.orig / conn.resp without the property calls
-                if is_orig:
-                    ep = conn.side1 if conn.orig_side else conn.side0
-                    if ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig:
-                        self._check_direction(conn, st, True)
-                else:
-                    ep = conn.side0 if conn.orig_side else conn.side1
-                    if ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp:
-                        self._check_direction(conn, st, False)
-                if st.duration:
-                    self._check_duration(conn, st, pkt.ts)
+        st = conn.thresholds
+        if st is not None:
+            # conn.orig / conn.resp without the property calls
+            if is_orig:
+                ep = conn.side1 if conn.orig_side else conn.side0
+                if ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig:
+                    self._check_direction(conn, st, True)
+            else:
+                ep = conn.side0 if conn.orig_side else conn.side1
+                if ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp:
+                    self._check_direction(conn, st, False)
+            more = st.more
+            if more is not None and more.duration:
+                self._check_duration(conn, more.duration, pkt.ts)
         if self.generic:
             self._check_generic(conn)
 
     # -- internals -----------------------------------------------------------------------
 
-    @staticmethod
-    def _state(conn: Any) -> ConnThresholds:
-        ext = conn.ext
-        if ext is None:
-            conn.ext = ext = {}
-        st = ext.get(STATE_KEY)
-        if st is None:
-            st = ext[STATE_KEY] = ConnThresholds()
-        return st
-
     def _check_if_due(self, conn: Any, st: ConnThresholds, is_orig: bool) -> None:
-        """_check_direction, only called when a cached limit says it has something to do."""
+        """_check_direction, only called when a limit says it has something to do."""
         if is_orig:
-            ep = conn.orig
+            ep = conn.side1 if conn.orig_side else conn.side0
             due = ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig
         else:
-            ep = conn.resp
+            ep = conn.side0 if conn.orig_side else conn.side1
             due = ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp
         if due:
             self._check_direction(conn, st, is_orig)
 
     def _check_direction(self, conn: Any, st: ConnThresholds, is_orig: bool) -> None:
         endpoint = conn.orig if is_orig else conn.resp
-        pending = st.bytes_orig if is_orig else st.bytes_resp
-        while pending and endpoint.num_bytes_ip >= pending[0]:
-            threshold = pending.pop(0)
-            st.refresh()
-            self.fire(BYTES, conn, threshold, is_orig)
-        pending = st.pkts_orig if is_orig else st.pkts_resp
-        while pending and endpoint.num_pkts >= pending[0]:
-            threshold = pending.pop(0)
-            st.refresh()
-            self.fire(PACKETS, conn, threshold, is_orig)
+        for kind, name in _ORIG if is_orig else _RESP:
+            attr = "next_" + name
+            while (endpoint.num_bytes_ip if kind is BYTES else endpoint.num_pkts) \
+                    >= getattr(st, attr):
+                self.fire(kind, conn, st.advance(name), is_orig)
 
-    def _check_duration(self, conn: Any, st: ConnThresholds, now: float) -> None:
-        pending = st.duration
+    def _check_duration(self, conn: Any, pending: list[float], now: float) -> None:
         while pending and now - conn.start_time > pending[0]:
             # Zeek reports duration crossings with is_orig of the packet; no direction here.
             self.fire(DURATION, conn, pending.pop(0), True)
 
     def _check_generic(self, conn: Any) -> None:
-        st = self._state(conn) if conn.ext is None or STATE_KEY not in conn.ext \
-            else conn.ext[STATE_KEY]
+        st = conn.thresholds
+        if st is None:
+            st = conn.thresholds = ConnThresholds()
+        more = st._more()
         total = conn.orig.num_pkts + conn.resp.num_pkts
         generic = self.generic
-        while st.generic_next < len(generic) and generic[st.generic_next] <= total:
-            n = generic[st.generic_next]
-            st.generic_next += 1
+        while more.generic_next < len(generic) and generic[more.generic_next] <= total:
+            n = generic[more.generic_next]
+            more.generic_next += 1
             if n == total and self.fire_generic is not None:
                 self.fire_generic(conn, n)
 
-    def _delete(self, conn: Any, attr: str, value: float) -> bool:
-        ext = conn.ext
-        st = ext.get(STATE_KEY) if ext else None
-        if st is None:
-            return False
-        pending = getattr(st, attr)
-        if value in pending:
-            pending.remove(value)
-            st.refresh()
-            return True
-        return False
+    @staticmethod
+    def _delete(conn: Any, name: str, value: float) -> bool:
+        st = conn.thresholds
+        return st is not None and st.remove(name, value)
