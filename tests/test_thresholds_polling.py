@@ -58,6 +58,33 @@ def test_packets_threshold_per_direction() -> None:
     assert _crossings(setup) == [("packets", 1, False, 0.1), ("packets", 3, True, 1.0)]
 
 
+def test_several_of_one_kind_and_deletes() -> None:
+    # orig packets: S @0, A @0.2, D100 @1.0, A @1.2, FA @1.3
+    def setup(d, c):
+        for n in (5, 2, 3, 4):
+            assert d.set_packets_threshold(c, n, True)
+        assert d.thresholds.delete_packets_threshold(c, 2, True)      # the smallest pending
+        assert d.thresholds.delete_packets_threshold(c, 4, True)      # a later one
+        assert not d.thresholds.delete_packets_threshold(c, 4, True)  # gone already
+        assert not d.thresholds.delete_packets_threshold(c, 3, False)  # other direction
+        assert not d.thresholds.delete_bytes_threshold(c, 100, True)
+    assert _crossings(setup) == [("packets", 3, True, 1.0), ("packets", 5, True, 1.3)]
+
+
+def test_bulk_shape_bytes_thresholds_set_when_packets_cross() -> None:
+    # The bulk policy's shape: a packets threshold per direction, bytes thresholds set by the
+    # crossing handler (orig IP bytes 220 @1.0, 300 @1.4; resp 40 @0.1, 130 @1.1, 170 @1.4).
+    def setup(d, c):
+        d.set_packets_threshold(c, 3, True)
+        d.set_packets_threshold(c, 3, False)
+        d.add_handler("packets_threshold_crossed", lambda conn, thr, is_orig: (
+            d.set_bytes_threshold(conn, 200, True), d.set_bytes_threshold(conn, 60, False)))
+    assert _crossings(setup) == [
+        ("packets", 3, True, 1.0), ("bytes", 200, True, 1.0),   # already crossed: at once
+        ("bytes", 60, False, 1.1),
+        ("packets", 3, False, 1.4), ("bytes", 200, True, 1.4), ("bytes", 60, False, 1.4)]
+
+
 def test_threshold_already_crossed_fires_immediately() -> None:
     d = EventDispatcher()
     seen: list[str] = []
