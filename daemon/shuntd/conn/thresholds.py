@@ -119,10 +119,19 @@ class ThresholdManager:
         """IP-level bytes sent by that direction; False for 0 (rejected, like Zeek)."""
         if threshold <= 0:
             return False
+        threshold = int(threshold)
         st = conn.thresholds
         if st is None:
             st = conn.thresholds = ConnThresholds()
-        st.add("bytes_orig" if is_orig else "bytes_resp", int(threshold))
+        if is_orig:
+            if st.next_bytes_orig == _NEVER:   # the common case (bulk: one per direction)
+                st.next_bytes_orig = threshold
+            else:
+                st.add("bytes_orig", threshold)
+        elif st.next_bytes_resp == _NEVER:
+            st.next_bytes_resp = threshold
+        else:
+            st.add("bytes_resp", threshold)
         self._check_if_due(conn, st, is_orig)
         return True
 
