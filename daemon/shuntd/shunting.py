@@ -516,27 +516,37 @@ class ShuntManager:
             st.order.clear()
             st.letters = 0
         e0, e1 = conn.sides
-        late_ts = max(sides[0].last_ts, sides[1].last_ts)
+        s0, s1 = sides
+        late_ts = s0.last_ts if s0.last_ts > s1.last_ts else s1.last_ts
         if late_ts > conn.last_time and not (e0.did_close and e1.did_close):
             conn.last_time = late_ts  # as the analyser (Zeek: not once both sides closed)
         for s in sides:
             # Armed before: the chains ran on from what was applied (seq0, ack0); nothing new
-            # when they did not move.
+            # when they did not move. advance_seq / advance_ack inline, on the endpoint's
+            # 64-bit values (start_seq + last_rel / ack_rel): a flush per connection and batch.
             kept = s.armed
-            ep = e1 if s.side else e0
             seq = s.seq
             if seq is not None and not (kept and seq == s.seq0):
-                cur = _seq64(ep)
-                nxt = _near(s.seq0, cur + 0x7FFFFFFF) + (seq - s.seq0)
-                if nxt > cur:
-                    advance_seq(ep, nxt)
+                ep = e1 if s.side else e0
+                if ep.state != INACTIVE and ep.state != RESET:
+                    start = ep.start_seq
+                    cur = start + ep.last_rel
+                    ref = cur + 0x7FFFFFFF
+                    nxt = ref - ((ref - s.seq0) & M32) + (seq - s.seq0)
+                    if nxt > cur:
+                        ep.last_rel = nxt - start
+                        _skip(ep, nxt, False)
             ack = s.ack
             if ack is not None and not (kept and ack == s.ack0):
                 peer = e0 if s.side else e1
-                cur = _ack64(peer)
-                nxt = _near(s.ack0, cur + 0x7FFFFFFF) + (ack - s.ack0)
-                if nxt > cur:
-                    advance_ack(peer, nxt)
+                if peer.state != INACTIVE:
+                    start = peer.start_seq
+                    cur = start + peer.ack_rel
+                    ref = cur + 0x7FFFFFFF
+                    nxt = ref - ((ref - s.ack0) & M32) + (ack - s.ack0)
+                    if nxt > cur:
+                        peer.ack_rel = nxt - start
+                        _skip(peer, nxt, True)
             # The kinds the ring counted (`fast`) have their letter in the history now and
             # both chains started: armed, the chains run on from here.
             s.armed = kept = kept | s.fast
