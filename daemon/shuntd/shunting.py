@@ -591,9 +591,11 @@ class ShuntManager:
         the batch, before the analyser sees another packet of it, and when the shunt ends).
         Ethernet + IPv4 (no options, not a fragment) + TCP only; neither checksum is checked
         (XDP's rule: what it drops is counted unchecked). Once a side's letter for a kind of
-        packet is pending and its chains are started (`LateSide.fast`), the capture ring counts
-        its next packets of that kind itself, the same way (CaptureRing.poll tallies, before
-        `late_due()`; it reports their time through `late_clock`)."""
+        packet is pending and its chains are started (`LateSide.fast`), or given to the
+        connection already (`LateSide.armed`: after a flush, or from the shunt on), the
+        capture ring counts its next packets of that kind itself, the same way
+        (CaptureRing.poll tallies, before `late_due()`; it reports their time through
+        `late_clock`)."""
         if snap < _LATE_SNAP or ts > self.horizon:
             return self._not_late(s)
         head, ip_len, frag_proto, seq, ack, of = _LATE_HDR.unpack_from(buf, start + 12)
