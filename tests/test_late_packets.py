@@ -52,9 +52,11 @@ def ends(conn: Any) -> list[tuple[int, ...]]:
 
 
 def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
-        seq_ack: list | None = None) -> tuple[dict[str, Any], list[tuple], int]:
+        seq_ack: list | None = None, flush_each: bool = False
+        ) -> tuple[dict[str, Any], list[tuple], int]:
     """(conn.log record, shunt.log rows, frames taken as late packets); `seq_ack` gets ends()
-    once every packet was seen."""
+    once every packet was seen; `flush_each`: pending late packets applied after each frame
+    (a capture batch per frame) instead of once at the end."""
     from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
     from shuntd.conn.tracker import ConnTracker
     from shuntd.datapath.program import XdpProgram
@@ -79,6 +81,8 @@ def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
             hit = manager.late.get(f[26:38])   # as the capture ring offers it
             if hit is not None and manager.late_frame(hit, f, 0, len(f), len(f), ts):
                 late += 1
+                if flush_each:
+                    manager.flush_pending()
                 continue
             conn = tracker.process(decode(memoryview(f), 1, ts, len(f)))
             if i + 1 == shunt_after:
@@ -116,6 +120,30 @@ def test_late_packets_count_as_shunted_and_keep_the_record():
     assert row[11] == "fin"
     assert row[12:] == (shunted["orig_shunted_pkts"], shunted["orig_shunted_bytes"],
                         shunted["resp_shunted_pkts"], shunted["resp_shunted_bytes"])
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["fin", "open"])
+@pytest.mark.parametrize("shunt_after", [4, 6, 8])
+def test_flushing_after_every_late_packet_changes_nothing(shunt_after: int, closed: bool):
+    """Applied batch by batch or once, late packets give the same record and sequence and ack
+    numbers: after a flush their chains run on (LateSide.armed) instead of starting again;
+    shunted after data both ways, the letters the connection has are armed from the start.
+    Left open (no FINs), the record's sizes come from the late packets' sequence numbers."""
+    frames = conversation() if closed else conversation()[:13]  # up to the last ack
+    seen, _, _ = run(frames, None)
+    once_ends: list = []
+    each_ends: list = []
+    once, once_rows, once_late = run(frames, shunt_after, once_ends)
+    each, each_rows, each_late = run(frames, shunt_after, each_ends, flush_each=True)
+    assert each_late == once_late > 0 and each_ends == once_ends
+    for rec in (once, each):
+        rec.pop("uid")
+    assert each == once
+    assert [r[:1] + r[2:] for r in each_rows] == [r[:1] + r[2:] for r in once_rows]  # no uid
+    for field in ("orig_bytes", "resp_bytes", "conn_state"):
+        assert each[field] == seen[field], field
+    for side in ("orig", "resp"):
+        assert each[f"{side}_pkts"] + each[f"{side}_shunted_pkts"] == seen[f"{side}_pkts"]
 
 
 def test_syn_fin_rst_are_left_to_the_analyser_bad_header_checksums_are_not():

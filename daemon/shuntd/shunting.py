@@ -128,13 +128,19 @@ class LateSide:
     episode ends; the time of the last one; the sequence and ack numbers since the last
     `_flush_late`, as a forward-only chain from the first one (`seq0`, `seq`: None when nothing
     is pending). `fast`: the kinds of frame (1: ACK with payload, 2: ACK without) the ring may
-    count itself, as their letter is pending and both chains are started (0 after a flush)."""
+    count itself, as their letter is pending and both chains are started (0 after a flush).
+    `armed`: the kinds whose letter a flush already gave the connection; the chains then run
+    on from what was applied (`seq0`, `ack0`) instead of starting again, as XDP's run over a
+    whole episode, so after a flush the ring counts them again once `rearm` (one cheap call per
+    side and batch, not a `late_frame`) put the connection back in `pending`."""
 
     __slots__ = ("conn", "st", "side", "pkts", "bytes", "last_ts", "seq0", "seq", "ack0",
-                 "ack", "data_bit", "ack_bit", "fast")
+                 "ack", "data_bit", "ack_bit", "fast", "armed", "pending")
 
-    def __init__(self, conn: Any, st: ConnShunt, side: int) -> None:
+    def __init__(self, conn: Any, st: ConnShunt, side: int,
+                 pending: dict[ConnShunt, None] | None = None) -> None:
         self.conn, self.st, self.side = conn, st, side
+        self.pending = pending if pending is not None else {}
         self.pkts = self.bytes = 0
         self.last_ts = 0.0
         self.seq0: int = 0
@@ -143,6 +149,17 @@ class LateSide:
         self.ack: int | None = None
         self.data_bit, self.ack_bit = (1, 2) if side == 0 else (4, 8)
         self.fast = 0
+        self.armed = 0
+
+    def rearm(self) -> bool:
+        """The capture ring's first frame of an armed kind since the last flush: the ring may
+        count this side's armed kinds again; the connection is pending again."""
+        self.fast |= self.armed
+        st = self.st
+        if not st.dirty:
+            st.dirty = True
+            self.pending[st] = None
+        return True
 
 
 class PairShunt:
@@ -256,6 +273,29 @@ def _late_keys(conn: Any) -> tuple[bytes, bytes] | None:
     return a + b + pa + pb, b + a + pb + pa
 
 
+def _arm(conn: Any, sides: tuple[LateSide, LateSide]) -> None:
+    """Arm (`LateSide.armed`) the kinds of late packet whose history letter the connection
+    already has, their chains running from its state at the shunt (the entry's anchor, as
+    XDP's): the capture ring counts them from the first one, without a `late_frame` call.
+    Not while an endpoint is inactive or reset, nor on a lone SYN-ACK ("H": a letter would
+    flip the roles)."""
+    if conn.history == "H":
+        return
+    e0, e1 = conn.sides
+    if e0.state == INACTIVE or e0.state == RESET or e1.state == INACTIVE or e1.state == RESET:
+        return
+    seen = conn.hist_seen
+    for s in sides:
+        shift = 0 if s.side == conn.orig_side else 16
+        kinds = ((1 if seen & (HIST_DATA_PKT << shift) else 0)
+                 | (2 if seen & (HIST_ACK_PKT << shift) else 0))
+        if kinds:
+            ep, peer = (e1, e0) if s.side else (e0, e1)
+            s.armed = kinds
+            s.seq0 = s.seq = ep.last_seq
+            s.ack0 = s.ack = peer.ack_seq
+
+
 class ShuntManager:
     """Implements `policy.Actions` for the live daemon, and keeps map entries and connections
     in step (ring events, leases, removal)."""
@@ -357,9 +397,11 @@ class ShuntManager:
             st.anchor = anchor
             keys = _late_keys(conn)
             if keys is not None:  # tracker side of the originator, then of the responder
-                st.late = sides = (LateSide(conn, st, 0), LateSide(conn, st, 1))
+                st.late = sides = (LateSide(conn, st, 0, self.pending),
+                                   LateSide(conn, st, 1, self.pending))
                 self.late[keys[0]] = sides[conn.orig_side]
                 self.late[keys[1]] = sides[1 - conn.orig_side]
+                _arm(conn, sides)
         self.flows[key] = conn
         return "ok"
 
@@ -474,25 +516,45 @@ class ShuntManager:
             st.order.clear()
             st.letters = 0
         e0, e1 = conn.sides
-        late_ts = max(sides[0].last_ts, sides[1].last_ts)
+        s0, s1 = sides
+        late_ts = s0.last_ts if s0.last_ts > s1.last_ts else s1.last_ts
         if late_ts > conn.last_time and not (e0.did_close and e1.did_close):
             conn.last_time = late_ts  # as the analyser (Zeek: not once both sides closed)
         for s in sides:
-            s.fast = 0
-            ep = e1 if s.side else e0
-            if s.seq is not None:
-                cur = _seq64(ep)
-                nxt = _near(s.seq0, cur + 0x7FFFFFFF) + (s.seq - s.seq0)
-                if nxt > cur:
-                    advance_seq(ep, nxt)
-                s.seq = None
-            if s.ack is not None:
+            # Armed before: the chains ran on from what was applied (seq0, ack0); nothing new
+            # when they did not move. advance_seq / advance_ack inline, on the endpoint's
+            # 64-bit values (start_seq + last_rel / ack_rel): a flush per connection and batch.
+            kept = s.armed
+            seq = s.seq
+            if seq is not None and not (kept and seq == s.seq0):
+                ep = e1 if s.side else e0
+                if ep.state != INACTIVE and ep.state != RESET:
+                    start = ep.start_seq
+                    cur = start + ep.last_rel
+                    ref = cur + 0x7FFFFFFF
+                    nxt = ref - ((ref - s.seq0) & M32) + (seq - s.seq0)
+                    if nxt > cur:
+                        ep.last_rel = nxt - start
+                        _skip(ep, nxt, False)
+            ack = s.ack
+            if ack is not None and not (kept and ack == s.ack0):
                 peer = e0 if s.side else e1
-                cur = _ack64(peer)
-                nxt = _near(s.ack0, cur + 0x7FFFFFFF) + (s.ack - s.ack0)
-                if nxt > cur:
-                    advance_ack(peer, nxt)
-                s.ack = None
+                if peer.state != INACTIVE:
+                    start = peer.start_seq
+                    cur = start + peer.ack_rel
+                    ref = cur + 0x7FFFFFFF
+                    nxt = ref - ((ref - s.ack0) & M32) + (ack - s.ack0)
+                    if nxt > cur:
+                        peer.ack_rel = nxt - start
+                        _skip(peer, nxt, True)
+            # The kinds the ring counted (`fast`) have their letter in the history now and
+            # both chains started: armed, the chains run on from here.
+            s.armed = kept = kept | s.fast
+            s.fast = 0
+            if kept:
+                s.seq0, s.ack0 = seq, ack  # type: ignore[assignment]
+            else:
+                s.seq = s.ack = None
 
     def _not_late(self, s: LateSide) -> bool:
         """A frame of a shunted connection the analyser gets after all: what came before it
@@ -502,6 +564,13 @@ class ShuntManager:
             st.dirty = False
             del self.pending[st]
             self._flush_late(st)
+        sides = st.late
+        if sides is not None:
+            # The analyser may change the history's roles: letters and chains start again.
+            for x in sides:
+                if x.armed:
+                    x.armed = x.fast = 0
+                    x.seq = x.ack = None
         return False
 
     def late_frame(self, s: LateSide, buf: Any, start: int, snap: int, wire_len: int,
@@ -522,9 +591,11 @@ class ShuntManager:
         the batch, before the analyser sees another packet of it, and when the shunt ends).
         Ethernet + IPv4 (no options, not a fragment) + TCP only; neither checksum is checked
         (XDP's rule: what it drops is counted unchecked). Once a side's letter for a kind of
-        packet is pending and its chains are started (`LateSide.fast`), the capture ring counts
-        its next packets of that kind itself, the same way (CaptureRing.poll tallies, before
-        `late_due()`; it reports their time through `late_clock`)."""
+        packet is pending and its chains are started (`LateSide.fast`), or given to the
+        connection already (`LateSide.armed`: after a flush, or from the shunt on), the
+        capture ring counts its next packets of that kind itself, the same way
+        (CaptureRing.poll tallies, before `late_due()`; it reports their time through
+        `late_clock`)."""
         if snap < _LATE_SNAP or ts > self.horizon:
             return self._not_late(s)
         head, ip_len, frag_proto, seq, ack, of = _LATE_HDR.unpack_from(buf, start + 12)

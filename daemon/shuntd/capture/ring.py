@@ -353,15 +353,16 @@ class CaptureRing:
         the ring itself, without calling `take`, for its common frames: IPv4 without options,
         not a fragment, TCP with ACK and none of SYN, FIN, RST, captured before `due()` (asked
         again after the consumer or `take` ran), of a kind `fast` allows (bit 1: with payload,
-        bit 2: without). The ring adds 1 to `pkts` and the IP total length to `bytes`, keeps
-        the latest time in `last_ts`, and moves `seq` (the sequence number after the payload)
-        and `ack` forward as XDP's tcp_track does: to the frame's value when it lies less than
-        half the 32-bit space ahead (both are kept unwrapped). `take` does the same for the
-        frames it takes, so the result is as if it had taken them all; it sets `fast` once it
-        holds for the value. `clock(ts)` is told the latest time of the frames tallied before
-        the ring calls `take`, yields a frame or stops (the consumer's clock moves as if
-        `take` had seen them). Ring-tallied frames cost a second header read and a few
-        additions.
+        bit 2: without; a value whose `armed` allows the kind instead is re-armed first:
+        `value.rearm()` sets `fast` and returns True). The ring adds 1 to `pkts` and the IP
+        total length to `bytes`, keeps the latest time in `last_ts`, and moves `seq` (the
+        sequence number after the payload) and `ack` forward as XDP's tcp_track does: to the
+        frame's value when it lies less than half the 32-bit space ahead (both are kept
+        unwrapped). `take` does the same for the frames it takes, so the result is as if it
+        had taken them all; it sets `fast` once it holds for the value. `clock(ts)` is told
+        the latest time of the frames tallied before the ring calls `take`, yields a frame or
+        stops (the consumer's clock moves as if `take` had seen them). Ring-tallied frames
+        cost a second header read and a few additions.
         """
         cfg = self.config
         bsize, bcount = cfg.block_size, cfg.block_count
@@ -440,7 +441,9 @@ class CaptureRing:
                                 if (head >> 8 == 0x080045 and frag_proto & 0x3FFF00FF == 6
                                         and of & 0x17 == 0x10 and of >= 0x5000
                                         and payload >= 0 and wire_len >= 14 + ip_len
-                                        and hit.fast & (1 if payload else 2)):
+                                        and (hit.fast & (1 if payload else 2)
+                                             or hit.armed & (1 if payload else 2)
+                                             and hit.rearm())):
                                     hit.pkts += 1
                                     hit.bytes += ip_len
                                     if ts > hit.last_ts:
