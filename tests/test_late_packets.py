@@ -5,6 +5,8 @@ conversation analysed packet by packet (the real XDP program's maps; no interfac
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -51,18 +53,15 @@ def ends(conn: Any) -> list[tuple[int, ...]]:
     return [(e.last_seq, e.seq_wraps, e.ack_seq, e.ack_wraps) for e in conn.sides]
 
 
-def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
-        seq_ack: list | None = None, flush_each: bool = False
-        ) -> tuple[dict[str, Any], list[tuple], int]:
-    """(conn.log record, shunt.log rows, frames taken as late packets); `seq_ack` gets ends()
-    once every packet was seen; `flush_each`: pending late packets applied after each frame
-    (a capture batch per frame) instead of once at the end."""
+@contextlib.contextmanager
+def rig() -> Iterator[tuple[Any, Any, list[dict[str, Any]], list[tuple]]]:
+    """A tracker and a ShuntManager on a real (unattached) XDP program's maps; yields
+    (tracker, manager, conn.log records, shunt.log rows)."""
     from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
     from shuntd.conn.tracker import ConnTracker
     from shuntd.datapath.program import XdpProgram
     from shuntd.datapath.table import ShuntTable
     from shuntd.events import EventDispatcher
-    from shuntd.packet import decode
     from shuntd.shunting import ShuntManager, shunt_conn_values
 
     names = [n for n, _ in CONN_FIELDS + SHUNT_CONN_FIELDS]
@@ -74,7 +73,21 @@ def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
         d = EventDispatcher()
         tracker = ConnTracker(None, hooks=d, sink=lambda c, r: rows.append(
             dict(zip(names, r + shunt_conn_values(c), strict=True))))
-        manager = ShuntManager(table, tracker, d, shunt_rows.append)
+        yield tracker, ShuntManager(table, tracker, d, shunt_rows.append), rows, shunt_rows
+    finally:
+        table.close()
+        prog.close()
+
+
+def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
+        seq_ack: list | None = None, flush_each: bool = False
+        ) -> tuple[dict[str, Any], list[tuple], int]:
+    """(conn.log record, shunt.log rows, frames taken as late packets); `seq_ack` gets ends()
+    once every packet was seen; `flush_each`: pending late packets applied after each frame
+    (a capture batch per frame) instead of once at the end."""
+    from shuntd.packet import decode
+
+    with rig() as (tracker, manager, rows, shunt_rows):
         late = 0
         for i, (_up, f) in enumerate(frames):
             ts = 1_700_000_000.0 + i * 0.01
@@ -93,9 +106,6 @@ def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
         tracker.finish()
         assert not manager.late  # forgotten with the entry
         return rows[0], shunt_rows, late
-    finally:
-        table.close()
-        prog.close()
 
 
 def test_late_packets_count_as_shunted_and_keep_the_record():
@@ -180,28 +190,13 @@ def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab,
     import time
 
     from shuntd.capture.ring import CaptureRing, RingConfig
-    from shuntd.conn.record import CONN_FIELDS, SHUNT_CONN_FIELDS
-    from shuntd.conn.tracker import ConnTracker
-    from shuntd.datapath.program import XdpProgram
-    from shuntd.datapath.table import ShuntTable
-    from shuntd.events import EventDispatcher
     from shuntd.packet import decode
-    from shuntd.shunting import ShuntManager, shunt_conn_values
 
     frames = conversation() if closed else conversation()[:11]  # up to the last full ack
     expected_ends: list = []
     expected, expected_rows, expected_late = run(frames, 4, expected_ends)
     pair = lab.veth_to_netns()
-    names = [n for n, _ in CONN_FIELDS + SHUNT_CONN_FIELDS]
-    rows: list[dict[str, Any]] = []
-    shunt_rows: list[tuple] = []
-    prog = XdpProgram.compile(flows_max=16, pairs_max=4)
-    table = ShuntTable(prog, lease_seconds=30)
-    try:
-        d = EventDispatcher()
-        tracker = ConnTracker(None, hooks=d, sink=lambda c, r: rows.append(
-            dict(zip(names, r + shunt_conn_values(c), strict=True))))
-        manager = ShuntManager(table, tracker, d, shunt_rows.append)
+    with rig() as (tracker, manager, rows, shunt_rows):
         calls = 0
 
         def take(*args: Any) -> bool:
@@ -234,9 +229,6 @@ def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab,
         assert conn is not None and ends(conn) == expected_ends
         tracker.finish()
         assert not manager.late
-    finally:
-        table.close()
-        prog.close()
     assert late == expected_late and 0 < calls < late   # most counted by the ring itself
     (record,) = rows
     for field in ("ts", "uid", "duration"):

@@ -231,26 +231,12 @@ class EventDispatcher(EngineHooks):
     @staticmethod
     def register_removal_hook(conn: Any, hook: RemovalHook) -> bool:
         """False if `hook` was registered already (Conn::register_removal_hook)."""
-        ext = conn.ext
-        if ext is None:
-            conn.ext = ext = {}
-        hooks = ext.setdefault(REMOVAL_HOOKS_KEY, [])
-        if hook in hooks:
-            return False
-        hooks.append(hook)
-        return True
+        return _add_conn_hook(conn, REMOVAL_HOOKS_KEY, hook)
 
     @staticmethod
     def register_timing_out_hook(conn: Any, hook: TimingOutHook) -> bool:
         """A connection_timing_out handler for `conn` alone; False if registered already."""
-        ext = conn.ext
-        if ext is None:
-            conn.ext = ext = {}
-        hooks = ext.setdefault(TIMING_OUT_HOOKS_KEY, [])
-        if hook in hooks:
-            return False
-        hooks.append(hook)
-        return True
+        return _add_conn_hook(conn, TIMING_OUT_HOOKS_KEY, hook)
 
     @staticmethod
     def unregister_removal_hook(conn: Any, hook: RemovalHook) -> bool:
@@ -363,3 +349,15 @@ class EventDispatcher(EngineHooks):
                                          self._record, self._write_long_row,
                                          lambda c: self.dispatch("long_conn_found", c))
         return self._long
+
+
+def _add_conn_hook(conn: Any, key: str, hook: Callable[..., Any]) -> bool:
+    """Add `hook` to the list `key` of `conn.ext`; False if it is there already."""
+    ext = conn.ext
+    if ext is None:
+        conn.ext = ext = {}
+    hooks = ext.setdefault(key, [])
+    if hook in hooks:
+        return False
+    hooks.append(hook)
+    return True
