@@ -49,42 +49,39 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import netns
 from shuntd.capture.pcapfile import open_trace
 from shuntd.capture.ring import CaptureRing, RingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from lab import Lab, inside_netns  # noqa: E402
+
 MIX = ROOT / "build" / "bench" / "tls-mix-g400x4.pcap"
 BLOCK = 1 << 20
 
 
-def run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-
-
-class Lab:
-    """A namespace with the peer end of a veth pair; the host end in the root namespace."""
+class Rig:
+    """tests/lab.py's veth pair (host side here, peer in a namespace), IPv6 off on both sides
+    (no chatter among the frames counted), and a raw socket on the peer that sends paced."""
 
     def __init__(self) -> None:
-        tag = str(os.getpid())
-        self.ns, self.host, self.peer = f"rcns{tag}", f"rch{tag}", f"rcp{tag}"
-        run("ip", "netns", "add", self.ns)
+        self.lab = Lab("rc")
         try:
-            run("ip", "link", "add", self.host, "type", "veth", "peer", "name", self.peer,
-                "netns", self.ns)
-            run("sysctl", "-qw", f"net.ipv6.conf.{self.host}.disable_ipv6=1")
-            run("ip", "netns", "exec", self.ns, "sysctl", "-qw",
-                f"net.ipv6.conf.{self.peer}.disable_ipv6=1")
-            run("ip", "link", "set", self.host, "up")
-            run("ip", "-n", self.ns, "link", "set", self.peer, "up")
-            netns.pushns(self.ns)
-            try:
+            pair = self.lab.veth_to_netns(up=False)
+            subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{pair.host}.disable_ipv6=1"],
+                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["ip", "netns", "exec", str(pair.netns), "sysctl", "-qw",
+                            f"net.ipv6.conf.{pair.peer}.disable_ipv6=1"],
+                           check=True, stdout=subprocess.DEVNULL)
+            self.lab.set_link(pair.host, state="up")
+            with inside_netns(str(pair.netns)):
                 self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            finally:
-                netns.popns()
-            self.tx.bind((self.peer, 0))
+            self.lab.on_close(self.tx.close)
+            self.tx.bind((pair.peer, 0))
+            self.host = pair.host
         except BaseException:
-            self.close()
+            self.lab.close()
             raise
 
     def send(self, frames: list[bytes]) -> None:
@@ -95,11 +92,7 @@ class Lab:
                 time.sleep(0.0005)  # let the receive path keep up (no backlog drops)
 
     def close(self) -> None:
-        tx = getattr(self, "tx", None)
-        if tx is not None:
-            tx.close()
-        subprocess.run(["ip", "link", "del", self.host], check=False, stderr=subprocess.DEVNULL)
-        subprocess.run(["ip", "netns", "del", self.ns], check=False, stderr=subprocess.DEVNULL)
+        self.lab.close()
 
 
 def load(path: Path, n: int) -> list[bytes]:
@@ -124,7 +117,7 @@ def tcp_flows(frames: list[bytes]) -> dict[bytes, bytes]:
     return out
 
 
-def fill(lab: Lab, ring: CaptureRing, frames: list[bytes]) -> None:
+def fill(lab: Rig, ring: CaptureRing, frames: list[bytes]) -> None:
     """Send the frames and wait until the kernel has handed over every block."""
     base = ring.stats().seen
     lab.send(frames)
@@ -247,7 +240,7 @@ def main() -> int:
 
     prog = XdpProgram.compile(flows_max=max(1024, 2 * len(chosen)), pairs_max=4)
     table = ShuntTable(prog, lease_seconds=300)
-    lab = Lab()
+    lab = Rig()
     res: dict[str, list[float]] = {k: [] for k in ("plain", "miss", "floor", "late", "claimed",
                                                     "late_yielded", "flush", "batched")}
     counts = bcounts = (0, 0)
