@@ -105,7 +105,8 @@ class ConnShunt:
     `dirty`: see `ShuntManager.late_frame`)."""
 
     __slots__ = ("trigger", "key", "orig_side", "start", "orig_pkts", "orig_bytes",
-                 "resp_pkts", "resp_bytes", "anchor", "late", "letters", "order", "dirty")
+                 "resp_pkts", "resp_bytes", "anchor", "late", "late_keys", "letters", "order",
+                 "dirty", "refs", "refs_at")
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
@@ -117,9 +118,15 @@ class ConnShunt:
         self.anchor: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.orig_pkts = self.orig_bytes = self.resp_pkts = self.resp_bytes = 0
         self.late: tuple[LateSide, LateSide] | None = None
+        self.late_keys: tuple[bytes, bytes] | None = None  # their keys in ShuntManager.late
         self.letters = 0          # _LATE_LETTERS bits pending
         self.order: list[int] = []  # those bits, in order of first appearance
         self.dirty = False        # in ShuntManager.pending
+        # The entry's (next, ack sent) per tracker side as 64-bit values (_map_tcp), read
+        # when `refs_at` ring events had been received: a FIN/RST event received by then
+        # was written after XDP moved them past it (ShuntManager._apply_close).
+        self.refs: tuple[int, int, int, int] | None = None
+        self.refs_at = 0
 
 
 class LateSide:
@@ -179,14 +186,6 @@ def shunt_conn_values(conn: Any) -> tuple:
     return (True, st.trigger, st.orig_pkts, st.orig_bytes, st.resp_pkts, st.resp_bytes)
 
 
-def _seq64(ep: TCPEndpoint) -> int:
-    return (ep.seq_wraps << 32) | ep.last_seq
-
-
-def _ack64(ep: TCPEndpoint) -> int:
-    return (ep.ack_wraps << 32) | ep.ack_seq
-
-
 def _near(x32: int, ref64: int) -> int:
     """The 64-bit value of a 32-bit seq/ack: the highest one not above `ref64`."""
     return ref64 - ((ref64 - x32) & M32)
@@ -205,27 +204,30 @@ def _skip(ep: TCPEndpoint, seq64: int, acked: bool) -> None:
 
 def advance_seq(ep: TCPEndpoint, seq64: int) -> None:
     """The endpoint sent dropped data up to `seq64` (its next sequence number)."""
-    if ep.state == INACTIVE or ep.state == RESET or seq64 <= _seq64(ep):
+    state = ep.state
+    rel = seq64 - ep.start_seq
+    if state == INACTIVE or state == RESET or rel <= ep.last_rel:
         # Never seen (no origin to move from), reset (Zeek's update_last_seq ignores what
         # follows a RST), or nothing new.
         return
-    ep.last_seq, ep.seq_wraps = seq64 & M32, seq64 >> 32
+    ep.last_rel = rel  # last_seq = seq64 & M32, seq_wraps = seq64 >> 32
     _skip(ep, seq64, False)
 
 
 def advance_ack(ep: TCPEndpoint, ack64: int) -> None:
     """The peer acknowledged the endpoint's data up to `ack64` in a dropped packet."""
-    if ep.state == INACTIVE or ack64 <= _ack64(ep):
+    rel = ack64 - ep.start_seq
+    if ep.state == INACTIVE or rel <= ep.ack_rel:
         return
-    ep.ack_seq, ep.ack_wraps = ack64 & M32, ack64 >> 32
+    ep.ack_rel = rel  # ack_seq = ack64 & M32, ack_wraps = ack64 >> 32
     _skip(ep, ack64, True)
 
 
 def _tcp_anchor(conn: Any) -> tuple[int, int, int, int]:
     """(next, ack sent) of tracker side 0, then of side 1, as 64-bit values."""
-    e0, e1 = conn.sides
-    return ((e0.seq_wraps << 32) | e0.last_seq, (e1.ack_wraps << 32) | e1.ack_seq,
-            (e1.seq_wraps << 32) | e1.last_seq, (e0.ack_wraps << 32) | e0.ack_seq)
+    e0, e1 = conn.side0, conn.side1
+    s0, s1 = e0.start_seq, e1.start_seq
+    return (s0 + e0.last_rel, s1 + e1.ack_rel, s1 + e1.last_rel, s0 + e0.ack_rel)
 
 
 def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, ...]:
@@ -323,6 +325,7 @@ class ShuntManager:
         # Whether network time must reach the hooks packet by packet (as tracker.process).
         self._tick_hooks = hooks is not None and type(hooks).tick is not EngineHooks.tick
         self.pairs: dict[bytes, PairShunt] = {}
+        self.received = 0  # ring events given to apply() so far (ConnShunt.refs_at)
         self.refused_full = 0
         self._full_episode = False
         self._tunnel_warned = False
@@ -393,14 +396,19 @@ class ShuntManager:
         st.key = key
         st.orig_side = orig_side
         st.start = self.tracker.network_time
+        st.refs = None  # a new entry: nothing read from it yet
         if anchor is not None:
             st.anchor = anchor
             keys = _late_keys(conn)
             if keys is not None:  # tracker side of the originator, then of the responder
                 st.late = sides = (LateSide(conn, st, 0, self.pending),
                                    LateSide(conn, st, 1, self.pending))
-                self.late[keys[0]] = sides[conn.orig_side]
-                self.late[keys[1]] = sides[1 - conn.orig_side]
+                st.late_keys = keys
+                late = self.late
+                if conn.orig_side:
+                    late[keys[0]], late[keys[1]] = sides[1], sides[0]
+                else:
+                    late[keys[0]], late[keys[1]] = sides
                 _arm(conn, sides)
         self.flows[key] = conn
         return "ok"
@@ -475,19 +483,22 @@ class ShuntManager:
     def _forget_late(self, conn: Any, st: ConnShunt) -> tuple[int, int, int, int]:
         """Apply what late packets left pending and stop taking them; returns their counts
         (orig pkts, orig bytes, resp pkts, resp bytes)."""
-        keys = _late_keys(conn)
+        keys = st.late_keys
         if keys is not None:
-            self.late.pop(keys[0], None)
-            self.late.pop(keys[1], None)
+            st.late_keys = None
+            late = self.late
+            late.pop(keys[0], None)
+            late.pop(keys[1], None)
         sides = st.late
         if sides is None:
             return (0, 0, 0, 0)
-        self._flush_late(st)
+        o, r = sides[conn.orig_side], sides[1 - conn.orig_side]
+        if o.pkts or r.pkts:  # (none: nothing moved, the flush would change nothing)
+            self._flush_late(st)
         st.late = None  # no cycle connection -> ext -> ConnShunt -> LateSide -> connection
         if st.dirty:
             st.dirty = False
             del self.pending[st]
-        o, r = sides[conn.orig_side], sides[1 - conn.orig_side]
         return (o.pkts, o.bytes, r.pkts, r.bytes)
 
     def flush_pending(self) -> None:
@@ -705,12 +716,15 @@ class ShuntManager:
         """Apply a ring event once the capture has caught up with it: as a timer at the
         event's time, so packets XDP passed before it (still in the capture ring when the
         event arrives) are analysed first."""
+        self.received += 1
         self.tracker.timers.schedule(event.ts, self._apply_now, at_termination=True,
-                                     arg=event)
+                                     arg=(event, self.received))
 
-    def _apply_now(self, event: TcpCloseEvent | LeaseExpiredEvent, _now: float) -> None:
-        if isinstance(event, TcpCloseEvent):
-            self._apply_close(event)
+    def _apply_now(self, arg: tuple[TcpCloseEvent | LeaseExpiredEvent, int],
+                   _now: float) -> None:
+        event, received = arg
+        if type(event) is TcpCloseEvent:
+            self._apply_close(event, received)
             return
         if event.is_pair:
             p = self.pairs.get(event.key_bytes)
@@ -721,9 +735,10 @@ class ShuntManager:
         if conn is not None:
             self._end_flow(conn, "lease")
 
-    def _apply_close(self, ev: TcpCloseEvent) -> None:
+    def _apply_close(self, ev: TcpCloseEvent, received: int) -> None:
         """Feed the FIN/RST XDP dropped to the TCP analyser, as if it had been seen (not
-        counted in ConnSize: XDP counted it)."""
+        counted in ConnSize: XDP counted it). `received`: the event was the received-th
+        given to apply()."""
         conn = None if ev.via_pair else self.flows.get(ev.key_bytes)
         if conn is not None:
             # One of ours: both keys order endpoints alike (XDP side 1/2 = tracker side 0/1).
@@ -743,24 +758,42 @@ class ShuntManager:
             conn = self.tracker.conns.get(tkey)
         if conn is None or not isinstance(conn.analyzer, TCPAnalyzer):
             return
-        ep = conn.sides[side]
-        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
+        if side:
+            ep, peer = conn.side1, conn.side0
+        else:
+            ep, peer = conn.side0, conn.side1
+        ext = conn.ext
+        st: ConnShunt | None = ext.get(EXT_KEY) if ext else None
         # Without the entry's numbers: the values closest ahead (TCP's own rule).
-        ref_next = _seq64(ep) + 0x7FFFFFFF
-        ref_ack = _ack64(ep.peer) + 0x7FFFFFFF
-        if st is not None and st.dirty:
-            self._not_late(st.late[0])  # the late packets came first
-        if not ev.via_pair and st is not None and st.key is not None:
-            add_letters(conn, ev.tcp_letters)
-            c = self.table.lookup_key(st.key)  # XDP side 1/2 = tracker side 0/1
-            if c is not None:
-                m = _map_tcp(st.anchor, c)
-                ref_next, ref_ack = m[2 * side], m[2 * side + 1]
+        ref_next = ep.start_seq + ep.last_rel + 0x7FFFFFFF
+        ref_ack = peer.start_seq + peer.ack_rel + 0x7FFFFFFF
+        if st is not None:
+            if st.dirty:
+                self._not_late(st.late[0])  # the late packets came first
+            if not ev.via_pair and st.key is not None:
+                add_letters(conn, ev.tcp_letters)
+                m = st.refs
+                if m is None or received > st.refs_at:
+                    # Read after this event arrived: past its FIN/RST (XDP moves them before
+                    # it writes the event), and one read serves every event received by then
+                    # (the same values a later read would give: both within 2^32 of it).
+                    t = self.table.lookup_tcp(st.key)
+                    if t is None:
+                        m = None
+                    else:
+                        a0, a1, a2, a3 = st.anchor
+                        m = st.refs = (((a0 >> 32) + t[2]) << 32 | t[0],
+                                       ((a1 >> 32) + t[3]) << 32 | t[1],
+                                       ((a2 >> 32) + t[6]) << 32 | t[4],
+                                       ((a3 >> 32) + t[7]) << 32 | t[5])
+                        st.refs_at = self.received
+                if m is not None:  # XDP side 1/2 = tracker side 0/1
+                    ref_next, ref_ack = (m[2], m[3]) if side else (m[0], m[1])
         # Everything before this FIN/RST was dropped: its data, and the data it acks.
         end = ev.seq if ev.rst else ev.seq + ev.payload_len
         advance_seq(ep, _near(end & M32, ref_next))
         if ev.tcp_flags & 0x10 and not ev.rst:  # Zeek ignores a RST's ack (update_ack)
-            advance_ack(ep.peer, _near(ev.ack, ref_ack))
+            advance_ack(peer, _near(ev.ack, ref_ack))
         pkt = Packet()
         pkt.ts = max(ev.ts, conn.last_time)
         pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto = src, dst, sport, dport, 6

@@ -92,6 +92,9 @@ _VALUE_READ = ("pkts1", "bytes1", "pkts2", "bytes2", "last_seen_ns", "lease_expi
                "tcp.1.ack_wraps")
 _VALUE_WRITE = ("lease_expiry_ns", "trigger", "tcp.0.next", "tcp.0.ack", "tcp.1.next",
                 "tcp.1.ack")
+# Only its TCP positions (ShuntTable.lookup_tcp).
+_VALUE_TCP = ("tcp.0.next", "tcp.0.ack", "tcp.0.next_wraps", "tcp.0.ack_wraps", "tcp.1.next",
+              "tcp.1.ack", "tcp.1.next_wraps", "tcp.1.ack_wraps")
 
 
 class _Map:
@@ -99,7 +102,8 @@ class _Map:
     with the layouts that read and write it (one ctypes call per map operation)."""
 
     __slots__ = ("table", "fd", "key_type", "value_type", "capacity", "count", "lease",
-                 "_vbuf", "_vaddr", "_read", "_write", "_lookup", "_take", "_update")
+                 "_vbuf", "_vaddr", "_read", "_read_tcp", "_write", "_lookup", "_take",
+                 "_update")
 
     def __init__(self, table: Any):
         self.table = table
@@ -115,6 +119,7 @@ class _Map:
         self._vbuf = ctypes.create_string_buffer(ctypes.sizeof(self.value_type))
         self._vaddr = ctypes.addressof(self._vbuf)
         self._read = layout_struct(self.value_type, _VALUE_READ).unpack_from
+        self._read_tcp = layout_struct(self.value_type, _VALUE_TCP).unpack_from
         self._write = layout_struct(self.value_type, _VALUE_WRITE).pack
         lib = libbpf.lib()
         self._lookup = lib.bpf_map_lookup_elem
@@ -140,14 +145,27 @@ class _Map:
 
     def read(self, key: bytes, delete: bool) -> ShuntCounters | None:
         """The entry's counters (atomically deleted with `delete`); None when absent."""
-        ret = (self._take if delete else self._lookup)(self.fd, key, self._vaddr)
-        if ret == -errno.ENOENT:
+        if not self._fetch(key, delete):
             return None
-        if ret < 0:
-            err = -ret if ret != -1 else (ctypes.get_errno() or errno.EINVAL)
-            what = "bpf_map_lookup_and_delete_elem" if delete else "bpf_map_lookup_elem"
-            raise OSError(err, f"{what}: {os.strerror(err)}")
         return self.counters(self._vbuf)
+
+    def read_tcp(self, key: bytes) -> tuple[int, ...] | None:
+        """The entry's TCP positions (_VALUE_TCP); None when absent."""
+        if not self._fetch(key, False):
+            return None
+        return self._read_tcp(self._vbuf)
+
+    def _fetch(self, key: bytes, delete: bool) -> bool:
+        """The entry's value into the buffer (atomically deleted with `delete`); False when
+        absent."""
+        ret = (self._take if delete else self._lookup)(self.fd, key, self._vaddr)
+        if ret >= 0:
+            return True
+        if ret == -errno.ENOENT:
+            return False
+        err = -ret if ret != -1 else (ctypes.get_errno() or errno.EINVAL)
+        what = "bpf_map_lookup_and_delete_elem" if delete else "bpf_map_lookup_elem"
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 class ShuntTable:
@@ -249,6 +267,12 @@ class ShuntTable:
     # -- look up ---------------------------------------------------------------------------
     def lookup_key(self, key: Any) -> ShuntCounters | None:
         return self._get(self._flows, key)
+
+    def lookup_tcp(self, key: bytes) -> tuple[int, ...] | None:
+        """A flow entry's TCP positions only, as lookup_key() reads them: (tcp_next1,
+        tcp_ack1, their wraps, tcp_next2, tcp_ack2, their wraps); None when absent. (The FIN
+        and RST path: no ShuntCounters made.)"""
+        return self._flows.read_tcp(key)
 
     def lookup_flow(self, src: Address, sport: int, dst: Address, dport: int, proto: int,
                     vlan: int = 0, inner_vlan: int = 0) -> ShuntCounters | None:
