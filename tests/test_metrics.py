@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 import urllib.request
 
 import pytest
@@ -124,6 +125,50 @@ def test_unknown_stat_and_failing_source_do_not_break_scrape(caplog):
     assert "shuntd_shunt_table_entries" not in text
     assert "shuntd_xdp_run_seconds" not in text  # run stats absent, not 0
     assert "map gone" in caplog.text
+
+
+def test_repeated_events_add_up_and_every_series_has_its_creation_time():
+    """The daemon's own counters are plain integers read at scrape time: repeats take the short
+    path (a known trigger and result), a ShuntResult or an empty trigger the long one; each
+    series still has its `_created` sample, as prometheus-client's Counter gives."""
+    from shuntd.datapath.table import ShuntResult
+
+    m = Metrics()
+    for _ in range(3):
+        m.shunt_insert("ssl", "ok")
+    m.shunt_insert("ssl", ShuntResult.FULL)
+    m.shunt_insert("", "error")
+    m.shunt_insert("", "error")
+    for _ in range(2):
+        m.shunt_removed("fin")
+    m.shunt_removed("orphaned", table="ip_pairs")
+    m.ring_event("fin", 3)
+    m.ring_event("fin")
+    m.connection_logged()
+    m.connection_logged(4)
+    lines = m.exposition().decode().splitlines()
+    values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines
+              if ln and not ln.startswith("#")}
+    total = {k: v for k, v in values.items() if "_total" in k}
+    assert total['shuntd_shunt_inserts_total{result="ok",trigger="ssl"}'] == 3
+    assert total['shuntd_shunt_inserts_total{result="full",trigger="ssl"}'] == 1
+    assert total['shuntd_shunt_inserts_total{result="exists",trigger="ssl"}'] == 0
+    assert total['shuntd_shunt_inserts_total{result="error",trigger="unknown"}'] == 2
+    assert len([k for k in total if k.startswith("shuntd_shunt_inserts_total")]) == 8
+    assert total['shuntd_shunt_removals_total{reason="fin",table="flows"}'] == 2
+    assert total['shuntd_shunt_removals_total{reason="orphaned",table="ip_pairs"}'] == 1
+    assert sum(v for k, v in total.items() if k.startswith("shuntd_shunt_removals")) == 3
+    assert total['shuntd_ring_events_received_total{type="fin"}'] == 4
+    assert total['shuntd_ring_events_received_total{type="rst"}'] == 0
+    assert total["shuntd_connections_logged_total"] == 5
+    for k in total:
+        if k.startswith(("shuntd_shunt_", "shuntd_ring_events_received", "shuntd_conn")):
+            created = values[k.replace("_total", "_created")]
+            assert 1e9 < created <= time.time(), k
+    with pytest.raises(ValueError, match="non-negative"):
+        m.ring_event("fin", -1)
+    with pytest.raises(ValueError, match="non-negative"):
+        m.connection_logged(-1)
 
 
 def test_bad_label_values_are_refused_with_a_message():

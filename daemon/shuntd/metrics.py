@@ -5,7 +5,9 @@ Two kinds of numbers, kept apart on purpose:
   counters, the program's run time) are READ AT SCRAPE TIME by `ShuntdCollector` through the
   callables of `MetricSources`: no polling thread, nothing added to the packet path;
 * events only the daemon sees (shunt inserts, removals, ring events received, connections
-  logged) are prometheus-client Counters held by `Metrics`, which the daemon increments.
+  logged) are plain integers held by `Metrics` (`EventCounts`), which the daemon increments (a
+  dict update per event on the shunt path, not a prometheus-client call with its label
+  lookup and lock) and a scrape reads, as prometheus-client's Counters would show them.
 
 Every metric lives in the `Metrics` object's own CollectorRegistry (no global default registry,
 so two daemons or tests in one process never collide). Names: prefix `shuntd_`, base units,
@@ -25,12 +27,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -464,6 +467,51 @@ def _run_families(run: ProgRunStats | None) -> list[Metric]:
 # What the daemon holds
 
 
+class EventCounts:
+    """The counters of events only the daemon sees, as plain integers: incremented by its loop
+    (one thread; a scrape only reads, from copies), exposed as prometheus-client Counters are
+    (`_total`, and `_created`: when each series was made)."""
+
+    def __init__(self) -> None:
+        now = time.time()
+        self.inserts: dict[tuple[str, str], int] = {}  # (trigger, result): a trigger's all
+        self.inserts_created: dict[tuple[str, str], float] = {}  # four from its first insert
+        self.removals = dict.fromkeys(((t, r) for t in TABLES for r in REMOVAL_REASONS), 0)
+        self.removals_created = dict.fromkeys(self.removals, now)
+        self.ring = dict.fromkeys(RING_EVENT_TYPES, 0)
+        self.ring_created = dict.fromkeys(self.ring, now)
+        self.logged = 0
+        self.logged_created = now
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        inserts = CounterMetricFamily("shuntd_shunt_inserts",
+                                      "Attempts to shunt, by trigger and result.",
+                                      labels=["trigger", "result"])
+        created = self.inserts_created.copy()
+        for key, n in self.inserts.copy().items():
+            inserts.add_metric(key, n, created=created.get(key))
+        yield inserts
+        removals = CounterMetricFamily("shuntd_shunt_removals",
+                                       "Shunt entries removed, by table and reason.",
+                                       labels=["table", "reason"])
+        for key, n in self.removals.copy().items():
+            removals.add_metric(key, n, created=self.removals_created[key])
+        yield removals
+        ring = CounterMetricFamily("shuntd_ring_events_received",
+                                   "Ring buffer events the daemon read, by type.",
+                                   labels=["type"])
+        for kind, n in self.ring.copy().items():
+            ring.add_metric([kind], n, created=self.ring_created[kind])
+        yield ring
+        logged = CounterMetricFamily("shuntd_connections_logged",
+                                     "Connections written to conn.log.")
+        logged.add_metric([], self.logged, created=self.logged_created)
+        yield logged
+
+
 class Metrics:
     """The daemon's metrics: its own registry, the counters it increments, the collector."""
 
@@ -471,24 +519,12 @@ class Metrics:
                  xdp_mode: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._info = {"version": __version__, "interface": interface, "xdp_mode": xdp_mode}
-        self._inserts_seen: set[str] = set()
-        self.shunt_inserts = Counter(
-            "shuntd_shunt_inserts", "Attempts to shunt, by trigger and result.",
-            ["trigger", "result"], registry=self.registry)
-        self.shunt_removals = Counter(
-            "shuntd_shunt_removals", "Shunt entries removed, by table and reason.",
-            ["table", "reason"], registry=self.registry)
-        self.ring_events_received = Counter(
-            "shuntd_ring_events_received", "Ring buffer events the daemon read, by type.",
-            ["type"], registry=self.registry)
-        self.connections_logged = Counter(
-            "shuntd_connections_logged", "Connections written to conn.log.",
-            registry=self.registry)
-        for table in TABLES:  # every series exists from the start (rate() needs the zero)
-            for reason in REMOVAL_REASONS:
-                self.shunt_removals.labels(table, reason)
-        for kind in RING_EVENT_TYPES:
-            self.ring_events_received.labels(kind)
+        # Every removal and ring event series exists from the start (rate() needs the zero).
+        self.counts = EventCounts()
+        self._inserts = self.counts.inserts
+        self._removals = self.counts.removals
+        self._ring = self.counts.ring
+        self.registry.register(self.counts)
         self.collector = ShuntdCollector(sources or MetricSources(), lambda: dict(self._info))
         self.registry.register(self.collector)
 
@@ -498,30 +534,44 @@ class Metrics:
 
     def shunt_insert(self, trigger: str, result: Any) -> None:
         """Count one insert attempt; result is a ShuntResult or its value string."""
+        key = (trigger, result)
+        counts = self._inserts
+        if key in counts:  # (only known triggers and result strings are keys)
+            counts[key] += 1
+            return
         value = str(getattr(result, "value", result))
         if value not in INSERT_RESULTS:
             raise ValueError(f"shunt insert result {value!r} not one of {INSERT_RESULTS}")
         trigger = trigger or "unknown"
-        if trigger not in self._inserts_seen:
-            self._inserts_seen.add(trigger)
+        if (trigger, value) not in counts:  # a new trigger: its four series from now on
+            now = time.time()
             for r in INSERT_RESULTS:
-                self.shunt_inserts.labels(trigger, r)
-        self.shunt_inserts.labels(trigger, value).inc()
+                counts[(trigger, r)] = 0
+                self.counts.inserts_created[(trigger, r)] = now
+        counts[(trigger, value)] += 1
 
     def shunt_removed(self, reason: str, table: str = "flows") -> None:
+        key = (table, reason)
+        counts = self._removals
+        if key in counts:
+            counts[key] += 1
+            return
         if reason not in REMOVAL_REASONS:
             raise ValueError(f"removal reason {reason!r} not one of {REMOVAL_REASONS}")
-        if table not in TABLES:
-            raise ValueError(f"table {table!r} not one of {TABLES}")
-        self.shunt_removals.labels(table, reason).inc()
+        raise ValueError(f"table {table!r} not one of {TABLES}")
 
     def ring_event(self, kind: str, count: int = 1) -> None:
-        if kind not in RING_EVENT_TYPES:
+        counts = self._ring
+        if kind not in counts:
             raise ValueError(f"ring event type {kind!r} not one of {RING_EVENT_TYPES}")
-        self.ring_events_received.labels(kind).inc(count)
+        if count < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        counts[kind] += count
 
     def connection_logged(self, count: int = 1) -> None:
-        self.connections_logged.inc(count)
+        if count < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.counts.logged += count
 
     def exposition(self) -> bytes:
         """The text format a scrape returns (for tests and `shuntctl metrics`)."""
