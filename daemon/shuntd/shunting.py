@@ -30,7 +30,7 @@ from shuntd.conn.record import addr_text
 from shuntd.conn.settings import TUNNEL_UDP_PORTS
 from shuntd.conn.tcp import HIST_ACK_PKT, HIST_DATA_PKT, TCPAnalyzer, TCPEndpoint
 from shuntd.conn.tcpstate import INACTIVE, RESET
-from shuntd.datapath.program import CFG_IGNORE_VLANS, HEADER, key_endpoints
+from shuntd.datapath.program import CFG_IGNORE_VLANS, HEADER, key_endpoints, map_time_to_wall
 from shuntd.datapath.ring import LeaseExpiredEvent, TcpCloseEvent
 from shuntd.datapath.table import ShuntCounters, ShuntResult, ShuntTable
 from shuntd.packet import Packet
@@ -50,6 +50,7 @@ SHUNT_LOG_FIELDS: list[tuple[str, str]] = [
 
 # Stable trigger codes so a later run can name an orphaned entry's trigger.
 _KNOWN_TRIGGERS = ("ssl", "bulk", "ip_pair", "ipsec", "wireguard", "manual", "test")
+_TRIGGER_CODES = {t: i + 1 for i, t in enumerate(_KNOWN_TRIGGERS)}
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 _LETTERS_SHIFT = HEADER["SHUNT_F_TCP_LETTERS_SHIFT"]
 _RANK_SHIFT = HEADER["SHUNT_F_TCP_RANK_SHIFT"]
@@ -87,8 +88,9 @@ def _tunnel_refusal(conn: Any) -> str | None:
 
 
 def trigger_code(trigger: str) -> int:
-    if trigger in _KNOWN_TRIGGERS:
-        return _KNOWN_TRIGGERS.index(trigger) + 1
+    code = _TRIGGER_CODES.get(trigger)
+    if code is not None:
+        return code
     return (zlib.crc32(trigger.encode()) & 0x7FFFFFFF) | 0x40000000
 
 
@@ -325,7 +327,7 @@ class ShuntManager:
         # Whether network time must reach the hooks packet by packet (as tracker.process).
         self._tick_hooks = hooks is not None and type(hooks).tick is not EngineHooks.tick
         self.pairs: dict[bytes, PairShunt] = {}
-        self.received = 0  # ring events given to apply() so far (ConnShunt.refs_at)
+        self.received = 0  # ring events given to apply() so far (TcpCloseEvent.received)
         self.refused_full = 0
         self._full_episode = False
         self._tunnel_warned = False
@@ -464,14 +466,15 @@ class ShuntManager:
             return False
         if isinstance(conn.analyzer, TCPAnalyzer) and (c.pkts1 or c.pkts2):
             self._catch_up(conn, st, c)
-        op, ob = c.side(st.orig_side)
-        rp, rb = c.side(3 - st.orig_side)
-        op, ob, rp, rb = op + lop, ob + lob, rp + lrp, rb + lrb
+        if st.orig_side == 1:
+            op, ob, rp, rb = c.pkts1 + lop, c.bytes1 + lob, c.pkts2 + lrp, c.bytes2 + lrb
+        else:
+            op, ob, rp, rb = c.pkts2 + lop, c.bytes2 + lob, c.pkts1 + lrp, c.bytes1 + lrb
         st.orig_pkts += op
         st.orig_bytes += ob
         st.resp_pkts += rp
         st.resp_bytes += rb
-        last = c.last_seen
+        last = map_time_to_wall(c.last_seen_ns) if c.last_seen_ns else None  # c.last_seen
         if last is not None and (op or rp) and last > conn.last_time:
             conn.last_time = last  # duration covers the dropped packets
         end = last if last is not None else self.tracker.network_time
@@ -717,14 +720,14 @@ class ShuntManager:
         event's time, so packets XDP passed before it (still in the capture ring when the
         event arrives) are analysed first."""
         self.received += 1
-        self.tracker.timers.schedule(event.ts, self._apply_now, at_termination=True,
-                                     arg=(event, self.received))
-
-    def _apply_now(self, arg: tuple[TcpCloseEvent | LeaseExpiredEvent, int],
-                   _now: float) -> None:
-        event, received = arg
         if type(event) is TcpCloseEvent:
-            self._apply_close(event, received)
+            event.received = self.received
+        self.tracker.timers.schedule(event.ts, self._apply_now, at_termination=True,
+                                     arg=event)
+
+    def _apply_now(self, event: TcpCloseEvent | LeaseExpiredEvent, _now: float) -> None:
+        if type(event) is TcpCloseEvent:
+            self._apply_close(event)
             return
         if event.is_pair:
             p = self.pairs.get(event.key_bytes)
@@ -735,10 +738,9 @@ class ShuntManager:
         if conn is not None:
             self._end_flow(conn, "lease")
 
-    def _apply_close(self, ev: TcpCloseEvent, received: int) -> None:
+    def _apply_close(self, ev: TcpCloseEvent) -> None:
         """Feed the FIN/RST XDP dropped to the TCP analyser, as if it had been seen (not
-        counted in ConnSize: XDP counted it). `received`: the event was the received-th
-        given to apply()."""
+        counted in ConnSize: XDP counted it)."""
         conn = None if ev.via_pair else self.flows.get(ev.key_bytes)
         if conn is not None:
             # One of ours: both keys order endpoints alike (XDP side 1/2 = tracker side 0/1).
@@ -773,7 +775,7 @@ class ShuntManager:
             if not ev.via_pair and st.key is not None:
                 add_letters(conn, ev.tcp_letters)
                 m = st.refs
-                if m is None or received > st.refs_at:
+                if m is None or not 0 < ev.received <= st.refs_at:
                     # Read after this event arrived: past its FIN/RST (XDP moves them before
                     # it writes the event), and one read serves every event received by then
                     # (the same values a later read would give: both within 2^32 of it).
@@ -826,7 +828,7 @@ class ShuntManager:
 
     def renew(self) -> None:
         """Renew the leases of our own entries; end IP-pair shunts whose duration ran out."""
-        keys = [conn.ext[EXT_KEY].key for conn in self.flows.values()]
+        keys = list(self.flows)  # (each connection's ConnShunt.key)
         if keys:
             self.table.renew_keys(keys)
         now = self.tracker.network_time

@@ -17,7 +17,7 @@ import ctypes
 import mmap
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shuntd.datapath.program import (
@@ -59,6 +59,9 @@ class TcpCloseEvent:
     event_seq: int  # per entry, 1 for its first event
     via_pair: bool  # the entry that matched was an IP pair
     tcp_letters: int = 0  # flow entry: history letters dropped before it (shuntd.h)
+    # Set by the consumer (ShuntManager.apply: how many events it had been given with this
+    # one), not part of the event.
+    received: int = field(default=0, compare=False)
 
     @property
     def fin(self) -> bool:
