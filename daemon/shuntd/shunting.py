@@ -264,28 +264,31 @@ def add_letters(conn: Any, letters: int) -> None:
             sides[side].check_history(conn, mask, code)
 
 
-def _late_keys(conn: Any) -> tuple[bytes, bytes] | None:
+_PORTS = struct.Struct("!HH")
+
+
+def _late_keys(proto: int, orig_h: bytes, orig_p: int, resp_h: bytes,
+               resp_p: int) -> tuple[bytes, bytes] | None:
     """The `ShuntManager.late` keys of an IPv4 TCP connection: the header bytes (src addr,
     dst addr, src port, dst port) of its originator's packets, then of its responder's
     (a flip swaps the two, so forgetting them needs no record of which was which)."""
-    if conn.ip_proto != 6:
+    if proto != 6 or len(orig_h) != 4:
         return None
-    a, b = conn.orig_h, conn.resp_h
-    if len(a) != 4:
-        return None
-    pa, pb = conn.orig_p.to_bytes(2, "big"), conn.resp_p.to_bytes(2, "big")
-    return a + b + pa + pb, b + a + pb + pa
+    return (orig_h + resp_h + _PORTS.pack(orig_p, resp_p),
+            resp_h + orig_h + _PORTS.pack(resp_p, orig_p))
 
 
-def _arm(conn: Any, sides: tuple[LateSide, LateSide]) -> None:
+def _arm(conn: Any, sides: tuple[LateSide, LateSide],
+         tcp_start: tuple[int, int, int, int]) -> None:
     """Arm (`LateSide.armed`) the kinds of late packet whose history letter the connection
     already has, their chains running from its state at the shunt (the entry's anchor, as
-    XDP's): the capture ring counts them from the first one, without a `late_frame` call.
+    XDP's: `tcp_start`, the next seq and ack sent of tracker side 0, then of side 1): the
+    capture ring counts them from the first one, without a `late_frame` call.
     Not while an endpoint is inactive or reset, nor on a lone SYN-ACK ("H": a letter would
     flip the roles)."""
     if conn.history == "H":
         return
-    e0, e1 = conn.sides
+    e0, e1 = conn.side0, conn.side1
     if e0.state == INACTIVE or e0.state == RESET or e1.state == INACTIVE or e1.state == RESET:
         return
     seen = conn.hist_seen
@@ -294,10 +297,13 @@ def _arm(conn: Any, sides: tuple[LateSide, LateSide]) -> None:
         kinds = ((1 if seen & (HIST_DATA_PKT << shift) else 0)
                  | (2 if seen & (HIST_ACK_PKT << shift) else 0))
         if kinds:
-            ep, peer = (e1, e0) if s.side else (e0, e1)
             s.armed = kinds
-            s.seq0 = s.seq = ep.last_seq
-            s.ack0 = s.ack = peer.ack_seq
+            if s.side:  # (ep.last_seq, peer.ack_seq)
+                s.seq0 = s.seq = tcp_start[2]
+                s.ack0 = s.ack = tcp_start[3]
+            else:
+                s.seq0 = s.seq = tcp_start[0]
+                s.ack0 = s.ack = tcp_start[1]
 
 
 class ShuntManager:
@@ -360,8 +366,12 @@ class ShuntManager:
                 log.warning("not shunting %s: %s (fail open; further refusals are counted "
                             "as result=error, not logged)", conn.uid, why)
             return "error"
-        key, orig_side = self.table.flow_key_bytes(conn.orig_h, conn.orig_p, conn.resp_h,
-                                                   conn.resp_p, conn.ip_proto)
+        proto, x, px, y, py = conn.key
+        if conn.orig_side:
+            orig_h, orig_p, resp_h, resp_p = y, py, x, px
+        else:
+            orig_h, orig_p, resp_h, resp_p = x, px, y, py
+        key, orig_side = self.table.flow_key_bytes(orig_h, orig_p, resp_h, resp_p, proto)
         if isinstance(conn.analyzer, TCPAnalyzer):
             anchor: tuple[int, int, int, int] | None = _tcp_anchor(conn)
             n0, a0, n1, a1 = anchor
@@ -401,7 +411,7 @@ class ShuntManager:
         st.refs = None  # a new entry: nothing read from it yet
         if anchor is not None:
             st.anchor = anchor
-            keys = _late_keys(conn)
+            keys = _late_keys(proto, orig_h, orig_p, resp_h, resp_p)
             if keys is not None:  # tracker side of the originator, then of the responder
                 st.late = sides = (LateSide(conn, st, 0, self.pending),
                                    LateSide(conn, st, 1, self.pending))
@@ -411,7 +421,7 @@ class ShuntManager:
                     late[keys[0]], late[keys[1]] = sides[1], sides[0]
                 else:
                     late[keys[0]], late[keys[1]] = sides
-                _arm(conn, sides)
+                _arm(conn, sides, tcp_start)  # type: ignore[arg-type]
         self.flows[key] = conn
         return "ok"
 

@@ -39,6 +39,10 @@ class ShuntResult(enum.Enum):
     FULL = "full"  # map full: not shunted, traffic stays visible
     ERROR = "error"  # any other kernel refusal: not shunted (see ShuntTable.last_error)
 
+    # Members are singletons compared by identity: hash them so too (Enum's own __hash__ is a
+    # Python call; `results` counts one insert per shunt).
+    __hash__ = object.__hash__
+
 
 class ShuntCounters(NamedTuple):
     """What XDP counted for one entry. Side 1/2 as in the key; bytes are IP bytes.
