@@ -88,6 +88,9 @@ class ShuntCounters(NamedTuple):
         raise ValueError(f"side must be 1 or 2, not {side!r}")
 
 
+# ShuntCounters(...) without its generated __new__ (a Python call): every field given, in order.
+_new_counters = tuple.__new__
+
 # struct flow_value as read (every field ShuntCounters has, in offset order) and as written
 # by an insert (the rest zero).
 _VALUE_READ = ("pkts1", "bytes1", "pkts2", "bytes2", "last_seen_ns", "lease_expiry_ns",
@@ -134,8 +137,8 @@ class _Map:
         """ShuntCounters of a value (its buffer: the map's own, or a ctypes value)."""
         (p1, b1, p2, b2, seen, lease, flags, event_seq, trigger, n1, a1, nw1, aw1, n2, a2, nw2,
          aw2) = self._read(value)
-        return ShuntCounters(p1, b1, p2, b2, seen, lease, flags, trigger, event_seq, n1, a1,
-                             n2, a2, (nw1, aw1, nw2, aw2))
+        return _new_counters(ShuntCounters, (p1, b1, p2, b2, seen, lease, flags, trigger,
+                                             event_seq, n1, a1, n2, a2, (nw1, aw1, nw2, aw2)))
 
     def update(self, key: bytes, trigger: int, deadline: int,
                tcp_start: tuple[int, int, int, int] | None) -> int:
