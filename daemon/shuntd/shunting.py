@@ -505,13 +505,13 @@ class ShuntManager:
         sides = st.late
         if sides is None:
             return (0, 0, 0, 0)
-        o, r = sides[conn.orig_side], sides[1 - conn.orig_side]
-        if o.pkts or r.pkts:  # (none: nothing moved, the flush would change nothing)
+        if sides[0].pkts or sides[1].pkts:  # (none: the flush would change nothing)
             self._flush_late(st)
         st.late = None  # no cycle connection -> ext -> ConnShunt -> LateSide -> connection
         if st.dirty:
             st.dirty = False
             del self.pending[st]
+        o, r = sides[conn.orig_side], sides[1 - conn.orig_side]  # (after a flip by the flush)
         return (o.pkts, o.bytes, r.pkts, r.bytes)
 
     def flush_pending(self) -> None:
