@@ -261,6 +261,12 @@ def add_letters(conn: Any, letters: int) -> None:
     if order:
         sides = conn.sides
         for side, mask, code in order:
+            # Already there for the endpoint's role (shifted for the responder, as _arm reads
+            # it) and no SYN-ACK flip due: check_history would change nothing. The usual
+            # case: a shunted session's D and A letters came with its handshake.
+            if (conn.hist_seen & (mask if side == conn.orig_side else mask << 16)
+                    and conn.history != "H"):
+                continue
             sides[side].check_history(conn, mask, code)
 
 
