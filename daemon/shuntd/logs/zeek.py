@@ -709,7 +709,8 @@ def open_log(directory: str | Path, schema: LogSchema, fmt: str = "tsv",
              hold_max: int = DEFAULT_HOLD_BYTES) -> LogWriter:
     """Writer for `<directory>/<schema.path>.log`; the file appears with the first record.
 
-    `buffered=False` (default) writes each record as it comes (live daemon: logs are read
-    while we run); `buffered=True` batches whole lines up to 64 KiB (offline runs).
+    `buffered=False` (default) writes each record as it comes; `buffered=True` batches whole
+    lines up to 64 KiB, and `tick()` writes what is pending (offline runs; the live daemon,
+    which ticks its logs once a pass of its main loop).
     """
     return LogWriter(directory, schema, fmt, buffered, json_include_unset, hold_max)
