@@ -341,11 +341,12 @@ class ServiceDetection:
                     any_of = cands.resp
                 if any_of is not None and any_of.match(data) is not None:
                     self._pia_matched(conn, state, state, is_orig, data, cands)
-        # _sweep, for the one layer
+        # _sweep, for the one layer (mostly one analyser, done after its first datagram)
         analyzers = state.analyzers
         for an in analyzers:
             if an.done:
-                analyzers = state.analyzers = tuple([a for a in analyzers if not a.done])
+                analyzers = state.analyzers = (
+                    () if len(analyzers) == 1 else tuple([a for a in analyzers if not a.done]))
                 break
         if state.candidates.sigs:
             return
