@@ -215,7 +215,7 @@ class ConnTracker:
             conn.analyzer.bad_checksum(conn, side)
             return
         conn.last_time = pkt.ts
-        # UDPAnalyzer.account, inline: the history letter and role-bound byte count.
+        # The history letter and the role-bound byte count (udp.py's endpoint fields).
         if is_orig:
             if not conn.hist_seen & HIST_ORIG_DATA_PKT:
                 conn.check_history(HIST_ORIG_DATA_PKT, "D")
