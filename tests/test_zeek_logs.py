@@ -357,3 +357,37 @@ def test_tsv_escaping_in_one_of_several_text_fields(tmp_path: Path) -> None:
         "ok\t10.0.0.2\t6\tudp",
         "é\t10.0.0.1\t7\t-",
     ]
+
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(
+    st.floats(min_value=0, max_value=2e9, allow_nan=False) | st.integers(0, 2**31),  # ts
+    _TEXT, st.none() | _TEXT, st.none() | st.integers(0, 2**64 - 1),
+    st.none() | st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    st.none() | st.booleans(), st.none() | st.sampled_from(["-", "(empty)", "", "ShAD"]),
+), min_size=1, max_size=6))
+def test_tsv_rows_of_mixed_types_and_unset_fields_round_trip(rows: list[tuple]) -> None:
+    """Rows whose unset fields, value types and text needing escapes change from row to
+    row (each pattern of types is formatted from its own template) read back as written."""
+    schema = LogSchema("mixed", [("ts", "time"), ("uid", "string"), ("h", "addr"),
+                                 ("n", "count"), ("d", "interval"), ("b", "bool"),
+                                 ("hist", "string")])
+    with tempfile.TemporaryDirectory(prefix="e1logs") as tmp:
+        with open_log(tmp, schema) as log:
+            for r in rows:
+                log.write(r)
+        _, parsed = parse_tsv(Path(tmp) / "mixed.log")
+    assert len(parsed) == len(rows)
+    for r, p in zip(rows, parsed, strict=True):
+        ts, uid, h, n, d, b, hist = r
+        assert float(p[0]) == pytest.approx(ts, abs=1e-6) and p[0].count(".") == 1
+        assert len(p[0].split(".")[1]) == 6
+        assert p[1] == uid and p[2] == h and p[6] == hist
+        assert p[3] == (None if n is None else str(n))
+        assert (p[4] is None) == (d is None)
+        if d is not None:
+            assert float(p[4]) == pytest.approx(d, abs=1e-6)
+        assert p[5] == (None if b is None else "TF"[not b])

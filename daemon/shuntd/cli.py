@@ -179,7 +179,7 @@ def run_offline(args: argparse.Namespace) -> int:
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         writer = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS), fmt=args.log_format,
-                          hold_max=args.log_hold_max)
+                          buffered=True, hold_max=args.log_hold_max)
     except OSError as exc:
         print(f"shuntd: cannot write logs in {log_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2

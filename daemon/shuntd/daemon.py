@@ -531,8 +531,11 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
         log.info("kept the previous run's log as %s", kept)
     # A bad policy fails before the interface is touched (each process loads its own copy).
     load_all(list(args.policy), EVENTS + HOOKS, getattr(args, "policy_options", None))
+    # conn.log is buffered: the rows of one pass of the main loop reach the file in one
+    # write, at the pass's `out.tick()` (a write per row was a system call per connection).
+    # The others are written row by row (few rows; shunt.log's orphans are there at start).
     conn_log = open_log(str(log_dir), LogSchema("conn", CONN_FIELDS + SHUNT_CONN_FIELDS),
-                        fmt=args.log_format, hold_max=args.log_hold_max)
+                        fmt=args.log_format, buffered=True, hold_max=args.log_hold_max)
     shunt_log = open_log(str(log_dir), LogSchema("shunt", SHUNT_LOG_FIELDS),
                          fmt=args.log_format, hold_max=args.log_hold_max)
     long_log = None if args.no_conn_long else open_log(

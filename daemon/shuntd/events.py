@@ -130,10 +130,12 @@ class EventDispatcher(EngineHooks):
         self._record = record or _live_record
         self._write_long_row = write_long_row
         # The tracker calls `packet` for every packet: straight to the thresholds, without
-        # the method below in between (it stays, so the tracker knows the hook is wanted).
+        # the method below in between (it stays, so the tracker knows the hook is wanted);
+        # `udp_payload` for every UDP datagram: straight to service detection.
         # Likewise the policies' threshold actions (the bulk policy sets one on every
         # connection).
         self.packet = self.thresholds.packet  # type: ignore[method-assign]
+        self.udp_payload = self.services.udp_payload  # type: ignore[method-assign]
         self.set_bytes_threshold = (  # type: ignore[method-assign]
             self.thresholds.set_bytes_threshold)
         self.set_packets_threshold = (  # type: ignore[method-assign]

@@ -82,7 +82,8 @@ class _FirstPolls:
 class LongConnections:
     """Writes conn_long rows via `write_row(record(conn))`; `found(conn)` is told too."""
 
-    __slots__ = ("settings", "polling", "record", "write_row", "found", "_special", "_first")
+    __slots__ = ("settings", "polling", "record", "write_row", "found", "_special", "_first",
+                 "_only")
 
     def __init__(self, settings: LongConnSettings, polling: ConnPolling,
                  record: Callable[[Any], tuple], write_row: Callable[[tuple], None],
@@ -95,16 +96,22 @@ class LongConnections:
         self._special = [(ipaddress.ip_network(net, strict=False), d)
                          for net, d in settings.special_cases.items()]
         self._first: dict[float, _FirstPolls] = {}   # first duration -> its queue
+        # Without special cases every connection has the same first duration: its queue.
+        self._only: _FirstPolls | None = None
+        if not self._special:
+            self._only = self._first[settings.durations[0]] = _FirstPolls(settings.durations[0])
 
     def new_connection(self, conn: Any) -> None:
         """Queue the first poll (`durations[0]` from now); it runs as `ConnPolling` would
         run a watched one, and later polls are watched."""
-        first = (self._durations(conn) if self._special else self.settings.durations)[0]
-        queue = self._first.get(first)
+        queue = self._only
         if queue is None:
-            queue = self._first[first] = _FirstPolls(first)
+            first = self._durations(conn)[0]
+            queue = self._first.get(first)
+            if queue is None:
+                queue = self._first[first] = _FirstPolls(first)
         timers = self.polling.timers
-        when = timers.now + first
+        when = timers.now + queue.first
         queue.pending[conn] = when
         if queue.timer is None:
             queue.timer = timers.schedule(when, self._first_due, at_termination=True,
@@ -112,6 +119,13 @@ class LongConnections:
 
     def forget(self, conn: Any) -> None:
         """A removed connection's first poll will not run (nor hold the connection)."""
+        queue = self._only
+        if queue is not None:
+            if queue.pending.pop(conn, None) is not None and not queue.pending:
+                if queue.timer is not None:
+                    self.polling.timers.cancel(queue.timer)   # nothing left to wait for
+                    queue.timer = None
+            return
         for queue in self._first.values():
             if queue.pending.pop(conn, None) is not None:
                 if not queue.pending and queue.timer is not None:

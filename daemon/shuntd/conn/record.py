@@ -98,9 +98,12 @@ def conn_record(conn: Connection, local_nets: LocalNets | None,
     else:
         missed = rare.missed_bytes
         parents = set(rare.tunnel_parents) if rare.tunnel_parents else None
+    uid = conn._uid   # (Connection.uid without the property call: mostly drawn here)
+    if uid is None:
+        uid = conn._uid = conn.tracker.uids.next()
     return (
         conn.start_time,
-        conn.uid,
+        uid,
         orig_text,
         orig_p,
         resp_text,

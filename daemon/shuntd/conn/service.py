@@ -301,12 +301,59 @@ class ServiceDetection:
         return cands
 
     def udp_payload(self, conn: Any, is_orig: bool, payload: Any) -> None:
-        """One UDP datagram, before ConnSize counts it (so a DNS flip attributes like Zeek)."""
+        """One UDP datagram, before ConnSize counts it (so a DNS flip attributes like Zeek).
+
+        _deliver's steps for UDP's one layer (no tunnel opens inside UDP, no midstream
+        rule), and the PIA's datagram-by-datagram matching inline: most UDP connections
+        are a DNS query and its response, and this runs for both."""
         ext = conn.ext
         state = ext.get(STATE_KEY) if ext else None
         if state is None or not state.active:
             return
-        self._deliver(conn, state, is_orig, bytes(payload))
+        if state.inner:
+            self._deliver(conn, state, is_orig, bytes(payload))
+            return
+        data = bytes(payload)
+        analyzers = state.analyzers
+        if analyzers:
+            for an in analyzers:
+                an.deliver(is_orig, data)
+                self._verdict(conn, state, an)
+        cands = state.candidates
+        if cands.sigs and not (state.done_orig if is_orig else state.done_resp):
+            # _pia for a datagram: each is matched alone; the prefix slots count bytes.
+            if is_orig:
+                count = state.count_orig = state.count_orig + 1
+                buffered: int = state.prefix_orig  # type: ignore[assignment]
+            else:
+                count = state.count_resp = state.count_resp + 1
+                buffered = state.prefix_resp  # type: ignore[assignment]
+            settings = self.settings
+            if buffered >= settings.dpd_buffer_size or count > settings.dpd_max_packets:
+                self._pia_direction_done(state, is_orig)
+            else:
+                state.chunks = (*state.chunks, (is_orig, data))
+                if is_orig:
+                    state.prefix_orig = buffered + len(data)
+                    any_of = cands.orig
+                else:
+                    state.prefix_resp = buffered + len(data)
+                    any_of = cands.resp
+                if any_of is not None and any_of.match(data) is not None:
+                    self._pia_matched(conn, state, state, is_orig, data, cands)
+        # _sweep, for the one layer (mostly one analyser, done after its first datagram)
+        analyzers = state.analyzers
+        for an in analyzers:
+            if an.done:
+                analyzers = state.analyzers = (
+                    () if len(analyzers) == 1 else tuple([a for a in analyzers if not a.done]))
+                break
+        if state.candidates.sigs:
+            return
+        if state.chunks:
+            state.chunks = ()
+        if not analyzers:
+            state.active = False
 
     def tcp_deliver(self, conn: Any, is_orig: bool, data: bytes) -> None:
         ext = conn.ext
@@ -394,6 +441,11 @@ class ServiceDetection:
         any_of = cands.orig if is_orig else cands.resp
         if any_of is None or any_of.match(subject) is None:
             return  # no signature for this direction matches: nothing can fire
+        self._pia_matched(conn, state, layer, is_orig, subject, cands)
+
+    def _pia_matched(self, conn: Any, state: ConnServices, layer: _Layer, is_orig: bool,
+                     subject: bytes | bytearray, cands: _Candidates) -> None:
+        """Some signature of `cands` matches `subject`: mark which, attach what fires."""
         direction = "orig" if is_orig else "resp"
         newly: list[str] = []
         matched = layer.matched

@@ -68,7 +68,7 @@ class TimerManager:
     owner object that calls `on_deadline(owner, now)`."""
 
     __slots__ = ("heap", "_counter", "max_expires", "now", "_cancelled", "_slots",
-                 "_slot_heap", "_cur", "wake_at", "on_deadline", "_active")
+                 "_slot_heap", "_cur", "wake_at", "on_deadline", "_active", "_fire")
 
     def __init__(self, max_expires: int = 300,
                  on_deadline: Callable[[Any, float], None] | None = None) -> None:
@@ -86,6 +86,8 @@ class TimerManager:
         self.wake_at = _INF
         self.on_deadline = on_deadline
         self._active: dict[Any, Timer] = {}   # owner -> its deadline's entry in the heap
+        # The callback of every deadline entry: one bound method, known by identity.
+        self._fire = self._fire_deadline
 
     # --- scheduling ----------------------------------------------------------------------------
     def _wait(self, k: int, entry: Any, when: float) -> None:
@@ -144,27 +146,32 @@ class TimerManager:
 
     def set_deadline(self, owner: Any, when: float) -> None:
         """Call `on_deadline(owner, now)` at `when`. An owner has at most one deadline:
-        `clear_deadline` the pending one first."""
-        k = _slot(when)
+        `clear_deadline` the pending one first. (Every connection sets one or two: _slot,
+        _wait and _push_deadline are inline.)"""
+        s = when * SLOTS_PER_SECOND
+        k = floor(s) if s < _LAST_SLOT else _LAST_SLOT
         if k <= self._cur:
-            self._push_deadline(owner, when)
-        else:
+            self._counter = seq = self._counter + 1
+            timer = Timer((when, seq, self._fire, owner))
+            self._active[owner] = timer
+            heapq.heappush(self.heap, timer)
+            return
+        slot = self._slots.get(k)
+        if slot is None:
             self._wait(k, owner, when)
+        else:
+            slot[owner] = when
 
     def clear_deadline(self, owner: Any, when: float) -> None:
         """Cancel the deadline `owner` has pending at `when`."""
-        k = _slot(when)
+        s = when * SLOTS_PER_SECOND
+        k = floor(s) if s < _LAST_SLOT else _LAST_SLOT
         if k > self._cur:
             self._unwait(k, owner)
             return
         timer = self._active.pop(owner, None)
         if timer is not None:
             self.cancel(timer)
-
-    def _push_deadline(self, owner: Any, when: float) -> None:
-        timer = Timer((when, 0, self._fire_deadline, owner))
-        self._active[owner] = timer
-        self._push(timer)
 
     def _fire_deadline(self, owner: Any, now: float) -> None:
         del self._active[owner]
@@ -195,13 +202,23 @@ class TimerManager:
         self._cur = k_now
         slots = self._slots
         keys = self._slot_heap
+        heap = self.heap
+        push = heapq.heappush
+        active = self._active
+        fire = self._fire
+        seq = self._counter
         while keys and keys[0] <= k_now:
             slot = slots.pop(heapq.heappop(keys))
             for entry, when in slot.items():
-                if type(entry) is not Timer:
-                    self._push_deadline(entry, when)
+                seq += 1
+                if type(entry) is not Timer:   # an owner's deadline
+                    timer = Timer((when, seq, fire, entry))
+                    active[entry] = timer
+                    push(heap, timer)
                 elif entry[_CALLBACK] is not None:   # (cancelled by Timer.cancel())
-                    self._push(entry)
+                    entry[_SEQ] = seq
+                    push(heap, entry)
+        self._counter = seq
         self.wake_at = keys[0] / SLOTS_PER_SECOND if keys else _INF
 
     def advance(self, now: float) -> int:
@@ -211,6 +228,7 @@ class TimerManager:
         self._reach(now)
         heap = self.heap
         pop = heapq.heappop
+        fire = self._fire
         fired = 0
         while heap and heap[0][0] <= now and fired < self.max_expires:
             timer = pop(heap)
@@ -220,7 +238,10 @@ class TimerManager:
             timer[_CALLBACK] = None   # no longer pending: a later cancel() is a no-op
             arg = timer[_ARG]
             fired += 1
-            if arg is None:
+            if callback is fire:   # _fire_deadline, inline
+                del self._active[arg]
+                self.on_deadline(arg, now)  # type: ignore[misc]
+            elif arg is None:
                 callback(now)
             else:
                 callback(arg, now)

@@ -21,7 +21,7 @@ from shuntd.conn.tcp import ACK, SYN, TCPAnalyzer
 from shuntd.conn.tcpstate import INACTIVE
 from shuntd.conn.timers import TimerManager
 from shuntd.conn.tunnels import Tunnels
-from shuntd.conn.udp import UDPAnalyzer
+from shuntd.conn.udp import HIST_ORIG_DATA_PKT, HIST_RESP_DATA_PKT, UDPAnalyzer, UDPEndpoint
 from shuntd.conn.uid import UidGenerator
 from shuntd.packet import PROTO_AMSDU, Packet
 
@@ -211,12 +211,19 @@ class ConnTracker:
         return conn
 
     def _udp(self, conn: Connection, pkt: Packet, side: int, is_orig: bool) -> None:
-        an: UDPAnalyzer = conn.analyzer
         if pkt.checksum_ok is False and not self._ignore_checksums:
-            an.bad_checksum(conn, side)
+            conn.analyzer.bad_checksum(conn, side)
             return
         conn.last_time = pkt.ts
-        an.account(conn, side, is_orig, pkt.udp_len)
+        # The history letter and the role-bound byte count (udp.py's endpoint fields).
+        if is_orig:
+            if not conn.hist_seen & HIST_ORIG_DATA_PKT:
+                conn.check_history(HIST_ORIG_DATA_PKT, "D")
+        elif not conn.hist_seen & HIST_RESP_DATA_PKT:
+            conn.check_history(HIST_RESP_DATA_PKT, "d")
+        ep = conn.side1 if side else conn.side0
+        n = ep.nbytes
+        ep.nbytes = pkt.udp_len - 8 if n is None else n + pkt.udp_len - 8
         self.hooks.udp_payload(conn, is_orig, pkt.payload)
         # ConnSize counts with the direction the packet had before any app-layer flip.
         ep = conn.side1 if (conn.orig_side if is_orig else conn.orig_side ^ 1) else conn.side0
@@ -249,6 +256,8 @@ class ConnTracker:
         if len(self.conns) >= self.bound.limit:  # connection bound (conn/bound.py)
             self.bound.make_room(self)
         proto = key[0]
+        if proto == 17:
+            return self._new_udp(pkt, key, side)
         s = self.settings
         flip = False
         if proto == 6:
@@ -262,11 +271,6 @@ class ConnTracker:
                     else:
                         flip = True
             timeout = s.udp_inactivity_timeout  # TCP starts with the UDP value (spec §5.2)
-        elif proto == 17:
-            analyzer = self._udp_analyzer
-            likely = self._likely_udp
-            flip = pkt.sport in likely and pkt.dport not in likely
-            timeout = s.udp_inactivity_timeout
         elif proto == 1 or proto == 58:
             analyzer = self._icmp_analyzer
             timeout = s.icmp_inactivity_timeout
@@ -286,6 +290,30 @@ class ConnTracker:
         if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
             self.set_inactivity_timeout(conn, timeout)
         elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
+            conn.inactivity_timeout = timeout
+            conn.inact_from = start = conn.last_time
+            conn.timer_at = start + timeout
+            self.timers.set_deadline(conn, start + timeout)
+        if self.tunnels.depth:
+            self.tunnels.check(conn)  # tunnel_parents set before new_connection (Zeek)
+        self.hooks.new_connection(conn)
+        return conn
+
+    def _new_udp(self, pkt: Packet, key: tuple, side: int) -> Connection:
+        """_new_connection's steps for UDP (most connections are DNS query/response pairs):
+        the stateless analyser attaches nothing, nothing is armed before the inactivity
+        deadline."""
+        likely = self._likely_udp
+        flip = pkt.sport in likely and pkt.dport not in likely and pkt.dst != BROADCAST4
+        key = self._shared_key(key)
+        conn = Connection(None, key, pkt.ts, side, (UDPEndpoint(), UDPEndpoint()),
+                          self._udp_analyzer, self)
+        self.conns[key] = conn
+        self.stats.connections += 1
+        if flip:
+            conn.flip_roles()
+        timeout = self.settings.udp_inactivity_timeout
+        if timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
             conn.inactivity_timeout = timeout
             conn.inact_from = start = conn.last_time
             conn.timer_at = start + timeout

@@ -59,18 +59,6 @@ class UDPAnalyzer:
                 ep.chk_thresh *= 10
 
     @staticmethod
-    def account(conn: Connection, side: int, is_orig: bool, udp_len: int) -> None:
-        """History letter and role-bound byte count of one valid datagram."""
-        if is_orig:
-            if not conn.hist_seen & HIST_ORIG_DATA_PKT:
-                conn.check_history(HIST_ORIG_DATA_PKT, "D")
-        elif not conn.hist_seen & HIST_RESP_DATA_PKT:
-            conn.check_history(HIST_RESP_DATA_PKT, "d")
-        ep = conn.side1 if side else conn.side0
-        n = ep.nbytes
-        ep.nbytes = udp_len - 8 if n is None else n + udp_len - 8
-
-    @staticmethod
     def conn_state(conn: Connection) -> str:
         # (SummedEndpoint.state of each role, read from the slots: once per logged row)
         if conn.orig_side:

@@ -271,12 +271,9 @@ class LogWriter:
         self._render = self._tsv_line if fmt == "tsv" else self._json_line
         self._kinds = tuple(_kind(t) for t in schema.types)
         self._tsv_fns = tuple(_tsv_renderer(k) for k in self._kinds)
-        self._tsv_fast = tuple(_TSV_FAST.get(k, fn)
-                               for k, fn in zip(self._kinds, self._tsv_fns, strict=True))
-        # The text fields (string, enum, addr) the fast path passes through unescaped, checked
-        # together instead (see _tsv_line); a getter of a tuple, even for one field.
-        text = [i for i, k in enumerate(self._kinds) if k in ("string", "addr")]
-        self._text_of = itemgetter(*text, *text[:1]) if text else None
+        # TSV lines of the usual value types come from one %-format template per tuple of
+        # value types (see _tsv_template), made on first use.
+        self._templates: dict[tuple[type, ...], tuple[str, Any] | None] = {}
         self._json_keys = tuple(json.dumps(n) + ":" for n in schema.names)
 
     # -- public -----------------------------------------------------------------------------
@@ -292,6 +289,10 @@ class LogWriter:
             line = self._render(values)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(self._bad_value(values, exc)) from None
+        if self._fd is not None and not self.buffered and not self.full and not self._pending:
+            self.records += 1   # the usual case: straight to the file
+            self._write_out(line.encode("utf-8", "surrogateescape"))
+            return
         if self._fd is None and not self.full:
             self._try_open()
         self._pending.append(line)
@@ -318,6 +319,10 @@ class LogWriter:
             data = self._held
         else:
             return True
+        return self._write_out(data)
+
+    def _write_out(self, data: bytes | bytearray) -> bool:
+        """Write `data` (whole lines, after any held ones); False if the disk is full."""
         done = 0
         try:
             while done < len(data):
@@ -483,27 +488,60 @@ class LogWriter:
         return "\n".join(lines) + "\n"
 
     def _tsv_line(self, values: Sequence[Any]) -> str:
-        # One renderer per field, chosen once (a record per connection: this is per-conn
-        # cost); first the builtins that take the usual types, else the general ones. The
-        # fast renderers pass text through as is: when all of it together is what
-        # escape_text would leave unchanged (printable ASCII, no backslash) and no text value
-        # is one of the strings it rewrites, the line is right; otherwise it is made again.
-        text_of = self._text_of
-        try:
-            parts = [UNSET_FIELD if v is None else fn(v)   # (write() checked the length)
-                     for fn, v in zip(self._tsv_fast, values, strict=False)]
-            if text_of is not None:
-                text = "".join(text_of(parts))
-                if (not text.isascii() or not text.isprintable() or "\\" in text
-                        or not _REWRITTEN_TEXT.isdisjoint(text_of(values))):
-                    raise ValueError
-            line = SEPARATOR.join(parts)
-        except (TypeError, ValueError, KeyError):
-            line = SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
-                                   for fn, v in zip(self._tsv_fns, values, strict=True)])
-        if line.startswith("#"):
+        # A record per connection: this is per-connection cost. Rows of the usual value
+        # types are one %-format of a template chosen by the values' types (no call per
+        # field); the template passes text through as is, which is right when all of it
+        # together is what escape_text would leave unchanged (printable ASCII, no backslash)
+        # and no text value is one of the strings it rewrites. Any other row is rendered
+        # field by field by the general renderers.
+        types = tuple(map(type, values))
+        entry = self._templates.get(types, _NO_TEMPLATE)
+        if entry is _NO_TEMPLATE:
+            entry = self._tsv_template(types)
+        if entry is not None:
+            template, text_of = entry
+            if text_of is None:
+                line = template % tuple(values)
+            else:
+                text = text_of(values)
+                joined = "".join(text)
+                if (joined.isascii() and joined.isprintable() and "\\" not in joined
+                        and _REWRITTEN_TEXT.isdisjoint(text)):
+                    line = template % tuple(values)
+                else:
+                    line = self._tsv_general(values)
+        else:
+            line = self._tsv_general(values)
+        if line[0] == "#":
             line = "\\x23" + line[1:]
-        return line + "\n"
+        return line
+
+    def _tsv_general(self, values: Sequence[Any]) -> str:
+        return SEPARATOR.join([UNSET_FIELD if v is None else fn(v)
+                               for fn, v in zip(self._tsv_fns, values, strict=True)]) + "\n"
+
+    def _tsv_template(self, types: tuple[type, ...]) -> tuple[str, Any] | None:
+        """(template, getter of the text values or None) for rows of these value types, or
+        None when a value needs the general renderers; kept for the next row."""
+        specs = []
+        text = []
+        for i, (kind, t) in enumerate(zip(self._kinds, types, strict=True)):
+            spec = _TEMPLATE_SPECS.get((kind, t))
+            if spec is None:
+                if t is not type(None):
+                    specs = None
+                    break
+                spec = UNSET_FIELD + "%.0s"   # prints "-" and nothing of the None itself
+            elif spec == "%s":
+                text.append(i)
+            specs.append(spec)
+        entry = None
+        if specs is not None:
+            getter = itemgetter(*text, *text[:1]) if text else None  # (always a tuple)
+            entry = (SEPARATOR.join(specs) + "\n", getter)
+        if len(self._templates) < _TEMPLATES_MAX:
+            self._templates[types] = entry
+        return entry
 
     def _json_line(self, values: Sequence[Any]) -> str:
         parts: list[str] = []
@@ -545,18 +583,18 @@ def _tsv_addr(v: Any) -> str:
     return addr_text(v) if isinstance(v, (bytes, bytearray)) else escape_text(v)
 
 
-# Builtins rendering the usual value types exactly as the renderers below do (int/bool
-# counts, int/float times, bool flags, text needing no escapes); any other value raises
-# TypeError/ValueError/KeyError and the line is rendered again with the general renderers.
-_TSV_FAST: dict[str, Callable[[Any], str]] = {
-    "count": int.__repr__,
-    "time": "{:.6f}".format,
-    "bool": {True: "T", False: "F"}.__getitem__,
-    "string": str.__str__,   # only str; checked by _tsv_line
-    "addr": str.__str__,     # text only (packed bytes: the general renderer)
+# %-format specs of the usual value types, rendering exactly as the renderers below do:
+# int/bool counts, int/float times, bools as T/F ("%.1s" of True/False), and text (checked by
+# _tsv_line: it must need no escaping). Other (kind, type) pairs use the general renderers.
+_TEMPLATE_SPECS: dict[tuple[str, type], str] = {
+    ("count", int): "%d", ("count", bool): "%d",
+    ("time", float): "%.6f", ("time", int): "%.6f",
+    ("bool", bool): "%.1s",
+    ("string", str): "%s", ("addr", str): "%s",
 }
-# Text values escape_text replaces although they are printable (an unhashable value, e.g. a
-# list, raises TypeError here: the general renderers then handle the line).
+_TEMPLATES_MAX = 1024   # distinct tuples of value types per log (a handful in practice)
+_NO_TEMPLATE: Any = object()
+# Text values escape_text replaces although they are printable.
 _REWRITTEN_TEXT = frozenset(("", UNSET_FIELD, EMPTY_FIELD))
 
 
@@ -671,7 +709,8 @@ def open_log(directory: str | Path, schema: LogSchema, fmt: str = "tsv",
              hold_max: int = DEFAULT_HOLD_BYTES) -> LogWriter:
     """Writer for `<directory>/<schema.path>.log`; the file appears with the first record.
 
-    `buffered=False` (default) writes each record as it comes (live daemon: logs are read
-    while we run); `buffered=True` batches whole lines up to 64 KiB (offline runs).
+    `buffered=False` (default) writes each record as it comes; `buffered=True` batches whole
+    lines up to 64 KiB, and `tick()` writes what is pending (offline runs; the live daemon,
+    which ticks its logs once a pass of its main loop).
     """
     return LogWriter(directory, schema, fmt, buffered, json_include_unset, hold_max)

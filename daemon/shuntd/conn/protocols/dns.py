@@ -13,48 +13,48 @@ from .base import Analyzer
 MAX_TRIES = 20       # unparsable messages tolerated before giving up on the connection
 
 
-def _skip_name(msg: bytes, pos: int) -> int:
-    """Offset after a (possibly compressed) domain name; -1 if malformed."""
-    n = len(msg)
-    labels = 0
-    while True:
-        if pos >= n:
-            return -1
-        length = msg[pos]
-        if length == 0:
-            return pos + 1
-        if length & 0xC0 == 0xC0:
-            if pos + 2 > n:
-                return -1
-            return pos + 2
-        if length & 0xC0:
-            return -1        # 0x40/0x80 label types are obsolete
-        pos += 1 + length
-        labels += 1
-        if labels > 127:
-            return -1
-
-
 def parse_message(msg: bytes) -> bool:
-    """True if the header, the questions and the answer records parse."""
+    """True if the header, the questions and the answer records parse.
+
+    Names are (possibly compressed) label sequences; a malformed one (0x40/0x80 label
+    types, more than 127 labels, past the end) fails the message. Skipped inline, one loop
+    over questions then answers: a DNS connection's first message is parsed here."""
     n = len(msg)
     if n < 12:
         return False
     qdcount = msg[4] << 8 | msg[5]
-    ancount = msg[6] << 8 | msg[7]
+    records = qdcount + (msg[6] << 8 | msg[7])
     pos = 12
-    for _ in range(qdcount):
-        pos = _skip_name(msg, pos)
-        if pos < 0 or pos + 4 > n:
-            return False
-        pos += 4
-    for _ in range(ancount):
-        pos = _skip_name(msg, pos)
-        if pos < 0 or pos + 10 > n:
-            return False
-        pos += 10 + (msg[pos + 8] << 8 | msg[pos + 9])
-        if pos > n:
-            return False
+    for i in range(records):
+        labels = 0
+        while True:   # the name
+            if pos >= n:
+                return False
+            length = msg[pos]
+            if length == 0:
+                pos += 1
+                break
+            if length >= 0xC0:   # a compression pointer ends the name
+                pos += 2
+                if pos > n:
+                    return False
+                break
+            if length & 0xC0:
+                return False     # 0x40/0x80 label types are obsolete
+            pos += 1 + length
+            labels += 1
+            if labels > 127:
+                return False
+        if i < qdcount:          # a question: type, class
+            pos += 4
+            if pos > n:
+                return False
+        else:                    # an answer: type, class, ttl, rdlength, rdata
+            if pos + 10 > n:
+                return False
+            pos += 10 + (msg[pos + 8] << 8 | msg[pos + 9])
+            if pos > n:
+                return False
     return True
 
 
