@@ -3,8 +3,8 @@
 A policy is a plain Python file with functions named after the engine's events; it imports
 only this module. The actions act on whatever runs the engine (the live daemon's shunt table,
 or the offline engine), which installs an `Actions` implementation for the duration of each
-event dispatch. Calling an action outside an event handler raises `PolicyError` instead of
-silently doing nothing.
+event dispatch (`EventDispatcher(actions=...)`, or `with acting(actions):`). Calling an action
+outside an event handler raises `PolicyError` instead of silently doing nothing.
 """
 
 from __future__ import annotations
@@ -36,12 +36,18 @@ class Actions(Protocol):
 
 _ACTIONS: contextvars.ContextVar[Actions] = contextvars.ContextVar("shuntd_policy_actions")
 
+# For the dispatcher, which installs its target around every dispatch inline (the bulk policy
+# acts on every connection): `token = install_actions(actions)` ... `restore_actions(token)`,
+# the context variable's own methods, no Python call in between.
+install_actions = _ACTIONS.set
+restore_actions = _ACTIONS.reset
+
 
 class acting:  # noqa: N801 - used like the function it replaces: `with acting(actions):`
-    """Make `actions` the target of the module-level functions below (used by the dispatcher).
+    """Make `actions` the target of the module-level functions below inside a `with` block.
 
     A plain context manager rather than a generator, and reusable and reentrant (a handler
-    may cause another dispatch): the dispatcher enters one instance around every handler call.
+    may cause another dispatch). The dispatcher does the same inline (its `actions`).
     """
 
     __slots__ = ("actions", "tokens")

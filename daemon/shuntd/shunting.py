@@ -433,9 +433,7 @@ class ShuntManager:
 
     def set_packets_threshold(self, conn: Any, npackets: int) -> bool:
         # Zeek's thresholds are per direction: watch both, the first crossing fires.
-        a = self.thresholds.set_packets_threshold(conn, npackets, True)
-        b = self.thresholds.set_packets_threshold(conn, npackets, False)
-        return a or b
+        return self.thresholds.set_packets_thresholds(conn, npackets)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _end_flow(self, conn: Any, reason: str) -> bool:
