@@ -375,7 +375,10 @@ class EventDispatcher(EngineHooks):
     # -- internals -----------------------------------------------------------------------
 
     def _threshold_crossed(self, kind: str, conn: Any, threshold: float, is_orig: bool) -> None:
-        self.notify(_THRESHOLD_EVENTS[kind], conn, threshold, is_orig)
+        event = _THRESHOLD_EVENTS[kind]
+        handlers = self._handlers.get(event)
+        if handlers:
+            self._run(event, handlers, (conn, threshold, is_orig))
 
     def _generic_crossed(self, conn: Any, threshold: int) -> None:
         self.notify("generic_packet_threshold_crossed", conn, threshold)

@@ -139,16 +139,23 @@ class ThresholdManager:
         st = conn.thresholds
         if st is None or st.shared:
             st = _own(conn)
+        # _check_if_due inline (the bulk policy sets two on every connection it watches)
         if is_orig:
             if st.next_bytes_orig == _NEVER:   # the common case (bulk: one per direction)
                 st.next_bytes_orig = threshold
             else:
                 st.add("bytes_orig", threshold)
-        elif st.next_bytes_resp == _NEVER:
-            st.next_bytes_resp = threshold
+            ep = conn.side1 if conn.orig_side else conn.side0
+            if ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig:
+                self._check_direction(conn, st, True)
         else:
-            st.add("bytes_resp", threshold)
-        self._check_if_due(conn, st, is_orig)
+            if st.next_bytes_resp == _NEVER:
+                st.next_bytes_resp = threshold
+            else:
+                st.add("bytes_resp", threshold)
+            ep = conn.side0 if conn.orig_side else conn.side1
+            if ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp:
+                self._check_direction(conn, st, False)
         return True
 
     def set_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
@@ -259,7 +266,8 @@ class ThresholdManager:
         if st.shared:
             st = _own(conn)
         fire = self.fire
-        endpoint = conn.orig if is_orig else conn.resp
+        side1 = conn.orig_side if is_orig else not conn.orig_side  # conn.orig / conn.resp
+        endpoint = conn.side1 if side1 else conn.side0
         if is_orig:
             while endpoint.num_bytes_ip >= st.next_bytes_orig:
                 fire(BYTES, conn, st.advance("bytes_orig"), True)
