@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager
 from typing import Any
 
 from shuntd.conn.contents import ContentsExtractor
@@ -41,7 +40,7 @@ from shuntd.conn.polling import ConnPolling, PollCallback
 from shuntd.conn.record import conn_record
 from shuntd.conn.service import ServiceDetection, ServiceSettings
 from shuntd.conn.thresholds import BYTES, DURATION, PACKETS, ThresholdManager
-from shuntd.policy import Actions, install_actions, restore_actions
+from shuntd.policy import Actions, get_target, new_target
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class _ServiceSink:
         self.dispatcher.notify("analyzer_violation", conn, name, reason)
 
     def ssl_established(self, conn: Any) -> None:
-        self.dispatcher.notify("ssl_established", conn)
+        self.dispatcher.notify_conn("ssl_established", conn)
 
     def flip_roles(self, conn: Any) -> None:
         conn.flip_roles()
@@ -102,7 +101,6 @@ class EventDispatcher(EngineHooks):
     nets). `contents` enables contents extraction.
     `actions` is the target of the policy actions (`shuntd.policy`) while handlers run: set
     around every dispatch, so an action called anywhere else raises `PolicyError`.
-    `handler_context`, if given, wraps every dispatch to handlers as well.
     """
 
     def __init__(
@@ -114,7 +112,6 @@ class EventDispatcher(EngineHooks):
         record: Callable[[Any], tuple] | None = None,
         write_long_row: Callable[[tuple], None] | None = None,
         contents: ContentsExtractor | None = None,
-        handler_context: Callable[[], AbstractContextManager[Any]] | None = None,
         actions: Actions | None = None,
     ) -> None:
         # Tuples, replaced on change: a dispatch iterates one without copying it.
@@ -124,7 +121,6 @@ class EventDispatcher(EngineHooks):
         self.thresholds = ThresholdManager(self._threshold_crossed, self._generic_crossed,
                                            tuple(generic_packet_thresholds))
         self.contents = contents
-        self.handler_context = handler_context
         self.actions = actions
         self._polling: ConnPolling | None = None
         self._long_settings = long_connections
@@ -200,15 +196,20 @@ class EventDispatcher(EngineHooks):
         if handlers:
             self._run(event, handlers, args)
 
+    def notify_conn(self, event: str, conn: Any) -> None:
+        """notify, for the events whose one argument is the connection."""
+        handlers = self._handlers.get(event)
+        if handlers:
+            self._run1(event, handlers, conn)
+
+    # The three dispatch loops below make `self.actions` the policy actions' target for the
+    # whole dispatch (not per handler), inline: `shuntd.policy.Target`.
+
     def _call(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> list[Any]:
         results: list[Any] = []
-        # The actions target and handler context once for the whole dispatch (not per
-        # handler); the target with the context variable's own set/reset (no Python call).
-        actions = self.actions
-        token = install_actions(actions) if actions is not None else None
-        ctx = self.handler_context() if self.handler_context is not None else None
-        if ctx is not None:
-            ctx.__enter__()
+        target = get_target(None) or new_target()
+        prev = target.actions
+        target.actions = self.actions
         try:
             for handler in handlers:
                 try:
@@ -216,19 +217,14 @@ class EventDispatcher(EngineHooks):
                 except Exception:
                     self._disable(event, handler)
         finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-            if token is not None:
-                restore_actions(token)
+            target.actions = prev
         return results
 
     def _run(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> None:
-        """_call without collecting results (every connection's new_connection comes here)."""
-        actions = self.actions
-        token = install_actions(actions) if actions is not None else None
-        ctx = self.handler_context() if self.handler_context is not None else None
-        if ctx is not None:
-            ctx.__enter__()
+        """_call without collecting results."""
+        target = get_target(None) or new_target()
+        prev = target.actions
+        target.actions = self.actions
         try:
             for handler in handlers:
                 try:
@@ -236,10 +232,22 @@ class EventDispatcher(EngineHooks):
                 except Exception:
                     self._disable(event, handler)
         finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-            if token is not None:
-                restore_actions(token)
+            target.actions = prev
+
+    def _run1(self, event: str, handlers: tuple[Handler, ...], conn: Any) -> None:
+        """_run of the events every connection raises, with their one argument: a plain
+        call is cheaper than `handler(*args)`."""
+        target = get_target(None) or new_target()
+        prev = target.actions
+        target.actions = self.actions
+        try:
+            for handler in handlers:
+                try:
+                    handler(conn)
+                except Exception:
+                    self._disable(event, handler)
+        finally:
+            target.actions = prev
 
     def _disable(self, event: str, handler: Handler) -> None:
         """A handler raised (the exception is being handled): log it once, drop it."""
@@ -301,13 +309,13 @@ class EventDispatcher(EngineHooks):
             long.new_connection(conn)
         handlers = self._on_new_connection
         if handlers:
-            self._run("new_connection", handlers, (conn,))
+            self._run1("new_connection", handlers, conn)
 
     def connection_flipped(self, conn: Any) -> None:
-        self.notify("connection_flipped", conn)
+        self.notify_conn("connection_flipped", conn)
 
     def connection_established(self, conn: Any) -> None:
-        self.notify("connection_established", conn)
+        self.notify_conn("connection_established", conn)
         if self.contents is not None:          # contents.zeek runs at priority -5
             self.contents.connection_established(conn)
 
@@ -351,7 +359,7 @@ class EventDispatcher(EngineHooks):
     def connection_state_remove(self, conn: Any) -> None:
         handlers = self._on_state_remove
         if handlers:
-            self._run("connection_state_remove", handlers, (conn,))
+            self._run1("connection_state_remove", handlers, conn)
         ext = conn.ext
         hooks = ext.get(REMOVAL_HOOKS_KEY) if ext else None
         if hooks:
@@ -394,7 +402,7 @@ class EventDispatcher(EngineHooks):
             assert self._long_settings is not None and self._write_long_row is not None
             self._long = LongConnections(self._long_settings, self._polling_for(conn),
                                          self._record, self._write_long_row,
-                                         lambda c: self.notify("long_conn_found", c))
+                                         lambda c: self.notify_conn("long_conn_found", c))
         return self._long
 
 
