@@ -2,7 +2,7 @@
 
 Loads the real XDP program (no interface: BPF_PROG_TEST_RUN plays the kernel's part) and runs
 N TLS-like sessions through the daemon's own pieces (ConnTracker, EventDispatcher with the
-shipped `tls` and `bulk` policies as `EventDispatcher.actions`, ShuntManager, ShuntTable,
+shipped `tls` and `bulk` policies and a ShuntManager as its `actions`, ShuntTable,
 RingPoller), timing each step of a shunt's life:
 
   shunt    ssl_established dispatched -> tls policy -> ShuntManager.shunt (map insert)
