@@ -144,6 +144,31 @@ def test_policy_actions_reach_the_dispatchers_target_only_inside_handlers(caplog
         policy.shunt(conns[0], "test")
 
 
+def test_acting_block_and_dispatch_inside_it_restore_the_target() -> None:
+    # `with acting(x)` makes x the target; a dispatch inside it swaps in the dispatcher's own
+    # target for its handlers and puts x back; after the block nothing is listening. Which
+    # target acted shows in whose handler fires for a bytes threshold already crossed (the
+    # SYN and the SYN-ACK are 40 IP bytes each).
+    seen: list[tuple] = []
+    d, outer = EventDispatcher(), EventDispatcher()
+    for name, disp in (("d", d), ("outer", outer)):
+        disp.actions = ShuntManager(None, None, disp, lambda row: None)
+        disp.add_handler("bytes_threshold_crossed", lambda c, thr, is_orig, name=name:
+                         seen.append((name, thr, is_orig)))
+    conns: list = []
+    d.add_handler("new_connection", conns.append)
+    run_packets(TcpScript().steps("C S; S SA").packets, hooks=d)
+    conn = conns[0]
+    d.add_handler("connection_flipped", lambda c: policy.set_bytes_threshold(c, 40, False))
+    with policy.acting(outer.actions):
+        policy.set_bytes_threshold(conn, 40, True)
+        d.dispatch("connection_flipped", conn)
+        policy.set_bytes_threshold(conn, 30, True)
+    with pytest.raises(PolicyError):
+        policy.set_bytes_threshold(conn, 20, True)
+    assert seen == [("outer", 40, True), ("d", 40, False), ("outer", 30, True)]
+
+
 def _timeout_case() -> list:
     # spec §10.5 #61/#63: C S; S SA; C A @t; C D100 @t+300.5 (port 80)
     s = TcpScript()
