@@ -241,9 +241,10 @@ class ThresholdManager:
                 ep = conn.side0 if conn.orig_side else conn.side1
                 if ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp:
                     st = self._check_direction(conn, st, False)
-            more = st.more
-            if more is not None and more.duration:
-                self._check_duration(conn, more.duration, pkt.ts)
+            if st.more is not None:
+                more = st.more
+                if more.duration:
+                    self._check_duration(conn, more.duration, pkt.ts)
         if self.generic:
             self._check_generic(conn)
 
