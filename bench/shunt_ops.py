@@ -2,7 +2,7 @@
 
 Loads the real XDP program (no interface: BPF_PROG_TEST_RUN plays the kernel's part) and runs
 N TLS-like sessions through the daemon's own pieces (ConnTracker, EventDispatcher with the
-shipped `tls` and `bulk` policies behind `policy.acting`, ShuntManager, ShuntTable,
+shipped `tls` and `bulk` policies and a ShuntManager as its `actions`, ShuntTable,
 RingPoller), timing each step of a shunt's life:
 
   shunt    ssl_established dispatched -> tls policy -> ShuntManager.shunt (map insert)
@@ -80,7 +80,6 @@ class Rig:
     """A fresh engine (tracker, dispatcher, policies, manager) over the shared program."""
 
     def __init__(self, table: Any, shunt: bool) -> None:
-        from shuntd import policy
         from shuntd.conn.tracker import ConnTracker
         from shuntd.events import EventDispatcher
         from shuntd.policies import bulk, tls
@@ -92,8 +91,7 @@ class Rig:
         self.tracker = ConnTracker(None, hooks=d, sink=lambda c, r: self.rows.append(
             r + shunt_conn_values(c)))
         self.manager = ShuntManager(table, self.tracker, d, self.shunt_rows.append)
-        acting = policy.acting(self.manager)
-        d.handler_context = lambda: acting
+        d.actions = self.manager
         if shunt:
             d.add_handlers(tls)
         d.add_handlers(bulk)

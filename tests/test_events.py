@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import types
 
+import pytest
 from conn_packets import S_ADDR, T0, TcpScript, run_packets, udp_packet
 from e3_payloads import (
     CCS,
@@ -20,7 +21,10 @@ from e3_payloads import (
     server_hello,
     tls_record,
 )
+from shuntd import policy
 from shuntd.events import EVENTS, EventDispatcher
+from shuntd.policy import PolicyError
+from shuntd.shunting import ShuntManager
 
 
 def tls12_session(port: int = 443) -> TcpScript:
@@ -109,6 +113,60 @@ def test_raising_handler_is_logged_once_and_disabled(caplog) -> None:
     assert len(later) == 2                              # the other handler still ran
     errors = [r for r in caplog.records if "policy bug" in (r.exc_text or "")]
     assert len(errors) == 1                             # logged once, then disabled
+
+
+def test_policy_actions_reach_the_dispatchers_target_only_inside_handlers(caplog) -> None:
+    # The live daemon's target (ShuntManager) for the thresholds the bulk policy sets: a
+    # handler that sets 3 packets (both directions) and then raises is disabled, but its
+    # thresholds stand. C S, S SA, C A, C D10, S D10, C FA, S FA, C A at 0.1 s steps: the
+    # originator's 3rd packet is D10 @0.3, the responder's 3rd is FA @0.6.
+    d = EventDispatcher()
+    d.actions = ShuntManager(None, None, d, lambda row: None)
+    conns: list = []
+    seen: list[tuple] = []
+
+    def broken(conn):
+        conns.append(conn)
+        assert policy.set_packets_threshold(conn, 3)
+        raise RuntimeError("policy bug")
+
+    d.add_handler("new_connection", broken)
+    d.add_handler("packets_threshold_crossed", lambda conn, thr, is_orig: seen.append(
+        (thr, is_orig, round(conn.last_time - T0, 3))))
+    packets = TcpScript().steps("C S; S SA; C A; C D10; S D10; C FA; S FA; C A").packets
+    with caplog.at_level(logging.ERROR, logger="shuntd.events"):
+        run_packets(packets, hooks=d)
+    assert seen == [(3, True, 0.3), (3, False, 0.6)]
+    assert d.dispatch("new_connection", conns[0]) == []     # disabled
+    with pytest.raises(PolicyError, match="only be called from an event handler"):
+        policy.set_packets_threshold(conns[0], 3)
+    with pytest.raises(PolicyError):
+        policy.shunt(conns[0], "test")
+
+
+def test_acting_block_and_dispatch_inside_it_restore_the_target() -> None:
+    # `with acting(x)` makes x the target; a dispatch inside it swaps in the dispatcher's own
+    # target for its handlers and puts x back; after the block nothing is listening. Which
+    # target acted shows in whose handler fires for a bytes threshold already crossed (the
+    # SYN and the SYN-ACK are 40 IP bytes each).
+    seen: list[tuple] = []
+    d, outer = EventDispatcher(), EventDispatcher()
+    for name, disp in (("d", d), ("outer", outer)):
+        disp.actions = ShuntManager(None, None, disp, lambda row: None)
+        disp.add_handler("bytes_threshold_crossed", lambda c, thr, is_orig, name=name:
+                         seen.append((name, thr, is_orig)))
+    conns: list = []
+    d.add_handler("new_connection", conns.append)
+    run_packets(TcpScript().steps("C S; S SA").packets, hooks=d)
+    conn = conns[0]
+    d.add_handler("connection_flipped", lambda c: policy.set_bytes_threshold(c, 40, False))
+    with policy.acting(outer.actions):
+        policy.set_bytes_threshold(conn, 40, True)
+        d.dispatch("connection_flipped", conn)
+        policy.set_bytes_threshold(conn, 30, True)
+    with pytest.raises(PolicyError):
+        policy.set_bytes_threshold(conn, 20, True)
+    assert seen == [("outer", 40, True), ("d", 40, False), ("outer", 30, True)]
 
 
 def _timeout_case() -> list:

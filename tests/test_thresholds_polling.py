@@ -85,6 +85,75 @@ def test_bulk_shape_bytes_thresholds_set_when_packets_cross() -> None:
         ("packets", 3, False, 1.4), ("bytes", 200, True, 1.4), ("bytes", 60, False, 1.4)]
 
 
+def test_both_directions_on_new_connections_stay_per_connection() -> None:
+    # set_packets_thresholds (the bulk policy's: both directions) on three sessions, B 0.03 s
+    # and C 0.06 s behind A. Each: orig 3rd packet D100 @1.0, resp 3rd packet FA @1.4.
+    # A alone also gets an orig bytes threshold at its handshake's ACK (IP bytes sent: 80
+    # @0.2, 220 @1.0), which fires on D100 before the packets one. B crosses before C: each
+    # must cross on its own packets, and only A has a bytes crossing.
+    sessions = [TcpScript(c=(f"10.0.0.{i + 1}", 40000 + i)).steps("") for i in range(3)]
+    for s, off in zip(sessions, (0.0, 0.03, 0.06), strict=True):
+        for who, code, at in (("C", "S", 0.0), ("S", "SA", 0.1), ("C", "A", 0.2),
+                              ("C", "D100", 1.0), ("S", "D50", 1.1), ("C", "A", 1.2),
+                              ("C", "FA", 1.3), ("S", "FA", 1.4)):
+            s.send(who, code, at=at + off)
+    packets = sorted((p for s in sessions for p in s.packets), key=lambda p: p.ts)
+    d = EventDispatcher()
+    conns: list = []
+    seen: list[tuple] = []
+
+    def new(c):
+        assert d.set_packets_thresholds(c, 3)
+        conns.append(c)
+
+    def established(c):
+        if conns.index(c) == 0:
+            d.set_bytes_threshold(c, 200, True)
+
+    def crossed(kind):
+        return lambda c, thr, is_orig: seen.append(
+            ("ABC"[conns.index(c)], kind, thr, is_orig, round(c.last_time - T0, 3)))
+
+    d.add_handler("new_connection", new)
+    d.add_handler("connection_established", established)
+    d.add_handler("packets_threshold_crossed", crossed("packets"))
+    d.add_handler("bytes_threshold_crossed", crossed("bytes"))
+    run_packets(packets, hooks=d)
+    assert seen == [("A", "bytes", 200, True, 1.0), ("A", "packets", 3, True, 1.0),
+                    ("B", "packets", 3, True, 1.03), ("C", "packets", 3, True, 1.06),
+                    ("A", "packets", 3, False, 1.4), ("B", "packets", 3, False, 1.43),
+                    ("C", "packets", 3, False, 1.46)]
+
+
+def test_both_directions_when_one_has_crossed_already() -> None:
+    # Set at the handshake's ACK @0.2: orig has sent 2 (S, A), resp 1 (SA): orig fires at
+    # once, resp at its 2nd packet, D50 @1.1.
+    d = EventDispatcher()
+    seen: list[tuple] = []
+    d.add_handler("connection_established", lambda c: d.set_packets_thresholds(c, 2))
+    d.add_handler("packets_threshold_crossed", lambda c, thr, is_orig: seen.append(
+        (thr, is_orig, round(c.last_time - T0, 3))))
+    run_packets(_session(), hooks=d)
+    assert seen == [(2, True, 0.2), (2, False, 1.1)]
+
+
+def test_both_directions_with_generic_thresholds() -> None:
+    # generic 4 = the 4th packet of the connection (D100 @1.0), after that packet's
+    # direction check (orig's 3rd packet): both at 1.0; resp's 3rd packet FA @1.4.
+    def setup(d, c):
+        d.set_packets_thresholds(c, 3)
+    d = EventDispatcher(generic_packet_thresholds=[4])
+    seen: list[tuple] = []
+    d.add_handler("packets_threshold_crossed", lambda c, thr, is_orig: seen.append(
+        ("packets", thr, is_orig, round(c.last_time - T0, 3))))
+    d.add_handler("generic_packet_threshold_crossed", lambda c, n: seen.append(
+        ("generic", n, None, round(c.last_time - T0, 3))))
+    d.add_handler("new_connection", lambda c: setup(d, c))
+    run_packets(_session(), hooks=d)
+    assert seen == [("packets", 3, True, 1.0), ("generic", 4, None, 1.0),
+                    ("packets", 3, False, 1.4)]
+
+
 def test_threshold_already_crossed_fires_immediately() -> None:
     d = EventDispatcher()
     seen: list[str] = []

@@ -279,7 +279,6 @@ class Engine:
     process, a channel to the parent in a worker."""
 
     def __init__(self, args: argparse.Namespace, settings: Any, dp: Any, out: Any) -> None:
-        from shuntd import policy
         from shuntd.conn.tracker import ConnTracker
         from shuntd.defrag import Defragmenter
         from shuntd.eventopts import dispatcher_from_args
@@ -298,8 +297,7 @@ class Engine:
         self.shunts = ShuntManager(dp.table, self.tracker, dispatcher, out.shunt,
                                    args.shunted_inactivity_timeout)
         self.shunts.on_insert = out.inserted
-        acting = policy.acting(self.shunts)
-        dispatcher.handler_context = lambda: acting
+        dispatcher.actions = self.shunts  # the policies' actions, while handlers run
         self.ignore = settings.ignore_checksums
         self.defrag = Defragmenter(ignore_checksums=self.ignore)
         self.renew_every = args.lease / 3

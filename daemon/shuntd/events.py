@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager
 from typing import Any
 
 from shuntd.conn.contents import ContentsExtractor
@@ -41,6 +40,7 @@ from shuntd.conn.polling import ConnPolling, PollCallback
 from shuntd.conn.record import conn_record
 from shuntd.conn.service import ServiceDetection, ServiceSettings
 from shuntd.conn.thresholds import BYTES, DURATION, PACKETS, ThresholdManager
+from shuntd.policy import Actions, get_target, new_target
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,13 @@ class _ServiceSink:
         self.dispatcher = dispatcher
 
     def service_confirmed(self, conn: Any, name: str) -> None:
-        self.dispatcher.dispatch("analyzer_confirmation", conn, name)
+        self.dispatcher.notify("analyzer_confirmation", conn, name)
 
     def service_violation(self, conn: Any, name: str, reason: str) -> None:
-        self.dispatcher.dispatch("analyzer_violation", conn, name, reason)
+        self.dispatcher.notify("analyzer_violation", conn, name, reason)
 
     def ssl_established(self, conn: Any) -> None:
-        self.dispatcher.dispatch("ssl_established", conn)
+        self.dispatcher.notify_conn("ssl_established", conn)
 
     def flip_roles(self, conn: Any) -> None:
         conn.flip_roles()
@@ -99,8 +99,8 @@ class EventDispatcher(EngineHooks):
     `long_connections` enables conn_long.log: `write_long_row(row)` writes one record and
     `record(conn)` builds it (default: conn.log's `conn_record` with the tracker's local
     nets). `contents` enables contents extraction.
-    `handler_context`, if given, wraps every dispatch to handlers (policy actions install
-    themselves with it).
+    `actions` is the target of the policy actions (`shuntd.policy`) while handlers run: set
+    around every dispatch, so an action called anywhere else raises `PolicyError`.
     """
 
     def __init__(
@@ -112,7 +112,7 @@ class EventDispatcher(EngineHooks):
         record: Callable[[Any], tuple] | None = None,
         write_long_row: Callable[[tuple], None] | None = None,
         contents: ContentsExtractor | None = None,
-        handler_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        actions: Actions | None = None,
     ) -> None:
         # Tuples, replaced on change: a dispatch iterates one without copying it.
         self._handlers: dict[str, tuple[Handler, ...]] = {}
@@ -121,7 +121,7 @@ class EventDispatcher(EngineHooks):
         self.thresholds = ThresholdManager(self._threshold_crossed, self._generic_crossed,
                                            tuple(generic_packet_thresholds))
         self.contents = contents
-        self.handler_context = handler_context
+        self.actions = actions
         self._polling: ConnPolling | None = None
         self._long_settings = long_connections
         self._long: LongConnections | None = None
@@ -140,6 +140,8 @@ class EventDispatcher(EngineHooks):
             self.thresholds.set_bytes_threshold)
         self.set_packets_threshold = (  # type: ignore[method-assign]
             self.thresholds.set_packets_threshold)
+        self.set_packets_thresholds = (  # type: ignore[method-assign]
+            self.thresholds.set_packets_thresholds)
         # The handlers of the events every connection raises, kept up to date by
         # _handlers_changed(): a connection's hooks test one attribute, not the dict.
         self._on_new_connection: tuple[Handler, ...] = ()
@@ -190,24 +192,70 @@ class EventDispatcher(EngineHooks):
             return []
         return self._call(event, handlers, args)
 
+    def notify(self, event: str, *args: Any) -> None:
+        """dispatch, for the engine's events: their results are not wanted."""
+        handlers = self._handlers.get(event)
+        if handlers:
+            self._run(event, handlers, args)
+
+    def notify_conn(self, event: str, conn: Any) -> None:
+        """notify, for the events whose one argument is the connection."""
+        handlers = self._handlers.get(event)
+        if handlers:
+            self._run1(event, handlers, conn)
+
+    # The three dispatch loops below make `self.actions` the policy actions' target for the
+    # whole dispatch (not per handler), inline: `shuntd.policy.Target`.
+
     def _call(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> list[Any]:
-        results = []
-        # One handler context for the whole dispatch (not one per handler call).
-        ctx = self.handler_context() if self.handler_context is not None else None
-        if ctx is not None:
-            ctx.__enter__()
+        results: list[Any] = []
+        target = get_target(None) or new_target()
+        prev = target.actions
+        target.actions = self.actions
         try:
             for handler in handlers:
                 try:
                     results.append(handler(*args))
                 except Exception:
-                    log.exception("handler %s for event %s raised; it is disabled for this "
-                                  "event", getattr(handler, "__qualname__", handler), event)
-                    self.remove_handler(event, handler)
+                    self._disable(event, handler)
         finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+            target.actions = prev
         return results
+
+    def _run(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> None:
+        """_call without collecting results."""
+        target = get_target(None) or new_target()
+        prev = target.actions
+        target.actions = self.actions
+        try:
+            for handler in handlers:
+                try:
+                    handler(*args)
+                except Exception:
+                    self._disable(event, handler)
+        finally:
+            target.actions = prev
+
+    def _run1(self, event: str, handlers: tuple[Handler, ...], conn: Any) -> None:
+        """_run of the events every connection raises, with their one argument: a plain
+        call is cheaper than `handler(*args)`."""
+        target = get_target(None) or new_target()
+        prev = target.actions
+        target.actions = self.actions
+        try:
+            for handler in handlers:
+                try:
+                    handler(conn)
+                except Exception:
+                    self._disable(event, handler)
+        finally:
+            target.actions = prev
+
+    def _disable(self, event: str, handler: Handler) -> None:
+        """A handler raised (the exception is being handled): log it once, drop it."""
+        log.exception("handler %s for event %s raised; it is disabled for this "
+                      "event", getattr(handler, "__qualname__", handler), event)
+        self.remove_handler(event, handler)
 
     # -- framework API for policies ------------------------------------------------------
 
@@ -216,6 +264,10 @@ class EventDispatcher(EngineHooks):
 
     def set_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
         return self.thresholds.set_packets_threshold(conn, threshold, is_orig)
+
+    def set_packets_thresholds(self, conn: Any, threshold: int) -> bool:
+        """set_packets_threshold for both directions."""
+        return self.thresholds.set_packets_thresholds(conn, threshold)
 
     def set_duration_threshold(self, conn: Any, seconds: float) -> bool:
         return self.thresholds.set_duration_threshold(conn, seconds,
@@ -258,14 +310,24 @@ class EventDispatcher(EngineHooks):
         if long is not None:
             long.new_connection(conn)
         handlers = self._on_new_connection
-        if handlers:
-            self._call("new_connection", handlers, (conn,))
+        if handlers:  # _run1, inline: every connection comes here (the bulk policy acts)
+            target = get_target(None) or new_target()
+            prev = target.actions
+            target.actions = self.actions
+            try:
+                for handler in handlers:
+                    try:
+                        handler(conn)
+                    except Exception:
+                        self._disable("new_connection", handler)
+            finally:
+                target.actions = prev
 
     def connection_flipped(self, conn: Any) -> None:
-        self.dispatch("connection_flipped", conn)
+        self.notify_conn("connection_flipped", conn)
 
     def connection_established(self, conn: Any) -> None:
-        self.dispatch("connection_established", conn)
+        self.notify_conn("connection_established", conn)
         if self.contents is not None:          # contents.zeek runs at priority -5
             self.contents.connection_established(conn)
 
@@ -289,7 +351,7 @@ class EventDispatcher(EngineHooks):
         self.services.content_gap(conn, is_orig, nbytes)
         if self.contents is not None:
             self.contents.gap(conn, is_orig, nbytes)
-        self.dispatch("content_gap", conn, is_orig, nbytes)
+        self.notify("content_gap", conn, is_orig, nbytes)
 
     def connection_timing_out(self, conn: Any) -> bool:
         vetoed = False
@@ -309,7 +371,7 @@ class EventDispatcher(EngineHooks):
     def connection_state_remove(self, conn: Any) -> None:
         handlers = self._on_state_remove
         if handlers:
-            self._call("connection_state_remove", handlers, (conn,))
+            self._run1("connection_state_remove", handlers, conn)
         ext = conn.ext
         hooks = ext.get(REMOVAL_HOOKS_KEY) if ext else None
         if hooks:
@@ -328,15 +390,18 @@ class EventDispatcher(EngineHooks):
     def connection_logged(self, conn: Any, row: tuple) -> None:
         handlers = self._on_logged
         if handlers:
-            self._call("connection_logged", handlers, (conn, row))
+            self._run("connection_logged", handlers, (conn, row))
 
     # -- internals -----------------------------------------------------------------------
 
     def _threshold_crossed(self, kind: str, conn: Any, threshold: float, is_orig: bool) -> None:
-        self.dispatch(_THRESHOLD_EVENTS[kind], conn, threshold, is_orig)
+        event = _THRESHOLD_EVENTS[kind]
+        handlers = self._handlers.get(event)
+        if handlers:
+            self._run(event, handlers, (conn, threshold, is_orig))
 
     def _generic_crossed(self, conn: Any, threshold: int) -> None:
-        self.dispatch("generic_packet_threshold_crossed", conn, threshold)
+        self.notify("generic_packet_threshold_crossed", conn, threshold)
 
     def _polling_for(self, conn: Any) -> ConnPolling:
         """Polling runs on the tracker's timers (known from the first connection)."""
@@ -349,7 +414,7 @@ class EventDispatcher(EngineHooks):
             assert self._long_settings is not None and self._write_long_row is not None
             self._long = LongConnections(self._long_settings, self._polling_for(conn),
                                          self._record, self._write_long_row,
-                                         lambda c: self.dispatch("long_conn_found", c))
+                                         lambda c: self.notify_conn("long_conn_found", c))
         return self._long
 
 

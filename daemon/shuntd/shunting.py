@@ -322,6 +322,10 @@ class ShuntManager:
         self.table = table
         self.tracker = tracker
         self.thresholds = thresholds  # the EventDispatcher (threshold framework)
+        if thresholds is not None:  # the threshold actions below, without a call in between
+            self.set_bytes_threshold = thresholds.set_bytes_threshold  # type: ignore[method-assign]
+            self.set_packets_threshold = (  # type: ignore[method-assign]
+                thresholds.set_packets_thresholds)
         self.write_shunt_row = write_shunt_row
         self.shunted_inactivity_timeout = shunted_inactivity_timeout
         self.flows: dict[bytes, Any] = {}  # key bytes -> Connection
@@ -459,9 +463,7 @@ class ShuntManager:
 
     def set_packets_threshold(self, conn: Any, npackets: int) -> bool:
         # Zeek's thresholds are per direction: watch both, the first crossing fires.
-        a = self.thresholds.set_packets_threshold(conn, npackets, True)
-        b = self.thresholds.set_packets_threshold(conn, npackets, False)
-        return a or b
+        return self.thresholds.set_packets_thresholds(conn, npackets)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _end_flow(self, conn: Any, reason: str) -> bool:

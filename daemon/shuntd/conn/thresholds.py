@@ -12,6 +12,10 @@ never reach it: so the smallest pending bytes and packets threshold of each dire
 plain int in one small object (setting one costs that object, the per-packet check two
 compares), and anything more (a second threshold of the same kind and direction, durations,
 generic thresholds) lives in `ConnThresholds.more`, made when first needed.
+Setting a packets threshold on both directions of a connection that has none yet (the bulk
+policy, on every connection) makes no object at all: the connection shares one read-only
+`ConnThresholds` per value with every other such connection, and gets its own copy the first
+time anything changes (a crossing, another threshold). Every change goes through `_own`.
 """
 
 from __future__ import annotations
@@ -30,22 +34,21 @@ _NEVER = 1 << 62  # the limit of a direction with no threshold pending
 FireCallback = Callable[[str, Any, float, bool], None]
 GenericCallback = Callable[[Any, int], None]
 
-# (kind, list name) checked for a direction, in Zeek's order: bytes, then packets
-_ORIG = ((BYTES, "bytes_orig"), (PACKETS, "pkts_orig"))
-_RESP = ((BYTES, "bytes_resp"), (PACKETS, "pkts_resp"))
-
 
 class ConnThresholds:
     """Pending thresholds of one connection: the smallest of each kind and direction as an
     int (`_NEVER` when none); the rest in `more`."""
 
     __slots__ = ("next_bytes_orig", "next_bytes_resp", "next_pkts_orig", "next_pkts_resp",
-                 "more")
+                 "more", "shared")
 
-    def __init__(self) -> None:
+    def __init__(self, pkts: int = _NEVER, shared: bool = False) -> None:
         self.next_bytes_orig = self.next_bytes_resp = _NEVER
-        self.next_pkts_orig = self.next_pkts_resp = _NEVER
+        self.next_pkts_orig = self.next_pkts_resp = pkts
         self.more: MoreThresholds | None = None
+        # Read-only, shared by connections (ThresholdManager.set_packets_thresholds): never
+        # changed in place; `_own` gives the connection a copy first.
+        self.shared = shared
 
     def add(self, name: str, value: int) -> None:
         """Install `value` as pending threshold `name` (e.g. "pkts_orig")."""
@@ -86,6 +89,17 @@ class ConnThresholds:
         return more
 
 
+def _own(conn: Any) -> ConnThresholds:
+    """`conn`'s thresholds, made or copied from the shared state so they can be changed."""
+    st = conn.thresholds
+    if st is None:
+        st = conn.thresholds = ConnThresholds()
+    elif st.shared:
+        # Shared states only ever hold the two packets thresholds (nothing in `more`).
+        st = conn.thresholds = ConnThresholds(st.next_pkts_orig)
+    return st
+
+
 class MoreThresholds:
     """What few connections have: further pending thresholds beyond the smallest of their
     kind and direction (sorted), durations (sorted) and the generic thresholds' index."""
@@ -105,13 +119,15 @@ class MoreThresholds:
 class ThresholdManager:
     """Sets, checks and fires thresholds; `fire` receives every crossing."""
 
-    __slots__ = ("fire", "fire_generic", "generic")
+    __slots__ = ("fire", "fire_generic", "generic", "_shared")
 
     def __init__(self, fire: FireCallback, fire_generic: GenericCallback | None = None,
                  generic_packet_thresholds: Sequence[int] = ()) -> None:
         self.fire = fire
         self.fire_generic = fire_generic
         self.generic = sorted(set(int(n) for n in generic_packet_thresholds))
+        # The shared read-only states of set_packets_thresholds, by threshold.
+        self._shared: dict[int, ConnThresholds] = {}
 
     # -- API for policies --------------------------------------------------------------
 
@@ -121,18 +137,25 @@ class ThresholdManager:
             return False
         threshold = int(threshold)
         st = conn.thresholds
-        if st is None:
-            st = conn.thresholds = ConnThresholds()
+        if st is None or st.shared:
+            st = _own(conn)
+        # _check_if_due inline (the bulk policy sets two on every connection it watches)
         if is_orig:
             if st.next_bytes_orig == _NEVER:   # the common case (bulk: one per direction)
                 st.next_bytes_orig = threshold
             else:
                 st.add("bytes_orig", threshold)
-        elif st.next_bytes_resp == _NEVER:
-            st.next_bytes_resp = threshold
+            ep = conn.side1 if conn.orig_side else conn.side0
+            if ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig:
+                self._check_direction(conn, st, True)
         else:
-            st.add("bytes_resp", threshold)
-        self._check_if_due(conn, st, is_orig)
+            if st.next_bytes_resp == _NEVER:
+                st.next_bytes_resp = threshold
+            else:
+                st.add("bytes_resp", threshold)
+            ep = conn.side0 if conn.orig_side else conn.side1
+            if ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp:
+                self._check_direction(conn, st, False)
         return True
 
     def set_packets_threshold(self, conn: Any, threshold: int, is_orig: bool) -> bool:
@@ -140,10 +163,8 @@ class ThresholdManager:
             return False
         threshold = int(threshold)
         st = conn.thresholds
-        if st is None:
-            # A new connection's first threshold (the bulk policy's, on every connection):
-            # one small object, no lists, no lookups.
-            st = conn.thresholds = ConnThresholds()
+        if st is None or st.shared:
+            st = _own(conn)
         # The common case (no packets threshold pending in this direction) inline; a bytes
         # threshold pending here is not due (it would have fired when set or counted).
         if is_orig:
@@ -165,15 +186,28 @@ class ThresholdManager:
         self._check_if_due(conn, st, is_orig)
         return True
 
+    def set_packets_thresholds(self, conn: Any, threshold: int) -> bool:
+        """set_packets_threshold for both directions (orig first), as the bulk policy does
+        on every connection: on one with no thresholds and fewer packets than `threshold`
+        in each direction, nothing can fire, and it shares a read-only state."""
+        if threshold > 0 and conn.thresholds is None:
+            n = int(threshold)
+            if conn.side0.num_pkts < n and conn.side1.num_pkts < n:
+                st = self._shared.get(n)
+                if st is None:
+                    st = self._shared[n] = ConnThresholds(n, shared=True)
+                conn.thresholds = st
+                return True
+        a = self.set_packets_threshold(conn, threshold, True)
+        b = self.set_packets_threshold(conn, threshold, False)
+        return a or b
+
     def set_duration_threshold(self, conn: Any, seconds: float, now: float | None = None) -> bool:
         """Fires on the first counted packet with `now - start_time > seconds`; a threshold
         already exceeded at `now` (default: the connection's last packet) fires at once."""
         if seconds <= 0:
             return False
-        st = conn.thresholds
-        if st is None:
-            st = conn.thresholds = ConnThresholds()
-        pending = st._more().duration
+        pending = _own(conn)._more().duration
         bisect.insort(pending, float(seconds))
         self._check_duration(conn, pending, conn.last_time if now is None else now)
         return True
@@ -185,7 +219,7 @@ class ThresholdManager:
         return self._delete(conn, "pkts_orig" if is_orig else "pkts_resp", threshold)
 
     def delete_duration_threshold(self, conn: Any, seconds: float) -> bool:
-        st = conn.thresholds
+        st = conn.thresholds  # (a shared state has no durations: nothing changed here)
         pending = st.more.duration if st is not None and st.more is not None else None
         if pending and seconds in pending:
             pending.remove(seconds)
@@ -202,14 +236,15 @@ class ThresholdManager:
             if is_orig:
                 ep = conn.side1 if conn.orig_side else conn.side0
                 if ep.num_bytes_ip >= st.next_bytes_orig or ep.num_pkts >= st.next_pkts_orig:
-                    self._check_direction(conn, st, True)
+                    st = self._check_direction(conn, st, True)
             else:
                 ep = conn.side0 if conn.orig_side else conn.side1
                 if ep.num_bytes_ip >= st.next_bytes_resp or ep.num_pkts >= st.next_pkts_resp:
-                    self._check_direction(conn, st, False)
-            more = st.more
-            if more is not None and more.duration:
-                self._check_duration(conn, more.duration, pkt.ts)
+                    st = self._check_direction(conn, st, False)
+            if st.more is not None:
+                more = st.more
+                if more.duration:
+                    self._check_duration(conn, more.duration, pkt.ts)
         if self.generic:
             self._check_generic(conn)
 
@@ -226,13 +261,25 @@ class ThresholdManager:
         if due:
             self._check_direction(conn, st, is_orig)
 
-    def _check_direction(self, conn: Any, st: ConnThresholds, is_orig: bool) -> None:
-        endpoint = conn.orig if is_orig else conn.resp
-        for kind, name in _ORIG if is_orig else _RESP:
-            attr = "next_" + name
-            while (endpoint.num_bytes_ip if kind is BYTES else endpoint.num_pkts) \
-                    >= getattr(st, attr):
-                self.fire(kind, conn, st.advance(name), is_orig)
+    def _check_direction(self, conn: Any, st: ConnThresholds, is_orig: bool) -> ConnThresholds:
+        """Fire what the direction has crossed: bytes, then packets, each ascending.
+        Returns the connection's state (its own copy, if `st` was shared)."""
+        if st.shared:
+            st = _own(conn)
+        fire = self.fire
+        side1 = conn.orig_side if is_orig else not conn.orig_side  # conn.orig / conn.resp
+        endpoint = conn.side1 if side1 else conn.side0
+        if is_orig:
+            while endpoint.num_bytes_ip >= st.next_bytes_orig:
+                fire(BYTES, conn, st.advance("bytes_orig"), True)
+            while endpoint.num_pkts >= st.next_pkts_orig:
+                fire(PACKETS, conn, st.advance("pkts_orig"), True)
+        else:
+            while endpoint.num_bytes_ip >= st.next_bytes_resp:
+                fire(BYTES, conn, st.advance("bytes_resp"), False)
+            while endpoint.num_pkts >= st.next_pkts_resp:
+                fire(PACKETS, conn, st.advance("pkts_resp"), False)
+        return st
 
     def _check_duration(self, conn: Any, pending: list[float], now: float) -> None:
         while pending and now - conn.start_time > pending[0]:
@@ -240,10 +287,7 @@ class ThresholdManager:
             self.fire(DURATION, conn, pending.pop(0), True)
 
     def _check_generic(self, conn: Any) -> None:
-        st = conn.thresholds
-        if st is None:
-            st = conn.thresholds = ConnThresholds()
-        more = st._more()
+        more = _own(conn)._more()
         total = conn.orig.num_pkts + conn.resp.num_pkts
         generic = self.generic
         while more.generic_next < len(generic) and generic[more.generic_next] <= total:
@@ -254,5 +298,6 @@ class ThresholdManager:
 
     @staticmethod
     def _delete(conn: Any, name: str, value: float) -> bool:
-        st = conn.thresholds
-        return st is not None and st.remove(name, value)
+        if conn.thresholds is None:
+            return False
+        return _own(conn).remove(name, value)
