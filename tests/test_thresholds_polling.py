@@ -51,6 +51,20 @@ def test_one_packet_crossing_two_thresholds_fires_both_ascending() -> None:
     assert _crossings(setup) == [("bytes", 100, True, 1.0), ("bytes", 200, True, 1.0)]
 
 
+def test_a_threshold_set_twice_fires_once() -> None:
+    # Zeek keeps pending thresholds in sets: the bulk policy sets its byte thresholds again when
+    # the second direction crosses its packets threshold. orig IP bytes reach 80 @0.2, 220 @1.0.
+    def setup(d, c):
+        d.set_bytes_threshold(c, 200, True)
+        d.set_bytes_threshold(c, 80, True)
+        d.set_bytes_threshold(c, 200, True)
+        d.set_bytes_threshold(c, 80, True)
+        d.set_packets_threshold(c, 2, True)
+        d.set_packets_threshold(c, 2, True)
+    assert _crossings(setup) == [("bytes", 80, True, 0.2), ("packets", 2, True, 0.2),
+                                 ("bytes", 200, True, 1.0)]
+
+
 def test_packets_threshold_per_direction() -> None:
     def setup(d, c):
         d.set_packets_threshold(c, 1, False)      # the SYN-ACK

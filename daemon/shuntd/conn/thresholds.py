@@ -51,18 +51,23 @@ class ConnThresholds:
         self.shared = shared
 
     def add(self, name: str, value: int) -> None:
-        """Install `value` as pending threshold `name` (e.g. "pkts_orig")."""
+        """Install `value` as pending threshold `name` (e.g. "pkts_orig"). Pending values are a
+        set, as in Zeek's ConnThreshold: setting one that is pending already changes nothing."""
         attr = "next_" + name
         nxt = getattr(self, attr)
         if nxt == _NEVER:
             setattr(self, attr, value)
+            return
+        if value == nxt:
             return
         later: list[int] = getattr(self._more(), name)
         if value < nxt:
             later.insert(0, nxt)
             setattr(self, attr, value)
         else:
-            bisect.insort(later, value)
+            i = bisect.bisect_left(later, value)
+            if i == len(later) or later[i] != value:
+                later.insert(i, value)
 
     def advance(self, name: str) -> int:
         """Remove the smallest pending threshold `name` (returned); install the next one."""
