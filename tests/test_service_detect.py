@@ -469,6 +469,86 @@ def test_corpus_services_match_zeek(name: str) -> None:
         assert sorted(got.get(key, [])) == sorted(services), key
 
 
+# -- signatures that can no longer match are dropped early -----------------------------------
+
+def _regex_width(sig) -> int:
+    """Longest match of the signature's regex after its lead (from the regex parser)."""
+    import re
+
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]
+    except ImportError:   # Python < 3.11
+        import sre_parse  # type: ignore[no-redef]
+    pattern = sig.pattern.pattern
+    if sig.lead:
+        prefix = b"[" + re.escape(sig.lead) + b"]*(?:"
+        assert pattern.startswith(prefix) and pattern.endswith(b")")
+        pattern = pattern[len(prefix):-1]
+    return sre_parse.parse(pattern).getwidth()[1]
+
+
+def test_signature_reach_is_the_longest_match() -> None:
+    from shuntd.conn.service import TCP_SIGNATURES, UDP_SIGNATURES
+    for sig in TCP_SIGNATURES + UDP_SIGNATURES:
+        assert sig.reach == _regex_width(sig), sig.name
+
+
+def test_smtp_like_dialogue_stops_service_detection() -> None:
+    det, conn, _ = tcp_conn(25)
+    feed(det, conn, (False, b"220 mx.lab ESMTP ready\r\n"), (True, b"EHLO client.lab\r\n"))
+    assert not conn.ext["service"].active       # no signature can match any more
+    assert conn.ext["service"].chunks == ()
+    feed(det, conn, (False, b"250 ok\r\n"), (True, b"GET / HTTP/1.1\r\n\r\n"))
+    assert conn.service == []
+
+
+def test_whitespace_before_http_method_keeps_the_signature() -> None:
+    det, conn, _ = tcp_conn(6669)
+    feed(det, conn, (True, b"\r\n" * 20), (True, b"GE"), (True, b"T / HTTP/1.1\r\n\r\n"))
+    assert conn.service == ["http"]     # the client's signature attached it
+
+
+def test_resp_signature_matching_late_still_gets_the_orig_bytes() -> None:
+    # The orig direction's signatures are settled by its first bytes, but its chunks stay
+    # buffered: the analyser the server's reply attaches must see the request too.
+    det, conn, _ = tcp_conn(6669)
+    feed(det, conn, (True, b"\x00GET / HTTP/1.1\r\n\r\n"), (False, HTTP_REPLY))
+    assert conn.ext["service"].active is False
+    assert conn.service == []     # no request line in the orig bytes: never confirmed
+    det, conn, _ = tcp_conn(6669)
+    feed(det, conn, (True, b"GET / HTTP/1.1\r\n\r\n"), (False, b"HT"),
+         (False, HTTP_REPLY[2:]))
+    assert conn.service == ["http"]
+
+
+_CHUNK_PIECES = [b"", b" ", b"\r\n", b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n",
+                 b"SSH-2.0-x\r\n", b"SSH-", b"220 ready\r\n", b"\x16\x03\x01\x00\x05\x01",
+                 b"\x00\x00\x03\x03", b"x" * 30, b"CONNECT h:443 HTTP/1.1\r\n\r\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.tuples(st.booleans(),
+                                 st.lists(st.sampled_from(_CHUNK_PIECES), max_size=3)
+                                 .map(b"".join)), max_size=10),
+       port=st.sampled_from([80, 443, 22, 25, 6000]))
+def test_dropping_settled_signatures_changes_no_outcome(chunks, port) -> None:
+    """Same services and events as with signatures that never settle (the PIA then looks at
+    every chunk up to the DPD limits, as before signatures were dropped)."""
+    import dataclasses
+
+    from shuntd.conn import service
+
+    det, conn, sink = tcp_conn(port)
+    feed(det, conn, *chunks)
+    never = tuple(dataclasses.replace(s, reach=1 << 62) for s in service.TCP_SIGNATURES)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(service, "TCP_SIGNATURES", never)
+        ref_det, ref_conn, ref_sink = tcp_conn(port)
+        feed(ref_det, ref_conn, *chunks)
+    assert conn.service == ref_conn.service
+    assert sink.events == ref_sink.events
+
+
 # -- robustness: bad input never raises out of the detectors -----------------------------------
 
 @settings(max_examples=300, deadline=None)

@@ -75,7 +75,11 @@ _HTTP_METHODS = (
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
-    """One `dpd.sig` entry: payload regex anchored at the start of one direction's data."""
+    """One `dpd.sig` entry: payload regex anchored at the start of one direction's data.
+
+    `reach`: the longest match of the regex after its optional leading run of `lead` bytes
+    (tests/test_service_detect.py checks it against the regex). A TCP prefix that does not
+    match and is at least that long past its lead can never match, however it grows."""
 
     name: str
     analyzer: str
@@ -83,32 +87,37 @@ class Signature:
     direction: str                  # "orig", "resp" or "any"
     requires_reverse: str | None = None   # another signature that must match the other side
     enables: bool = True
+    reach: int = 0
+    lead: bytes = b""
 
 
-def _sig(name: str, analyzer: str, regex: bytes, direction: str,
-         requires_reverse: str | None = None, enables: bool = True) -> Signature:
+def _sig(name: str, analyzer: str, regex: bytes, direction: str, reach: int,
+         requires_reverse: str | None = None, enables: bool = True,
+         lead: bytes = b"") -> Signature:
+    if lead:
+        regex = b"[" + re.escape(lead) + b"]*(?:" + regex + b")"
     return Signature(name, analyzer, re.compile(regex, re.DOTALL), direction,
-                     requires_reverse, enables)
+                     requires_reverse, enables, reach, lead)
 
 
 TCP_SIGNATURES: tuple[Signature, ...] = (
     _sig("dpd_tls_client", "ssl",
          rb"(?:\x16\x03[\x00-\x03]..\x01...\x03[\x00-\x03]|...?\x01[\x00\x03][\x00-\x04])",
-         "orig"),
+         "orig", 11),
     _sig("dpd_tls_server", "ssl",
          rb"(?:\x15\x03[\x00-\x03]....)?\x16\x03[\x00-\x03]..\x02...(?:\x03[\x00-\x04]|\x7f[\x00-\x50])",
-         "resp"),
-    _sig("dpd_http_client", "http", rb"[\t\n\v\f\r ]*(?:" + _HTTP_METHODS + rb")", "orig"),
-    _sig("dpd_http_server", "http", rb"[hH][tT][tT][pP]/[0-9]", "resp"),
-    _sig("dpd_ssh_server", "ssh", rb"[sS][sS][hH]-", "resp", enables=False),
-    _sig("dpd_ssh_client", "ssh", rb"[sS][sS][hH]-[12]\.", "orig",
+         "resp", 18),
+    _sig("dpd_http_client", "http", _HTTP_METHODS, "orig", 16, lead=b"\t\n\v\f\r "),
+    _sig("dpd_http_server", "http", rb"[hH][tT][tT][pP]/[0-9]", "resp", 6),
+    _sig("dpd_ssh_server", "ssh", rb"[sS][sS][hH]-", "resp", 4, enables=False),
+    _sig("dpd_ssh_client", "ssh", rb"[sS][sS][hH]-[12]\.", "orig", 6,
          requires_reverse="dpd_ssh_server"),
 )
-UDP_SIGNATURES: tuple[Signature, ...] = (
+UDP_SIGNATURES: tuple[Signature, ...] = (   # (each datagram matched alone: reach unused)
     _sig("dpd_dtls_client", "dtls",
-         rb"\x16\xfe[\xff\xfd]\x00{7}...\x01.{11}\xfe[\xff\xfd]", "orig"),
-    _sig("dpd_quic_initial", "quic", rb"[\xc0-\xcf]\x00\x00\x00\x01", "any"),
-    _sig("dpd_quic_v2_initial", "quic", rb"[\xd0-\xdf]\x6b\x33\x43\xcf", "any"),
+         rb"\x16\xfe[\xff\xfd]\x00{7}...\x01.{11}\xfe[\xff\xfd]", "orig", 27),
+    _sig("dpd_quic_initial", "quic", rb"[\xc0-\xcf]\x00\x00\x00\x01", "any", 5),
+    _sig("dpd_quic_v2_initial", "quic", rb"[\xd0-\xdf]\x6b\x33\x43\xcf", "any", 5),
 )
 # Every analyser name: disabling all of them switches service detection off (bare mode).
 ALL_ANALYZERS: frozenset[str] = (
@@ -134,17 +143,25 @@ def make_analyzer(name: str, tcp: bool) -> Analyzer:
     return factory()
 
 
+_NEVER = 1 << 62   # a prefix length never reached
+
+
 class _Candidates:
     """Signatures a PIA still matches, and per direction one pattern of all of them: a
     packet none of them can match (nearly every one) costs one regex call, not one per
     signature. Made once per distinct set (ServiceDetection._candidates), never changed."""
 
-    __slots__ = ("sigs", "orig", "resp")
+    __slots__ = ("sigs", "orig", "resp", "settle_orig", "settle_resp")
 
     def __init__(self, sigs: tuple[Signature, ...]) -> None:
         self.sigs = sigs
         self.orig = self._any_of([s for s in sigs if s.direction != "resp"])
         self.resp = self._any_of([s for s in sigs if s.direction != "orig"])
+        # TCP: a direction's prefix this long may have settled a signature (see _prune).
+        self.settle_orig = min([s.reach for s in sigs if s.direction == "orig"],
+                               default=_NEVER)
+        self.settle_resp = min([s.reach for s in sigs if s.direction == "resp"],
+                               default=_NEVER)
 
     @staticmethod
     def _any_of(sigs: list[Signature]) -> re.Pattern[bytes] | None:
@@ -393,7 +410,10 @@ class ServiceDetection:
         cands = layer.candidates
         any_of = cands.orig if is_orig else cands.resp
         if any_of is None or any_of.match(subject) is None:
-            return  # no signature for this direction matches: nothing can fire
+            # No signature for this direction matches: nothing can fire.
+            if tcp and len(subject) >= (cands.settle_orig if is_orig else cands.settle_resp):
+                self._prune(layer, is_orig, subject)
+            return
         direction = "orig" if is_orig else "resp"
         newly: list[str] = []
         matched = layer.matched
@@ -406,6 +426,8 @@ class ServiceDetection:
                 matched = layer.matched = set(matched)
             matched.add(sig.name)  # type: ignore[union-attr]
             newly.append(sig.name)
+        if tcp and len(subject) >= (cands.settle_orig if is_orig else cands.settle_resp):
+            self._prune(layer, is_orig, subject)
         if not newly:
             return  # nothing new can fire (the loop below only acts on this packet's matches)
         # A signature waiting for its reverse side fires when that side matches (any order).
@@ -418,6 +440,25 @@ class ServiceDetection:
             if sig.name not in newly and sig.requires_reverse not in newly:
                 continue
             self._attach(conn, state, layer, sig.analyzer)
+
+    def _prune(self, layer: _Layer, is_orig: bool, prefix: bytes | bytearray) -> None:
+        """Drop the signatures no longer able to match: this direction's unmatched ones its
+        prefix has outgrown (matching is anchored at the start of the stream, so a longer
+        prefix cannot match either), and those waiting for such a one on the other side.
+        The direction keeps buffering chunks for a later match on the other side; once no
+        signature is left at all, the PIA is finished (and the chunks dropped) as when
+        both directions reach the DPD limits, without looking at the rest of the data."""
+        direction = "orig" if is_orig else "resp"
+        matched = layer.matched
+        sigs = layer.candidates.sigs
+        keep = [s for s in sigs
+                if s.direction != direction or s.name in matched
+                or len(prefix.lstrip(s.lead) if s.lead else prefix) < s.reach]
+        if len(keep) == len(sigs):
+            return
+        alive = {s.name for s in keep} | matched
+        layer.candidates = self._candidates(
+            [s for s in keep if s.requires_reverse is None or s.requires_reverse in alive])
 
     def _attach(self, conn: Any, state: ConnServices, layer: _Layer, name: str) -> None:
         if any(an.name == name for an in layer.analyzers):
