@@ -65,6 +65,7 @@ class Conn:
         self.resp_p = resp_p
         self.resp_h = socket.inet_aton(resp_h)
         self.ext: dict | None = None
+        self.services = None
         self.service: list[str] = []
         self.failed_services: list[str] = []
         self.orig = _Side()
@@ -496,8 +497,7 @@ def test_signature_reach_is_the_longest_match() -> None:
 def test_smtp_like_dialogue_stops_service_detection() -> None:
     det, conn, _ = tcp_conn(25)
     feed(det, conn, (False, b"220 mx.lab ESMTP ready\r\n"), (True, b"EHLO client.lab\r\n"))
-    assert not conn.ext["service"].active       # no signature can match any more
-    assert conn.ext["service"].chunks == ()
+    assert conn.services is None       # no signature can match any more: state freed
     feed(det, conn, (False, b"250 ok\r\n"), (True, b"GET / HTTP/1.1\r\n\r\n"))
     assert conn.service == []
 
@@ -513,7 +513,7 @@ def test_resp_signature_matching_late_still_gets_the_orig_bytes() -> None:
     # buffered: the analyser the server's reply attaches must see the request too.
     det, conn, _ = tcp_conn(6669)
     feed(det, conn, (True, b"\x00GET / HTTP/1.1\r\n\r\n"), (False, HTTP_REPLY))
-    assert conn.ext["service"].active is False
+    assert conn.services is None
     assert conn.service == []     # no request line in the orig bytes: never confirmed
     det, conn, _ = tcp_conn(6669)
     feed(det, conn, (True, b"GET / HTTP/1.1\r\n\r\n"), (False, b"HT"),

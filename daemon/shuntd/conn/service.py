@@ -12,7 +12,8 @@ Mirrors Zeek's analyzer tree for the protocols shuntd knows (ssl, dtls, http, dn
    `track_removed_services` is set), as `dpd.zeek` does (§6.4).
 An HTTP CONNECT answered 2xx opens an inner layer (signatures only) over the tunnelled bytes.
 
-Per-connection state lives in `conn.ext["service"]`; nothing here does I/O or knows policies:
+Per-connection state lives in `conn.services` (None once nothing can change any more: the
+analysers and buffers are freed then, not at removal); nothing here does I/O or knows policies:
 results go to a `ServiceSink` (the event dispatcher).
 """
 
@@ -32,8 +33,6 @@ from .protocols.http import HttpAnalyzer
 from .protocols.quic import QuicAnalyzer
 from .protocols.ssh import SshAnalyzer
 from .protocols.tls import TlsAnalyzer
-
-STATE_KEY = "service"
 
 # Analysers that ignore TCP connections picked up midstream (Zeek: `TCP()->IsPartial()`
 # checks in HTTP.cc, SSL.cc, SSH.cc). "Midstream" here = no SYN or SYN-ACK from either side
@@ -149,19 +148,29 @@ _NEVER = 1 << 62   # a prefix length never reached
 class _Candidates:
     """Signatures a PIA still matches, and per direction one pattern of all of them: a
     packet none of them can match (nearly every one) costs one regex call, not one per
-    signature. Made once per distinct set (ServiceDetection._candidates), never changed."""
+    signature. Made once per distinct set (ServiceDetection._candidates), never changed
+    (`after_*` only remember what _prune derives from it)."""
 
-    __slots__ = ("sigs", "orig", "resp", "settle_orig", "settle_resp")
+    __slots__ = ("sigs", "orig", "resp", "settle_orig", "settle_resp", "full_orig",
+                 "full_resp", "lead_orig", "lead_resp", "after_orig", "after_resp")
 
     def __init__(self, sigs: tuple[Signature, ...]) -> None:
         self.sigs = sigs
         self.orig = self._any_of([s for s in sigs if s.direction != "resp"])
         self.resp = self._any_of([s for s in sigs if s.direction != "orig"])
-        # TCP: a direction's prefix this long may have settled a signature (see _prune).
-        self.settle_orig = min([s.reach for s in sigs if s.direction == "orig"],
-                               default=_NEVER)
-        self.settle_resp = min([s.reach for s in sigs if s.direction == "resp"],
-                               default=_NEVER)
+        # TCP (see _prune): a direction's prefix `settle_*` long may have outgrown one of
+        # its signatures; `full_*` long (`lead_*` bytes skipped), all of them.
+        own_orig = [s for s in sigs if s.direction == "orig"]
+        own_resp = [s for s in sigs if s.direction == "resp"]
+        self.settle_orig = min([s.reach for s in own_orig], default=_NEVER)
+        self.settle_resp = min([s.reach for s in own_resp], default=_NEVER)
+        self.full_orig = max([s.reach for s in own_orig], default=0)
+        self.full_resp = max([s.reach for s in own_resp], default=0)
+        self.lead_orig = frozenset(b"".join(s.lead for s in own_orig))
+        self.lead_resp = frozenset(b"".join(s.lead for s in own_resp))
+        # The candidates left once a direction outgrew all its unmatched signatures.
+        self.after_orig: _Candidates | None = None
+        self.after_resp: _Candidates | None = None
 
     @staticmethod
     def _any_of(sigs: list[Signature]) -> re.Pattern[bytes] | None:
@@ -288,12 +297,7 @@ class ServiceDetection:
         else:
             analyzers = tuple([factory() for factory in factories])
         # The candidates are shared: a layer only ever replaces them, never changes them.
-        state = ConnServices(candidates, analyzers, tcp)
-        ext = conn.ext
-        if ext is None:
-            conn.ext = {STATE_KEY: state}
-        else:
-            ext[STATE_KEY] = state
+        state = conn.services = ConnServices(candidates, analyzers, tcp)
         return state
 
     def _plan(self, tcp: bool, resp_p: int) -> tuple[tuple[Callable[[], Analyzer], ...],
@@ -319,22 +323,20 @@ class ServiceDetection:
 
     def udp_payload(self, conn: Any, is_orig: bool, payload: Any) -> None:
         """One UDP datagram, before ConnSize counts it (so a DNS flip attributes like Zeek)."""
-        ext = conn.ext
-        state = ext.get(STATE_KEY) if ext else None
-        if state is None or not state.active:
+        state = conn.services
+        if state is None:
             return
         self._deliver(conn, state, is_orig, bytes(payload))
 
     def tcp_deliver(self, conn: Any, is_orig: bool, data: bytes) -> None:
-        ext = conn.ext
-        state = ext.get(STATE_KEY) if ext else None
-        if state is None or not state.active or not data:
+        state = conn.services
+        if state is None or not data:
             return
         self._deliver(conn, state, is_orig, data)
 
     def content_gap(self, conn: Any, is_orig: bool, nbytes: int) -> None:
-        state = self._state(conn)
-        if state is None or not state.active:
+        state = conn.services
+        if state is None:
             return
         for layer in state.layers:
             for an in layer.analyzers:
@@ -343,16 +345,14 @@ class ServiceDetection:
             self._pia_direction_done(layer, is_orig)
         self._sweep(conn, state)
 
-    def services_failed(self, conn: Any) -> list[str]:
-        state = self._state(conn)
-        return list(state.failed) if state is not None else []
+    @staticmethod
+    def services_failed(conn: Any) -> list[str]:
+        state = conn.services
+        if state is not None:
+            return list(state.failed)
+        return list(getattr(conn, "failed_services", ()))   # (kept there too)
 
     # -- internals -----------------------------------------------------------------------
-
-    @staticmethod
-    def _state(conn: Any) -> ConnServices | None:
-        ext = conn.ext
-        return ext.get(STATE_KEY) if ext else None
 
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
         partial = state.tcp and _midstream(conn, state)
@@ -448,16 +448,40 @@ class ServiceDetection:
         The direction keeps buffering chunks for a later match on the other side; once no
         signature is left at all, the PIA is finished (and the chunks dropped) as when
         both directions reach the DPD limits, without looking at the rest of the data."""
-        direction = "orig" if is_orig else "resp"
+        cands = layer.candidates
         matched = layer.matched
-        sigs = layer.candidates.sigs
+        if not matched:
+            # Usually the first chunk outgrows every signature of its direction at once:
+            # the outcome depends on the candidates alone and is remembered there.
+            if is_orig:
+                full, lead, after = cands.full_orig, cands.lead_orig, cands.after_orig
+            else:
+                full, lead, after = cands.full_resp, cands.lead_resp, cands.after_resp
+            if len(prefix) >= full and not (lead and prefix[0] in lead):
+                if after is None:
+                    after = self._outgrown(cands, is_orig, matched, None)
+                    if is_orig:
+                        cands.after_orig = after
+                    else:
+                        cands.after_resp = after
+                layer.candidates = after
+                return
+        layer.candidates = self._outgrown(cands, is_orig, matched, prefix)
+
+    def _outgrown(self, cands: _Candidates, is_orig: bool, matched: set[str] | frozenset[str],
+                  prefix: bytes | bytearray | None) -> _Candidates:
+        """`cands` without this direction's unmatched signatures `prefix` has outgrown (all
+        of them if None) and those requiring one of them on the other side."""
+        direction = "orig" if is_orig else "resp"
+        sigs = cands.sigs
         keep = [s for s in sigs
                 if s.direction != direction or s.name in matched
-                or len(prefix.lstrip(s.lead) if s.lead else prefix) < s.reach]
+                or (prefix is not None
+                    and len(prefix.lstrip(s.lead) if s.lead else prefix) < s.reach)]
         if len(keep) == len(sigs):
-            return
+            return cands
         alive = {s.name for s in keep} | matched
-        layer.candidates = self._candidates(
+        return self._candidates(
             [s for s in keep if s.requires_reverse is None or s.requires_reverse in alive])
 
     def _attach(self, conn: Any, state: ConnServices, layer: _Layer, name: str) -> None:
@@ -576,6 +600,7 @@ class ServiceDetection:
                     busy = True
         if not busy:
             state.active = False
+            conn.services = None   # frees the analysers; nothing reads it any more
 
 
 def _is_multicast(addr: Any) -> bool:
