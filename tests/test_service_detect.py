@@ -195,6 +195,41 @@ def test_ssl_established_tls12_on_server_finished() -> None:
     assert _established_moment(chunks) == 5
 
 
+def _tls12_exchange(server_hello_record: bytes) -> list[tuple[bool, bytes]]:
+    return [
+        (True, tls_record(22, client_hello(), 0x0301)),
+        (False, server_hello_record),
+        (True, tls_record(22, handshake(16, b"\x01" * 33)) + CCS),
+        (True, encrypted_handshake()),                      # client Finished
+        (False, CCS),
+        (False, encrypted_handshake()),                     # server Finished
+        (True, appdata()),
+    ]
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 7, 64])
+def test_ssl_established_whatever_the_segmentation(piece: int) -> None:
+    # Records (and the handshake messages in them) cut at every size: raised right after
+    # the last byte of the server's Finished, as with whole records.
+    chunks = _tls12_exchange(tls_record(22, server_hello() + handshake(11, b"\x00" * 30)
+                                        + handshake(14, b"")))
+    pieces = []
+    last_of_finished = 0
+    for i, (is_orig, data) in enumerate(chunks):
+        pieces += [(is_orig, data[k:k + piece]) for k in range(0, len(data), piece)]
+        if i == 5:
+            last_of_finished = len(pieces) - 1
+    assert _established_moment(pieces) == last_of_finished
+
+
+def test_server_hello_split_over_two_records() -> None:
+    sh = server_hello()
+    two_records = tls_record(22, sh[:9]) + tls_record(22, sh[9:] + handshake(14, b""))
+    assert _established_moment(_tls12_exchange(two_records)) == 5
+    # A ServerHello never completed: no established.
+    assert _established_moment(_tls12_exchange(tls_record(22, sh[:9]))) is None
+
+
 def test_ssl_established_tls13_on_client_finished() -> None:
     chunks = [
         (True, tls_record(22, client_hello(), 0x0301)),
@@ -492,6 +527,17 @@ def test_signature_reach_is_the_longest_match() -> None:
     from shuntd.conn.service import TCP_SIGNATURES, UDP_SIGNATURES
     for sig in TCP_SIGNATURES + UDP_SIGNATURES:
         assert sig.reach == _regex_width(sig), sig.name
+
+
+def test_connection_state_sets_every_layer_slot() -> None:
+    # ConnServices sets _Layer's slots itself (no super() call per connection).
+    from shuntd.conn.service import _Layer
+    for port in (25, 80, 443):
+        _, conn, _ = tcp_conn(port)
+        for name in _Layer.__slots__:
+            getattr(conn.services, name)
+    _, conn, _ = udp_conn(53)
+    assert conn.services.prefix_orig == 0 and conn.services.prefix_resp == 0
 
 
 def test_smtp_like_dialogue_stops_service_detection() -> None:
