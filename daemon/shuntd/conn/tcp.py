@@ -255,8 +255,9 @@ class TCPEndpoint(EndpointCounters):
         size = (last if last > ack else ack) & M64
         if size != 0:
             size -= 1
-        if self.FIN_cnt > 0 and size != 0:
-            size -= 1
+            rare = self.rare   # (self.FIN_cnt > 0, without the property)
+            if rare is not None and rare.FIN_cnt > 0 and size != 0:
+                size -= 1
         return size
 
     # --- states --------------------------------------------------------------------------------
@@ -457,12 +458,16 @@ class TCPAnalyzer:
         elif self.attempt_at == due:
             self.attempt_at = None
             self._attempt_timer(now)
-        elif self.expire2_at == due:
-            self.expire2_at = None
-            self._expire_timer(now, 2)
-        elif self.close_at == due:
-            self.close_at = None
-            self._delete_timer(now)
+        else:
+            rare = self.rare   # (expire2_at and close_at live there)
+            if rare is None:
+                return
+            if rare.expire2_at == due:
+                rare.expire2_at = None
+                self._expire_timer(now, 2)
+            elif rare.close_at == due:
+                rare.close_at = None
+                self._delete_timer(now)
 
     def termination_timers(self) -> None:
         """At end of input, the pending slot AttemptTimer becomes a termination heap timer."""
@@ -557,8 +562,9 @@ class TCPAnalyzer:
             self.tracker.remove(conn)
 
     def _delete_timer(self, t: float) -> None:
-        if not self.conn.removed:
-            self.tracker.remove(self.conn)
+        conn = self.conn
+        if not conn.removed:
+            conn.tracker.remove(conn)
 
     def _connection_reset(self) -> None:
         """Zeek's ConnectionReset: the connection_reset event, and the adapter goes inactive."""
