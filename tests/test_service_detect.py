@@ -230,6 +230,16 @@ def test_server_hello_split_over_two_records() -> None:
     assert _established_moment(_tls12_exchange(tls_record(22, sh[:9]))) is None
 
 
+def test_state_freed_once_established_and_nothing_left_to_match() -> None:
+    chunks = _tls12_exchange(tls_record(22, server_hello() + handshake(14, b"")))
+    det, conn, sink = tcp_conn(443)
+    feed(det, conn, *chunks[:6])
+    assert ("ssl_established",) in sink.events
+    assert conn.services is None          # analysers and buffers freed before removal
+    feed(det, conn, chunks[6], (False, b"\x99not TLS any more"))
+    assert conn.service == ["ssl"] and sink.events.count(("ssl_established",)) == 1
+
+
 def test_ssl_established_tls13_on_client_finished() -> None:
     chunks = [
         (True, tls_record(22, client_hello(), 0x0301)),
@@ -260,6 +270,7 @@ def test_violation_after_confirmation_removes_service() -> None:
     feed(det, conn, (True, tls_record(22, client_hello(), 0x0301)), (True, b"\x99garbage!"))
     assert conn.service == []
     assert conn.failed_services == ["ssl"]
+    assert det.services_failed(conn) == ["ssl"]
 
 
 def test_violation_tracked_with_dash_prefix() -> None:
