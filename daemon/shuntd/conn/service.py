@@ -304,6 +304,8 @@ class ServiceDetection:
         factories, candidates = plan
         if len(factories) == 1:   # (most ports have one analyser, or none)
             analyzers: tuple[Analyzer, ...] = (factories[0](),)
+        elif not factories:
+            analyzers = ()
         else:
             analyzers = tuple([factory() for factory in factories])
         # The candidates are shared: a layer only ever replaces them, never changes them.
@@ -365,7 +367,7 @@ class ServiceDetection:
     # -- internals -----------------------------------------------------------------------
 
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
-        partial = state.tcp and _midstream(conn, state)
+        partial = state.tcp and not state.saw_syn and _midstream(conn, state)
         # (Snapshots: a verdict may add a layer or an analyser while these loops run.)
         for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers
