@@ -65,6 +65,7 @@ class Conn:
         self.resp_p = resp_p
         self.resp_h = socket.inet_aton(resp_h)
         self.ext: dict | None = None
+        self.services = None
         self.service: list[str] = []
         self.failed_services: list[str] = []
         self.orig = _Side()
@@ -194,6 +195,51 @@ def test_ssl_established_tls12_on_server_finished() -> None:
     assert _established_moment(chunks) == 5
 
 
+def _tls12_exchange(server_hello_record: bytes) -> list[tuple[bool, bytes]]:
+    return [
+        (True, tls_record(22, client_hello(), 0x0301)),
+        (False, server_hello_record),
+        (True, tls_record(22, handshake(16, b"\x01" * 33)) + CCS),
+        (True, encrypted_handshake()),                      # client Finished
+        (False, CCS),
+        (False, encrypted_handshake()),                     # server Finished
+        (True, appdata()),
+    ]
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 7, 64])
+def test_ssl_established_whatever_the_segmentation(piece: int) -> None:
+    # Records (and the handshake messages in them) cut at every size: raised right after
+    # the last byte of the server's Finished, as with whole records.
+    chunks = _tls12_exchange(tls_record(22, server_hello() + handshake(11, b"\x00" * 30)
+                                        + handshake(14, b"")))
+    pieces = []
+    last_of_finished = 0
+    for i, (is_orig, data) in enumerate(chunks):
+        pieces += [(is_orig, data[k:k + piece]) for k in range(0, len(data), piece)]
+        if i == 5:
+            last_of_finished = len(pieces) - 1
+    assert _established_moment(pieces) == last_of_finished
+
+
+def test_server_hello_split_over_two_records() -> None:
+    sh = server_hello()
+    two_records = tls_record(22, sh[:9]) + tls_record(22, sh[9:] + handshake(14, b""))
+    assert _established_moment(_tls12_exchange(two_records)) == 5
+    # A ServerHello never completed: no established.
+    assert _established_moment(_tls12_exchange(tls_record(22, sh[:9]))) is None
+
+
+def test_state_freed_once_established_and_nothing_left_to_match() -> None:
+    chunks = _tls12_exchange(tls_record(22, server_hello() + handshake(14, b"")))
+    det, conn, sink = tcp_conn(443)
+    feed(det, conn, *chunks[:6])
+    assert ("ssl_established",) in sink.events
+    assert conn.services is None          # analysers and buffers freed before removal
+    feed(det, conn, chunks[6], (False, b"\x99not TLS any more"))
+    assert conn.service == ["ssl"] and sink.events.count(("ssl_established",)) == 1
+
+
 def test_ssl_established_tls13_on_client_finished() -> None:
     chunks = [
         (True, tls_record(22, client_hello(), 0x0301)),
@@ -224,6 +270,7 @@ def test_violation_after_confirmation_removes_service() -> None:
     feed(det, conn, (True, tls_record(22, client_hello(), 0x0301)), (True, b"\x99garbage!"))
     assert conn.service == []
     assert conn.failed_services == ["ssl"]
+    assert det.services_failed(conn) == ["ssl"]
 
 
 def test_violation_tracked_with_dash_prefix() -> None:
@@ -467,6 +514,96 @@ def test_corpus_services_match_zeek(name: str) -> None:
     assert want
     for key, services in want.items():
         assert sorted(got.get(key, [])) == sorted(services), key
+
+
+# -- signatures that can no longer match are dropped early -----------------------------------
+
+def _regex_width(sig) -> int:
+    """Longest match of the signature's regex after its lead (from the regex parser)."""
+    import re
+
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]
+    except ImportError:   # Python < 3.11
+        import sre_parse  # type: ignore[no-redef]
+    pattern = sig.pattern.pattern
+    if sig.lead:
+        prefix = b"[" + re.escape(sig.lead) + b"]*(?:"
+        assert pattern.startswith(prefix) and pattern.endswith(b")")
+        pattern = pattern[len(prefix):-1]
+    return sre_parse.parse(pattern).getwidth()[1]
+
+
+def test_signature_reach_is_the_longest_match() -> None:
+    from shuntd.conn.service import TCP_SIGNATURES, UDP_SIGNATURES
+    for sig in TCP_SIGNATURES + UDP_SIGNATURES:
+        assert sig.reach == _regex_width(sig), sig.name
+
+
+def test_connection_state_sets_every_layer_slot() -> None:
+    # ConnServices sets _Layer's slots itself (no super() call per connection).
+    from shuntd.conn.service import _Layer
+    for port in (25, 80, 443):
+        _, conn, _ = tcp_conn(port)
+        for name in _Layer.__slots__:
+            getattr(conn.services, name)
+    _, conn, _ = udp_conn(53)
+    assert conn.services.prefix_orig == 0 and conn.services.prefix_resp == 0
+
+
+def test_smtp_like_dialogue_stops_service_detection() -> None:
+    det, conn, _ = tcp_conn(25)
+    feed(det, conn, (False, b"220 mx.lab ESMTP ready\r\n"), (True, b"EHLO client.lab\r\n"))
+    assert conn.services is None       # no signature can match any more: state freed
+    feed(det, conn, (False, b"250 ok\r\n"), (True, b"GET / HTTP/1.1\r\n\r\n"))
+    assert conn.service == []
+
+
+def test_whitespace_before_http_method_keeps_the_signature() -> None:
+    det, conn, _ = tcp_conn(6669)
+    feed(det, conn, (True, b"\r\n" * 20), (True, b"GE"), (True, b"T / HTTP/1.1\r\n\r\n"))
+    assert conn.service == ["http"]     # the client's signature attached it
+
+
+def test_resp_signature_matching_late_still_gets_the_orig_bytes() -> None:
+    # The orig direction's signatures are settled by its first bytes, but its chunks stay
+    # buffered: the analyser the server's reply attaches must see the request too.
+    det, conn, _ = tcp_conn(6669)
+    feed(det, conn, (True, b"\x00GET / HTTP/1.1\r\n\r\n"), (False, HTTP_REPLY))
+    assert conn.services is None
+    assert conn.service == []     # no request line in the orig bytes: never confirmed
+    det, conn, _ = tcp_conn(6669)
+    feed(det, conn, (True, b"GET / HTTP/1.1\r\n\r\n"), (False, b"HT"),
+         (False, HTTP_REPLY[2:]))
+    assert conn.service == ["http"]
+
+
+_CHUNK_PIECES = [b"", b" ", b"\r\n", b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n",
+                 b"SSH-2.0-x\r\n", b"SSH-", b"220 ready\r\n", b"\x16\x03\x01\x00\x05\x01",
+                 b"\x00\x00\x03\x03", b"x" * 30, b"CONNECT h:443 HTTP/1.1\r\n\r\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.tuples(st.booleans(),
+                                 st.lists(st.sampled_from(_CHUNK_PIECES), max_size=3)
+                                 .map(b"".join)), max_size=10),
+       port=st.sampled_from([80, 443, 22, 25, 6000]))
+def test_dropping_settled_signatures_changes_no_outcome(chunks, port) -> None:
+    """Same services and events as with signatures that never settle (the PIA then looks at
+    every chunk up to the DPD limits, as before signatures were dropped)."""
+    import dataclasses
+
+    from shuntd.conn import service
+
+    det, conn, sink = tcp_conn(port)
+    feed(det, conn, *chunks)
+    never = tuple(dataclasses.replace(s, reach=1 << 62) for s in service.TCP_SIGNATURES)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(service, "TCP_SIGNATURES", never)
+        ref_det, ref_conn, ref_sink = tcp_conn(port)
+        feed(ref_det, ref_conn, *chunks)
+    assert conn.service == ref_conn.service
+    assert sink.events == ref_sink.events
 
 
 # -- robustness: bad input never raises out of the detectors -----------------------------------

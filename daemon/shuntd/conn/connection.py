@@ -38,7 +38,8 @@ class Connection:
     # (proto from key), and empty containers are shared tuples until something is added.
     __slots__ = (
         "_uid", "key", "start_time", "last_time", "orig_side", "side0", "side1",
-        "history", "hist_seen", "service", "ext", "thresholds", "rare", "analyzer", "removed",
+        "history", "hist_seen", "service", "services", "ext", "thresholds", "rare", "analyzer",
+        "removed",
         "inactivity_timeout", "inact_from", "timer_at", "tracker",
     )
 
@@ -55,6 +56,9 @@ class Connection:
         self.hist_seen = 0            # once-only letter mask (orig bits, resp bits << 16)
         # Confirmed services in confirmation order; a tuple until service detection adds one.
         self.service: list[str] | tuple[str, ...] = ()
+        # Service detection's state (conn/service.py; None when there is none or no more):
+        # every connection has one at first, and a slot is cheaper than an `ext` dict.
+        self.services: Any = None
         self.ext: dict | None = None  # storage for higher layers; the engine never reads it
         # Pending thresholds (conn/thresholds.py; None until one is set): the bulk policy
         # sets one on every connection, and a slot is cheaper than an `ext` dict entry.

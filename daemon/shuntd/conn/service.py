@@ -12,7 +12,8 @@ Mirrors Zeek's analyzer tree for the protocols shuntd knows (ssl, dtls, http, dn
    `track_removed_services` is set), as `dpd.zeek` does (§6.4).
 An HTTP CONNECT answered 2xx opens an inner layer (signatures only) over the tunnelled bytes.
 
-Per-connection state lives in `conn.ext["service"]`; nothing here does I/O or knows policies:
+Per-connection state lives in `conn.services` (None once nothing can change any more: the
+analysers and buffers are freed then, not at removal); nothing here does I/O or knows policies:
 results go to a `ServiceSink` (the event dispatcher).
 """
 
@@ -32,8 +33,6 @@ from .protocols.http import HttpAnalyzer
 from .protocols.quic import QuicAnalyzer
 from .protocols.ssh import SshAnalyzer
 from .protocols.tls import TlsAnalyzer
-
-STATE_KEY = "service"
 
 # Analysers that ignore TCP connections picked up midstream (Zeek: `TCP()->IsPartial()`
 # checks in HTTP.cc, SSL.cc, SSH.cc). "Midstream" here = no SYN or SYN-ACK from either side
@@ -75,7 +74,11 @@ _HTTP_METHODS = (
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
-    """One `dpd.sig` entry: payload regex anchored at the start of one direction's data."""
+    """One `dpd.sig` entry: payload regex anchored at the start of one direction's data.
+
+    `reach`: the longest match of the regex after its optional leading run of `lead` bytes
+    (tests/test_service_detect.py checks it against the regex). A TCP prefix that does not
+    match and is at least that long past its lead can never match, however it grows."""
 
     name: str
     analyzer: str
@@ -83,32 +86,37 @@ class Signature:
     direction: str                  # "orig", "resp" or "any"
     requires_reverse: str | None = None   # another signature that must match the other side
     enables: bool = True
+    reach: int = 0
+    lead: bytes = b""
 
 
-def _sig(name: str, analyzer: str, regex: bytes, direction: str,
-         requires_reverse: str | None = None, enables: bool = True) -> Signature:
+def _sig(name: str, analyzer: str, regex: bytes, direction: str, reach: int,
+         requires_reverse: str | None = None, enables: bool = True,
+         lead: bytes = b"") -> Signature:
+    if lead:
+        regex = b"[" + re.escape(lead) + b"]*(?:" + regex + b")"
     return Signature(name, analyzer, re.compile(regex, re.DOTALL), direction,
-                     requires_reverse, enables)
+                     requires_reverse, enables, reach, lead)
 
 
 TCP_SIGNATURES: tuple[Signature, ...] = (
     _sig("dpd_tls_client", "ssl",
          rb"(?:\x16\x03[\x00-\x03]..\x01...\x03[\x00-\x03]|...?\x01[\x00\x03][\x00-\x04])",
-         "orig"),
+         "orig", 11),
     _sig("dpd_tls_server", "ssl",
          rb"(?:\x15\x03[\x00-\x03]....)?\x16\x03[\x00-\x03]..\x02...(?:\x03[\x00-\x04]|\x7f[\x00-\x50])",
-         "resp"),
-    _sig("dpd_http_client", "http", rb"[\t\n\v\f\r ]*(?:" + _HTTP_METHODS + rb")", "orig"),
-    _sig("dpd_http_server", "http", rb"[hH][tT][tT][pP]/[0-9]", "resp"),
-    _sig("dpd_ssh_server", "ssh", rb"[sS][sS][hH]-", "resp", enables=False),
-    _sig("dpd_ssh_client", "ssh", rb"[sS][sS][hH]-[12]\.", "orig",
+         "resp", 18),
+    _sig("dpd_http_client", "http", _HTTP_METHODS, "orig", 16, lead=b"\t\n\v\f\r "),
+    _sig("dpd_http_server", "http", rb"[hH][tT][tT][pP]/[0-9]", "resp", 6),
+    _sig("dpd_ssh_server", "ssh", rb"[sS][sS][hH]-", "resp", 4, enables=False),
+    _sig("dpd_ssh_client", "ssh", rb"[sS][sS][hH]-[12]\.", "orig", 6,
          requires_reverse="dpd_ssh_server"),
 )
-UDP_SIGNATURES: tuple[Signature, ...] = (
+UDP_SIGNATURES: tuple[Signature, ...] = (   # (each datagram matched alone: reach unused)
     _sig("dpd_dtls_client", "dtls",
-         rb"\x16\xfe[\xff\xfd]\x00{7}...\x01.{11}\xfe[\xff\xfd]", "orig"),
-    _sig("dpd_quic_initial", "quic", rb"[\xc0-\xcf]\x00\x00\x00\x01", "any"),
-    _sig("dpd_quic_v2_initial", "quic", rb"[\xd0-\xdf]\x6b\x33\x43\xcf", "any"),
+         rb"\x16\xfe[\xff\xfd]\x00{7}...\x01.{11}\xfe[\xff\xfd]", "orig", 27),
+    _sig("dpd_quic_initial", "quic", rb"[\xc0-\xcf]\x00\x00\x00\x01", "any", 5),
+    _sig("dpd_quic_v2_initial", "quic", rb"[\xd0-\xdf]\x6b\x33\x43\xcf", "any", 5),
 )
 # Every analyser name: disabling all of them switches service detection off (bare mode).
 ALL_ANALYZERS: frozenset[str] = (
@@ -134,17 +142,35 @@ def make_analyzer(name: str, tcp: bool) -> Analyzer:
     return factory()
 
 
+_NEVER = 1 << 62   # a prefix length never reached
+
+
 class _Candidates:
     """Signatures a PIA still matches, and per direction one pattern of all of them: a
     packet none of them can match (nearly every one) costs one regex call, not one per
-    signature. Made once per distinct set (ServiceDetection._candidates), never changed."""
+    signature. Made once per distinct set (ServiceDetection._candidates), never changed
+    (`after_*` only remember what _prune derives from it)."""
 
-    __slots__ = ("sigs", "orig", "resp")
+    __slots__ = ("sigs", "orig", "resp", "settle_orig", "settle_resp", "full_orig",
+                 "full_resp", "lead_orig", "lead_resp", "after_orig", "after_resp")
 
     def __init__(self, sigs: tuple[Signature, ...]) -> None:
         self.sigs = sigs
         self.orig = self._any_of([s for s in sigs if s.direction != "resp"])
         self.resp = self._any_of([s for s in sigs if s.direction != "orig"])
+        # TCP (see _prune): a direction's prefix `settle_*` long may have outgrown one of
+        # its signatures; `full_*` long (`lead_*` bytes skipped), all of them.
+        own_orig = [s for s in sigs if s.direction == "orig"]
+        own_resp = [s for s in sigs if s.direction == "resp"]
+        self.settle_orig = min([s.reach for s in own_orig], default=_NEVER)
+        self.settle_resp = min([s.reach for s in own_resp], default=_NEVER)
+        self.full_orig = max([s.reach for s in own_orig], default=0)
+        self.full_resp = max([s.reach for s in own_resp], default=0)
+        self.lead_orig = frozenset(b"".join(s.lead for s in own_orig))
+        self.lead_resp = frozenset(b"".join(s.lead for s in own_resp))
+        # The candidates left once a direction outgrew all its unmatched signatures.
+        self.after_orig: _Candidates | None = None
+        self.after_resp: _Candidates | None = None
 
     @staticmethod
     def _any_of(sigs: list[Signature]) -> re.Pattern[bytes] | None:
@@ -218,7 +244,17 @@ class ConnServices(_Layer):
 
     def __init__(self, candidates: _Candidates, analyzers: tuple[Analyzer, ...],
                  tcp: bool) -> None:
-        super().__init__(candidates, analyzers, tcp)
+        # _Layer's slots, set here without the super() call (one of these per connection).
+        self.analyzers = analyzers
+        self.chunks: tuple[tuple[bool, bytes], ...] = ()
+        self.prefix_orig: bytearray | bytes | int = b"" if tcp else 0
+        self.prefix_resp: bytearray | bytes | int = b"" if tcp else 0
+        self.count_orig = 0
+        self.count_resp = 0
+        self.matched: set[str] | frozenset[str] = _NO_MATCHES
+        self.candidates = candidates
+        self.done_orig = False
+        self.done_resp = False
         self.tcp = tcp
         self.inner: list[_Layer] | tuple[()] = ()   # a list once a tunnel opens one
         # Analysers that confirmed and then failed (a tuple until the first one).
@@ -268,15 +304,12 @@ class ServiceDetection:
         factories, candidates = plan
         if len(factories) == 1:   # (most ports have one analyser, or none)
             analyzers: tuple[Analyzer, ...] = (factories[0](),)
+        elif not factories:
+            analyzers = ()
         else:
             analyzers = tuple([factory() for factory in factories])
         # The candidates are shared: a layer only ever replaces them, never changes them.
-        state = ConnServices(candidates, analyzers, tcp)
-        ext = conn.ext
-        if ext is None:
-            conn.ext = {STATE_KEY: state}
-        else:
-            ext[STATE_KEY] = state
+        state = conn.services = ConnServices(candidates, analyzers, tcp)
         return state
 
     def _plan(self, tcp: bool, resp_p: int) -> tuple[tuple[Callable[[], Analyzer], ...],
@@ -306,9 +339,8 @@ class ServiceDetection:
         _deliver's steps for UDP's one layer (no tunnel opens inside UDP, no midstream
         rule), and the PIA's datagram-by-datagram matching inline: most UDP connections
         are a DNS query and its response, and this runs for both."""
-        ext = conn.ext
-        state = ext.get(STATE_KEY) if ext else None
-        if state is None or not state.active:
+        state = conn.services
+        if state is None:
             return
         if state.inner:
             self._deliver(conn, state, is_orig, bytes(payload))
@@ -354,17 +386,17 @@ class ServiceDetection:
             state.chunks = ()
         if not analyzers:
             state.active = False
+            conn.services = None   # frees the analysers; nothing reads it any more
 
     def tcp_deliver(self, conn: Any, is_orig: bool, data: bytes) -> None:
-        ext = conn.ext
-        state = ext.get(STATE_KEY) if ext else None
-        if state is None or not state.active or not data:
+        state = conn.services
+        if state is None or not data:
             return
         self._deliver(conn, state, is_orig, data)
 
     def content_gap(self, conn: Any, is_orig: bool, nbytes: int) -> None:
-        state = self._state(conn)
-        if state is None or not state.active:
+        state = conn.services
+        if state is None:
             return
         for layer in state.layers:
             for an in layer.analyzers:
@@ -373,19 +405,17 @@ class ServiceDetection:
             self._pia_direction_done(layer, is_orig)
         self._sweep(conn, state)
 
-    def services_failed(self, conn: Any) -> list[str]:
-        state = self._state(conn)
-        return list(state.failed) if state is not None else []
+    @staticmethod
+    def services_failed(conn: Any) -> list[str]:
+        state = conn.services
+        if state is not None:
+            return list(state.failed)
+        return list(getattr(conn, "failed_services", ()))   # (kept there too)
 
     # -- internals -----------------------------------------------------------------------
 
-    @staticmethod
-    def _state(conn: Any) -> ConnServices | None:
-        ext = conn.ext
-        return ext.get(STATE_KEY) if ext else None
-
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
-        partial = state.tcp and _midstream(conn, state)
+        partial = state.tcp and not state.saw_syn and _midstream(conn, state)
         # (Snapshots: a verdict may add a layer or an analyser while these loops run.)
         for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers
@@ -440,7 +470,10 @@ class ServiceDetection:
         cands = layer.candidates
         any_of = cands.orig if is_orig else cands.resp
         if any_of is None or any_of.match(subject) is None:
-            return  # no signature for this direction matches: nothing can fire
+            # No signature for this direction matches: nothing can fire.
+            if tcp and len(subject) >= (cands.settle_orig if is_orig else cands.settle_resp):
+                self._prune(layer, is_orig, subject)
+            return
         self._pia_matched(conn, state, layer, is_orig, subject, cands)
 
     def _pia_matched(self, conn: Any, state: ConnServices, layer: _Layer, is_orig: bool,
@@ -458,6 +491,8 @@ class ServiceDetection:
                 matched = layer.matched = set(matched)
             matched.add(sig.name)  # type: ignore[union-attr]
             newly.append(sig.name)
+        if state.tcp and len(subject) >= (cands.settle_orig if is_orig else cands.settle_resp):
+            self._prune(layer, is_orig, subject)
         if not newly:
             return  # nothing new can fire (the loop below only acts on this packet's matches)
         # A signature waiting for its reverse side fires when that side matches (any order).
@@ -470,6 +505,49 @@ class ServiceDetection:
             if sig.name not in newly and sig.requires_reverse not in newly:
                 continue
             self._attach(conn, state, layer, sig.analyzer)
+
+    def _prune(self, layer: _Layer, is_orig: bool, prefix: bytes | bytearray) -> None:
+        """Drop the signatures no longer able to match: this direction's unmatched ones its
+        prefix has outgrown (matching is anchored at the start of the stream, so a longer
+        prefix cannot match either), and those waiting for such a one on the other side.
+        The direction keeps buffering chunks for a later match on the other side; once no
+        signature is left at all, the PIA is finished (and the chunks dropped) as when
+        both directions reach the DPD limits, without looking at the rest of the data."""
+        cands = layer.candidates
+        matched = layer.matched
+        if not matched:
+            # Usually the first chunk outgrows every signature of its direction at once:
+            # the outcome depends on the candidates alone and is remembered there.
+            if is_orig:
+                full, lead, after = cands.full_orig, cands.lead_orig, cands.after_orig
+            else:
+                full, lead, after = cands.full_resp, cands.lead_resp, cands.after_resp
+            if len(prefix) >= full and not (lead and prefix[0] in lead):
+                if after is None:
+                    after = self._outgrown(cands, is_orig, matched, None)
+                    if is_orig:
+                        cands.after_orig = after
+                    else:
+                        cands.after_resp = after
+                layer.candidates = after
+                return
+        layer.candidates = self._outgrown(cands, is_orig, matched, prefix)
+
+    def _outgrown(self, cands: _Candidates, is_orig: bool, matched: set[str] | frozenset[str],
+                  prefix: bytes | bytearray | None) -> _Candidates:
+        """`cands` without this direction's unmatched signatures `prefix` has outgrown (all
+        of them if None) and those requiring one of them on the other side."""
+        direction = "orig" if is_orig else "resp"
+        sigs = cands.sigs
+        keep = [s for s in sigs
+                if s.direction != direction or s.name in matched
+                or (prefix is not None
+                    and len(prefix.lstrip(s.lead) if s.lead else prefix) < s.reach)]
+        if len(keep) == len(sigs):
+            return cands
+        alive = {s.name for s in keep} | matched
+        return self._candidates(
+            [s for s in keep if s.requires_reverse is None or s.requires_reverse in alive])
 
     def _attach(self, conn: Any, state: ConnServices, layer: _Layer, name: str) -> None:
         if any(an.name == name for an in layer.analyzers):
@@ -587,6 +665,7 @@ class ServiceDetection:
                     busy = True
         if not busy:
             state.active = False
+            conn.services = None   # frees the analysers; nothing reads it any more
 
 
 def _is_multicast(addr: Any) -> bool:

@@ -55,6 +55,27 @@ ORIG_BIT = 1
 RESP_BIT = 2
 
 
+_LOWER = {"S": "s", "H": "h", "F": "f", "R": "r", "D": "d", "A": "a", "I": "i", "Q": "q"}
+
+
+def _letter(conn: Connection, side: int, mask: int, code: str) -> bool:
+    """Once-only letter of the endpoint on `side` for its current role; True if already
+    seen (TCPEndpoint.check_history, for callers that know the side)."""
+    if (mask == HIST_ACK_PKT or mask == HIST_DATA_PKT) and conn.history == "H":
+        # A SYN-ACK that elicits ACK/data: flip and rewrite the history (spec §3.3).
+        conn.flip_roles(add_caret=False)
+        conn.history = "^h"
+    if side != conn.orig_side:
+        mask <<= 16
+        code = _LOWER[code]
+    return conn.check_history(mask, code)
+
+
+def _add_letter(conn: Connection, side: int, code: str) -> None:
+    """A repeated letter (a SYN/FIN/RST at a new sequence number) for the endpoint on `side`."""
+    conn.history = history_plus(conn.history, code if side == conn.orig_side else _LOWER[code])
+
+
 def seq_delta(a: int, b: int) -> int:
     """int32(a - b)."""
     d = (a - b) & M32
@@ -234,31 +255,29 @@ class TCPEndpoint(EndpointCounters):
         size = (last if last > ack else ack) & M64
         if size != 0:
             size -= 1
-        if self.FIN_cnt > 0 and size != 0:
-            size -= 1
+            rare = self.rare   # (self.FIN_cnt > 0, without the property)
+            if rare is not None and rare.FIN_cnt > 0 and size != 0:
+                size -= 1
         return size
 
     # --- states --------------------------------------------------------------------------------
     def set_state(self, new_state: int) -> None:
-        if new_state != self.state:
-            if (new_state not in HANDSHAKE_STATES and self.state in HANDSHAKE_STATES
-                    and self.peer.state in HANDSHAKE_STATES):
-                an = self.analyzer
-                an.tracker.set_inactivity_timeout(an.conn, an.settings.tcp_inactivity_timeout)
-            self.prev_state = self.state
+        state = self.state
+        if new_state != state:
+            if new_state not in HANDSHAKE_STATES and state in HANDSHAKE_STATES:
+                conn = self.analyzer.conn
+                peer = conn.side0 if conn.side1 is self else conn.side1
+                if peer.state in HANDSHAKE_STATES:
+                    tracker = conn.tracker
+                    tracker.set_inactivity_timeout(conn,
+                                                   tracker.settings.tcp_inactivity_timeout)
+            self.prev_state = state
             self.state = new_state
 
     # --- history -------------------------------------------------------------------------------
     def check_history(self, conn: Connection, mask: int, code: str) -> bool:
         """Once-only letter for this endpoint's current role; True if already seen."""
-        if conn.history == "H" and (mask == HIST_ACK_PKT or mask == HIST_DATA_PKT):
-            # A SYN-ACK that elicits ACK/data: flip and rewrite the history (spec §3.3).
-            conn.flip_roles(add_caret=False)
-            conn.history = "^h"
-        if self.side != conn.orig_side:
-            mask <<= 16
-            code = code.lower()
-        return conn.check_history(mask, code)
+        return _letter(conn, self.side, mask, code)
 
     def add_history(self, conn: Connection, code: str) -> None:
         conn.history = history_plus(conn.history,
@@ -413,8 +432,9 @@ class TCPAnalyzer:
     def attach(self, conn: Connection) -> None:
         """Called once the connection exists: Zeek's adapter-creation ExpireTimer."""
         self.conn = conn
-        when = self.expire_at = self.tracker.network_time + self.settings.tcp_SYN_timeout
-        self.tracker.arm(conn, when)
+        tracker = conn.tracker
+        when = self.expire_at = tracker.network_time + tracker.settings.tcp_SYN_timeout
+        tracker.arm(conn, when)
 
     # --- timers --------------------------------------------------------------------------------
     def next_due(self) -> float | None:
@@ -438,12 +458,16 @@ class TCPAnalyzer:
         elif self.attempt_at == due:
             self.attempt_at = None
             self._attempt_timer(now)
-        elif self.expire2_at == due:
-            self.expire2_at = None
-            self._expire_timer(now, 2)
-        elif self.close_at == due:
-            self.close_at = None
-            self._delete_timer(now)
+        else:
+            rare = self.rare   # (expire2_at and close_at live there)
+            if rare is None:
+                return
+            if rare.expire2_at == due:
+                rare.expire2_at = None
+                self._expire_timer(now, 2)
+            elif rare.close_at == due:
+                rare.close_at = None
+                self._delete_timer(now)
 
     def termination_timers(self) -> None:
         """At end of input, the pending slot AttemptTimer becomes a termination heap timer."""
@@ -461,12 +485,17 @@ class TCPAnalyzer:
 
     def cancel_timers(self) -> None:
         """Zeek's CancelTimers: every analyzer timer (not the session's inactivity timer)."""
-        self.expire_at = self.expire2_at = self.attempt_at = self.close_at = None
-        if self.extra is not None:
-            cancel = self.tracker.timers.cancel
-            for t in self.extra:
+        self.expire_at = self.attempt_at = None
+        rare = self.rare
+        if rare is None:
+            return
+        rare.expire2_at = rare.close_at = None
+        extra = rare.extra
+        if extra is not None:
+            cancel = self.conn.tracker.timers.cancel
+            for t in extra:
                 cancel(t)
-            self.extra = None
+            rare.extra = None
 
     def _expire_timer(self, t: float, chain: int = 1) -> None:
         """Zeek's ExpireTimer: remove an idle closed/empty connection, else check again
@@ -533,8 +562,9 @@ class TCPAnalyzer:
             self.tracker.remove(conn)
 
     def _delete_timer(self, t: float) -> None:
-        if not self.conn.removed:
-            self.tracker.remove(self.conn)
+        conn = self.conn
+        if not conn.removed:
+            conn.tracker.remove(conn)
 
     def _connection_reset(self) -> None:
         """Zeek's ConnectionReset: the connection_reset event, and the adapter goes inactive."""
@@ -641,7 +671,7 @@ class TCPAnalyzer:
                                                         last64 >> 32)
 
         if flags & 0x07:
-            self._update_history(conn, flags, endpoint, rel_seq, length)
+            self._update_history(conn, side, flags, endpoint, rel_seq, length)
         elif length or f_ack:
             # Fast path for the common A/D letters: nothing to do once the letter was seen
             # (unless the history is exactly "H", which triggers the second-packet flip).
@@ -649,7 +679,8 @@ class TCPAnalyzer:
             if side != conn.orig_side:
                 mask <<= 16
             if not conn.hist_seen & mask or conn.history == "H":
-                self._update_history(conn, flags, endpoint, rel_seq, length)
+                _letter(conn, side, HIST_DATA_PKT if length else HIST_ACK_PKT,
+                        "D" if length else "A")
 
         # update_window: only the zero-window letter matters for the log.
         if (pkt.window == 0 and not f_rst and peer.state != CLOSED
@@ -792,37 +823,33 @@ class TCPAnalyzer:
         return (((wraps << 32) | cur) - ep.start_seq) & M64, False
 
     @staticmethod
-    def _update_history(conn: Connection, flags: int, ep: TCPEndpoint, rel_seq: int,
-                        length: int) -> None:
+    def _update_history(conn: Connection, side: int, flags: int, ep: TCPEndpoint,
+                        rel_seq: int, length: int) -> None:
+        """The letters of a packet with SYN, FIN or RST (`ep` is on `side`)."""
         f_syn = flags & SYN
         f_fin = flags & FIN
         f_rst = flags & RST
         bits = (1 if f_syn else 0) + (1 if f_fin else 0) + (1 if f_rst else 0)
         if bits > 1:
             if f_fin and f_rst:
-                ep.check_history(conn, HIST_FIN_RST_PKT, "I")
+                _letter(conn, side, HIST_FIN_RST_PKT, "I")
             else:
-                ep.check_history(conn, HIST_MULTI_FLAG_PKT, "Q")
+                _letter(conn, side, HIST_MULTI_FLAG_PKT, "Q")
         elif bits == 1:
             if f_syn:
                 code = "H" if flags & ACK else "S"
-                if ep.check_history(conn, HIST_SYN_PKT, code) and rel_seq != ep.hist_last_SYN:
-                    ep.add_history(conn, code)
+                if _letter(conn, side, HIST_SYN_PKT, code) and rel_seq != ep.hist_last_SYN:
+                    _add_letter(conn, side, code)
                 ep.hist_last_SYN = rel_seq
             if f_fin:
                 end = (rel_seq + length) & M64
-                if ep.check_history(conn, HIST_FIN_PKT, "F") and end != ep.hist_last_FIN:
-                    ep.add_history(conn, "F")
+                if _letter(conn, side, HIST_FIN_PKT, "F") and end != ep.hist_last_FIN:
+                    _add_letter(conn, side, "F")
                 ep.hist_last_FIN = end
             if f_rst:
-                if ep.check_history(conn, HIST_RST_PKT, "R") and rel_seq != ep.hist_last_RST:
-                    ep.add_history(conn, "R")
+                if _letter(conn, side, HIST_RST_PKT, "R") and rel_seq != ep.hist_last_RST:
+                    _add_letter(conn, side, "R")
                 ep.hist_last_RST = rel_seq
-        else:
-            if length:
-                ep.check_history(conn, HIST_DATA_PKT, "D")
-            elif flags & ACK:
-                ep.check_history(conn, HIST_ACK_PKT, "A")
 
     # --- state machine -------------------------------------------------------------------------
     def _update_state_machine(self, ep: TCPEndpoint, peer: TCPEndpoint, base_seq: int,
@@ -873,16 +900,18 @@ class TCPAnalyzer:
                   is_orig: bool, flags: int) -> tuple[bool, bool]:
         do_close = gen_event = False
         conn = self.conn
+        tracker = conn.tracker
         if flags & SYN:
             if is_orig:
                 ep.set_state(SYN_ACK_SENT if flags & ACK else SYN_SENT)
-                if self.settings.tcp_attempt_delay:
-                    when = self.tracker.current_ts + self.settings.tcp_attempt_delay
+                delay = tracker.settings.tcp_attempt_delay
+                if delay:
+                    when = tracker.current_ts + delay
                     if when == self.expire_at:
                         when = self.expire_at   # share the float (24 B per connection)
                     if self.attempt_at is None:
                         self.attempt_at = when
-                        self.tracker.arm(conn, when)
+                        tracker.arm(conn, when)
                     else:   # a second orig SYN after a flip: Zeek has two AttemptTimers
                         self._add_extra(when, self._attempt_timer, at_termination=True)
             else:
@@ -900,7 +929,7 @@ class TCPAnalyzer:
                 if peer.state != PARTIAL:
                     # connection_established, raised by the tracker once it has counted
                     # the packet (a tracker flag: one slot less per connection).
-                    self.tracker.established_pending = conn
+                    tracker.established_pending = conn
         if flags & FIN:
             ep.set_state(CLOSED)
             do_close = gen_event = True
@@ -927,38 +956,45 @@ class TCPAnalyzer:
 
     # --- closing -------------------------------------------------------------------------------
     def _connection_closed(self, ep: TCPEndpoint, peer: TCPEndpoint, gen_event: bool) -> None:
-        if ep.reassembler().data_pending():
+        if (ep.reasm or ep.reassembler()).data_pending():
             self.close_deferred = True
             if not self.deferred_gen_event:
                 self.deferred_gen_event = gen_event
             return
-        self.close_deferred = False
-        if ep.did_close:
+        # (The properties' logic on the `rare` objects: this runs for every closing side.)
+        rare = self.rare
+        if rare is not None:
+            rare.close_deferred = False
+        ep_rare = ep._rare()
+        if ep_rare.did_close:
             return
-        ep.did_close = True
-        complete = ep.state == RESET or peer.did_close or peer.state == INACTIVE
+        ep_rare.did_close = True
+        peer_rare = peer.rare
+        complete = (ep.state == RESET or (peer_rare is not None and peer_rare.did_close)
+                    or peer.state == INACTIVE)
         conn = self.conn
+        tracker = conn.tracker
         if complete:
             if ep.prev_state != INACTIVE or peer.state != INACTIVE:
-                if self.deferred_gen_event:
+                if rare is not None and rare.deferred_gen_event:
                     gen_event = True
-                    self.deferred_gen_event = False
+                    rare.deferred_gen_event = False
                 if gen_event:
                     self.is_active = False  # ConnectionFinished
             self.cancel_timers()
-            delay = self.settings.tcp_close_delay
+            delay = tracker.settings.tcp_close_delay
             when = self.close_at = conn.last_time + delay if delay else conn.last_time
-            self.tracker.arm(conn, when)
+            tracker.arm(conn, when)
         elif ep.prev_state != INACTIVE:
             # A second ExpireTimer chain, looking for the other side closing too.
-            when = conn.last_time + self.settings.tcp_session_timer
+            when = conn.last_time + tracker.settings.tcp_session_timer
             if self.expire2_at is None:
                 self.expire2_at = when
-                self.tracker.arm(conn, when)
+                tracker.arm(conn, when)
             else:
                 self._add_extra(when, self._expire_timer_extra)
-        elif self.tracker.want_partial_close_timer:  # only if connection_partial_close is handled
-            self._add_extra(conn.last_time + self.settings.tcp_partial_close_delay,
+        elif tracker.want_partial_close_timer:  # only if connection_partial_close is handled
+            self._add_extra(conn.last_time + tracker.settings.tcp_partial_close_delay,
                             self._partial_close_timer)
 
     def endpoint_eof(self, ep: TCPEndpoint) -> None:

@@ -63,9 +63,14 @@ class HttpAnalyzer(Analyzer):
     _LINE, _HEADERS, _BODY = 0, 1, 2
 
     def __init__(self) -> None:
-        super().__init__()
-        self._orig = _Lines()
-        self._resp = _Lines()
+        self.confirmed = False     # (Analyzer's flags, without the super() call)
+        self.violation: str | None = None
+        self.done = False
+        self.reported = False
+        # Line buffers, made with each direction's first data (most connections are done
+        # after the first request line and never buffer the replies).
+        self._orig: _Lines | None = None
+        self._resp: _Lines | None = None
         self._orig_state = self._LINE
         self._resp_state = self._LINE
         self._pending = 0                      # requests without a reply yet
@@ -83,6 +88,8 @@ class HttpAnalyzer(Analyzer):
 
     def _deliver_orig(self, data: bytes) -> None:
         lines = self._orig
+        if lines is None:
+            lines = self._orig = _Lines()
         lines.feed(data)
         while self._orig_state != self._BODY:
             line = lines.next_line()
@@ -111,6 +118,8 @@ class HttpAnalyzer(Analyzer):
 
     def _deliver_resp(self, data: bytes) -> None:
         lines = self._resp
+        if lines is None:
+            lines = self._resp = _Lines()
         lines.feed(data)
         while True:
             line = lines.next_line()
@@ -138,7 +147,9 @@ class HttpAnalyzer(Analyzer):
                 self._resp_state = self._HEADERS
             elif not line:
                 if self._connect and 200 <= self._reply_code < 300:
-                    orig_rest = bytes(self._orig.buf) if self._orig_state == self._BODY else b""
+                    orig = self._orig
+                    orig_rest = (bytes(orig.buf) if orig is not None
+                                 and self._orig_state == self._BODY else b"")
                     self.tunnel = (orig_rest, bytes(lines.buf))
                     self.done = True
                     return

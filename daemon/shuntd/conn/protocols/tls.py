@@ -165,13 +165,15 @@ class TlsSession:
 
 
 class _Direction:
-    """Per-direction framing buffers."""
+    """Per-direction framing state (made with the direction's first data)."""
 
     __slots__ = ("records", "handshake", "sslv2_possible", "hello_done")
 
     def __init__(self) -> None:
-        self.records = bytearray()
-        self.handshake = bytearray()
+        # An incomplete record / handshake message carried over to the next delivery: an
+        # empty bytes until there is one (most deliveries hold whole records).
+        self.records: bytearray | bytes = b""
+        self.handshake: bytearray | bytes = b""
         self.sslv2_possible = True     # only the very first record of a direction may be SSLv2
         self.hello_done = False        # its hello parsed: later handshake bytes are not needed
 
@@ -183,34 +185,53 @@ class TlsAnalyzer(Analyzer):
     name = "ssl"
 
     def __init__(self) -> None:
-        super().__init__()
+        self.confirmed = False     # (Analyzer's flags, without the super() call)
+        self.violation: str | None = None
+        self.done = False
+        self.reported = False
         self.session = TlsSession()
-        self._orig = _Direction()
-        self._resp = _Direction()
+        self._orig: _Direction | None = None
+        self._resp: _Direction | None = None
         self.established = False
 
     def deliver(self, is_orig: bool, data: bytes) -> None:
         if self.done:
             return
-        d = self._orig if is_orig else self._resp
-        buf = d.records
-        buf += data
+        if is_orig:
+            d = self._orig
+            if d is None:
+                d = self._orig = _Direction()
+        else:
+            d = self._resp
+            if d is None:
+                d = self._resp = _Direction()
+        buf: bytearray | bytes = d.records
+        if buf:
+            buf += data                  # (a bytearray: extended in place)
+        else:
+            buf = data                   # parsed where it is
         pos = 0
         n = len(buf)
         session = self.session
-        while n - pos >= 5 or (d.sslv2_possible and n - pos >= 3):
-            if d.sslv2_possible and buf[pos] & 0x80:
-                used = self._sslv2_record(is_orig, buf, pos)
-                if used == 0:
+        while True:
+            left = n - pos
+            if d.sslv2_possible:
+                if left < 3:
                     break
-                pos += used
+                if buf[pos] & 0x80:
+                    used = self._sslv2_record(is_orig, buf, pos)
+                    if used == 0:
+                        break
+                    pos += used
+                    d.sslv2_possible = False
+                    if self.done:
+                        return
+                    continue
+                if left < 5:
+                    break
                 d.sslv2_possible = False
-                if self.done:
-                    return
-                continue
-            if n - pos < 5:
+            elif left < 5:
                 break
-            d.sslv2_possible = False
             ctype = buf[pos]
             length = (buf[pos + 3] << 8) | buf[pos + 4]
             if ctype < CT_CHANGE_CIPHER_SPEC or ctype > CT_HEARTBEAT:
@@ -219,35 +240,58 @@ class TlsAnalyzer(Analyzer):
             if buf[pos + 1] != 3 or length > MAX_RECORD:
                 self.fail("invalid TLS record header")
                 return
-            if n - pos - 5 < length:
+            end = pos + 5 + length
+            if end > n:
                 break
-            if session.record(is_orig, ctype) and ctype == CT_HANDSHAKE and not d.hello_done:
-                d.handshake += buf[pos + 5 : pos + 5 + length]
-                self._handshake(is_orig, d)
-            pos += 5 + length
-            if self._after(session):
-                return
-        del buf[:pos]
+            # A handshake record in a CLEAR direction is cleartext (TlsSession.record
+            # changes nothing for it); anything else goes through the session.
+            if ctype == CT_HANDSHAKE and not (session.encrypted_orig if is_orig
+                                              else session.encrypted_resp):
+                if not d.hello_done:
+                    self._handshake(is_orig, d, buf[pos + 5:end])
+                    if self._after(session):
+                        return
+            elif not session.record(is_orig, ctype) and self._after(session):
+                return   # (only a record that is not cleartext can change the verdict)
+            pos = end
+        if pos < n:
+            if buf is data:
+                d.records = bytearray(data[pos:])
+            else:
+                del buf[:pos]   # type: ignore[union-attr]  # (d.records itself)
+        elif buf is not data:
+            d.records = b""
 
-    def _handshake(self, is_orig: bool, d: _Direction) -> None:
+    def _handshake(self, is_orig: bool, d: _Direction, fragment: bytes | bytearray) -> None:
+        """One handshake record's fragment: parse the messages it completes up to the
+        direction's hello; an incomplete message is kept for the next record."""
         hs = d.handshake
+        if hs:
+            hs += fragment               # (a bytearray: extended in place)
+        else:
+            hs = fragment
         pos = 0
-        while len(hs) - pos >= 4:
-            mlen = int.from_bytes(hs[pos + 1 : pos + 4], "big")
-            if len(hs) - pos - 4 < mlen:
+        n = len(hs)
+        session = self.session
+        while n - pos >= 4:
+            mlen = (hs[pos + 1] << 16) | (hs[pos + 2] << 8) | hs[pos + 3]
+            if n - pos - 4 < mlen:
                 break
-            mtype = hs[pos]
-            self.session.handshake_message(is_orig, mtype, bytes(hs[pos + 4 : pos + 4 + mlen]))
+            session.handshake_message(is_orig, hs[pos], hs[pos + 4:pos + 4 + mlen])
             pos += 4 + mlen
-            session = self.session
             if session.client_hello if is_orig else session.server_hello:
                 d.hello_done = True
-                d.handshake = bytearray()
+                d.handshake = b""
                 return
-        del hs[:pos]
-        if len(hs) > MAX_HANDSHAKE_BUFFER:
+        if pos >= n:
+            d.handshake = b""
+        elif n - pos > MAX_HANDSHAKE_BUFFER:
             d.hello_done = True
-            d.handshake = bytearray()
+            d.handshake = b""
+        elif hs is fragment:
+            d.handshake = bytearray(fragment[pos:])
+        else:
+            del hs[:pos]   # type: ignore[union-attr]  # (d.handshake itself)
 
     def _sslv2_record(self, is_orig: bool, buf: bytearray, pos: int) -> int:
         """Parse one SSLv2 record (2-byte header form); returns bytes used, 0 if incomplete."""
