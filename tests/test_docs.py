@@ -27,6 +27,7 @@ def _full_exposition() -> str:
         connections_active=lambda: 3,
         workers=lambda: {"0": (2, 0), "1": (1, 0)},
         connections_evicted=lambda: 0,
+        capture_lag=lambda: 0.0,
         log_state=lambda: {"conn": (0, 0), "shunt": (0, 0)},
         prog_run_stats=lambda: ProgRunStats(run_time_ns=1000, run_cnt=10),
     ), interface="eth0", xdp_mode="native")

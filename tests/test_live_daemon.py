@@ -263,6 +263,11 @@ def test_prometheus_scrapes_shunted_packets_of_a_live_daemon(lab: Lab, tmp_path:
         assert lint.returncode == 0, lint.stdout + lint.stderr
         from docs_check import undocumented
         assert undocumented(exposition.decode()) == []  # docs/metrics.md lists every family
+        # The frames were analysed within moments of their capture (an idle daemon, one
+        # worker): the lag is the newest frame's wait, small but measured (not the default 0).
+        lag = [float(ln.split()[1]) for ln in exposition.decode().splitlines()
+               if ln.startswith("shuntd_capture_lag_seconds ")]
+        assert len(lag) == 1 and 0.0 < lag[0] < 2.0, lag
     assert d.stop() == 0, d.stderr()
 
 

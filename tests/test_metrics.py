@@ -54,6 +54,7 @@ def populated_metrics() -> Metrics:
         table_occupancy=lambda: {"flows": (12, 131072), "ip_pairs": (1, 16384)},
         capture_stats=lambda: {"0": (5000, 3, 2), "1": (4000, 0, 0)},
         connections_active=lambda: 42,
+        capture_lag=lambda: 0.25,
         prog_run_stats=lambda: ProgRunStats(run_time_ns=2_500_000_000, run_cnt=100_000_000),
     )
     m = Metrics(sources, interface="eth1", xdp_mode="native")
@@ -99,6 +100,7 @@ def test_exposition_names_and_values():
     assert 'shuntd_capture_kernel_drops_total{worker="0"} 3.0' in lines
     assert 'shuntd_capture_ring_resyncs_total{worker="0"} 2.0' in lines
     assert "shuntd_connections_active 42.0" in lines
+    assert "shuntd_capture_lag_seconds 0.25" in lines
     assert "shuntd_connections_logged_total 7.0" in lines
     assert 'shuntd_shunt_inserts_total{result="full",trigger="tls"} 1.0' in lines
     assert 'shuntd_shunt_inserts_total{result="full",trigger="bulk"} 0.0' in lines

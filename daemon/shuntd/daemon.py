@@ -210,6 +210,7 @@ class LiveSources:
         self.rings: dict[str, Any] = {}
         self.connections: Any = lambda: 0
         self.evicted: Any = lambda: 0   # connections evicted by --max-connections
+        self.lag: Any = lambda: 0.0     # capture lag of the analysing process (--workers 1)
         self.workers: Any = dict  # {worker: (connections, messages dropped)}, with workers
         # {worker: capture ring resyncs}: the reading process's count (with workers, reported)
         self.resyncs: Any = lambda: {w: r.resyncs for w, r in self.rings.items()}
@@ -302,6 +303,10 @@ class Engine:
         self.defrag = Defragmenter(ignore_checksums=self.ignore)
         self.renew_every = args.lease / 3
         self.gc: GcPacer | None = None
+        # Seconds the newest frame taken had waited since its capture, as of the last batch
+        # (Zeek's stats.log pkt_lag, but measured only while frames come: an idle link is
+        # not a lagging analyser). Near capacity it shows the backlog before any drop.
+        self.capture_lag = 0.0
         now = time.monotonic()
         self.next_renew = now + self.renew_every
         self.last_packet = now
@@ -337,6 +342,7 @@ class Engine:
         # most counted by the ring itself (its tallies).
         claim = (shunts.late, shunts.late_frame, shunts.late_due, shunts.late_clock)
         claimed = ring.claimed
+        ts = 0.0
         try:
             for ts, frame, wire_len, linktype in ring.poll(timeout, claim):
                 if ts > horizon:  # captured after the events were read: read them again
@@ -360,6 +366,8 @@ class Engine:
             shunts.horizon = math.inf
             if pending:
                 shunts.flush_pending()
+            if ts:
+                self.capture_lag = max(0.0, time.time() - ts)
         return n + ring.claimed - claimed
 
     def apply(self, events: list[Any]) -> None:
@@ -558,6 +566,7 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
                            capture_stats=capture_sources(live.rings, lambda: live.resyncs()),
                            connections_active=lambda: live.connections(),
                            connections_evicted=lambda: live.evicted(),
+                           capture_lag=(lambda: live.lag()) if workers == 1 else None,
                            log_state=lambda: {w.schema.path: (w.held_records, w.write_errors)
                                               for w in out.writers()},
                            workers=(lambda: live.workers()) if workers > 1 else None)
@@ -623,6 +632,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         live.rings["0"] = ring
         live.connections = lambda: len(tracker.conns)
         live.evicted = lambda: tracker.bound.evicted
+        live.lag = lambda: engine.capture_lag  # type: ignore[union-attr]
         guard = _LinkGuard(dp, args.xdp_mode)
         server = serve_metrics(metrics, args.metrics_addr)
         if server is not None:

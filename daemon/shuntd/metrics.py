@@ -270,6 +270,8 @@ class MetricSources:
     workers:            {worker name: (connections it holds, messages to it dropped)}, only
                         with --workers > 1
     connections_evicted: connections evicted by the connection bound (conn/bound.py)
+    capture_lag:        seconds the newest packet analysed had waited since its capture, at
+                        the end of the last batch (--workers 1)
     log_state:          {log name: (records held while the disk is full, disk-full errors)}
     prog_run_stats:     ProgRunStats or None (read_prog_run_stats)
     """
@@ -280,6 +282,7 @@ class MetricSources:
     connections_active: Callable[[], int] | None = None
     workers: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     connections_evicted: Callable[[], int] | None = None
+    capture_lag: Callable[[], float] | None = None
     log_state: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     prog_run_stats: Callable[[], ProgRunStats | None] | None = None
 
@@ -343,6 +346,7 @@ class ShuntdCollector:
         yield from self._guard("connections_active", s.connections_active, _conn_families)
         yield from self._guard("workers", s.workers, _worker_families)
         yield from self._guard("connections_evicted", s.connections_evicted, _evict_families)
+        yield from self._guard("capture_lag", s.capture_lag, _lag_families)
         yield from self._guard("log_state", s.log_state, _log_families)
         yield from self._guard("prog_run_stats", s.prog_run_stats, _run_families)
         errors = CounterMetricFamily("shuntd_metrics_source_errors",
@@ -435,6 +439,12 @@ def _evict_families(evicted: int) -> list[Metric]:
     return [CounterMetricFamily("shuntd_connections_evicted",
                                 "Connections evicted by the bound on tracked connections "
                                 "(logged as on timeout).", value=int(evicted))]
+
+
+def _lag_families(lag: float) -> list[Metric]:
+    return [GaugeMetricFamily("shuntd_capture_lag_seconds",
+                              "How long the newest packet analysed had waited since its capture, "
+                              "at the end of the last batch.", value=float(lag))]
 
 
 def _log_families(logs: Mapping[str, tuple[int, int]]) -> list[Metric]:
