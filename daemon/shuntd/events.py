@@ -310,18 +310,8 @@ class EventDispatcher(EngineHooks):
         if long is not None:
             long.new_connection(conn)
         handlers = self._on_new_connection
-        if handlers:  # _run1, inline: every connection comes here (the bulk policy acts)
-            target = get_target(None) or new_target()
-            prev = target.actions
-            target.actions = self.actions
-            try:
-                for handler in handlers:
-                    try:
-                        handler(conn)
-                    except Exception:
-                        self._disable("new_connection", handler)
-            finally:
-                target.actions = prev
+        if handlers:
+            self._run1("new_connection", handlers, conn)
 
     def connection_flipped(self, conn: Any) -> None:
         self.notify_conn("connection_flipped", conn)

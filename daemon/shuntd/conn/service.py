@@ -244,17 +244,7 @@ class ConnServices(_Layer):
 
     def __init__(self, candidates: _Candidates, analyzers: tuple[Analyzer, ...],
                  tcp: bool) -> None:
-        # _Layer's slots, set here without the super() call (one of these per connection).
-        self.analyzers = analyzers
-        self.chunks: tuple[tuple[bool, bytes], ...] = ()
-        self.prefix_orig: bytearray | bytes | int = b"" if tcp else 0
-        self.prefix_resp: bytearray | bytes | int = b"" if tcp else 0
-        self.count_orig = 0
-        self.count_resp = 0
-        self.matched: set[str] | frozenset[str] = _NO_MATCHES
-        self.candidates = candidates
-        self.done_orig = False
-        self.done_resp = False
+        _Layer.__init__(self, candidates, analyzers, tcp)
         self.tcp = tcp
         self.inner: list[_Layer] | tuple[()] = ()   # a list once a tunnel opens one
         # Analysers that confirmed and then failed (a tuple until the first one).

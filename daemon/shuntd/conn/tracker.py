@@ -280,24 +280,9 @@ class ConnTracker:
         if flip and pkt.dst == BROADCAST4:
             flip = False
         sides = analyzer.make_endpoints()  # type: ignore[attr-defined]
-        key = self._shared_key(key)
-        conn = Connection(None, key, pkt.ts, side, sides, analyzer, self)
-        self.conns[key] = conn
-        self.stats.connections += 1
-        if flip:
-            conn.flip_roles()
+        conn = self._add(pkt, key, side, sides, analyzer, flip)
         analyzer.attach(conn)  # type: ignore[attr-defined]
-        if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
-            self.set_inactivity_timeout(conn, timeout)
-        elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
-            conn.inactivity_timeout = timeout
-            conn.inact_from = start = conn.last_time
-            conn.timer_at = start + timeout
-            self.timers.set_deadline(conn, start + timeout)
-        if self.tunnels.depth:
-            self.tunnels.check(conn)  # tunnel_parents set before new_connection (Zeek)
-        self.hooks.new_connection(conn)
-        return conn
+        return self._start(conn, timeout)
 
     def _new_udp(self, pkt: Packet, key: tuple, side: int) -> Connection:
         """_new_connection's steps for UDP (most connections are DNS query/response pairs):
@@ -305,15 +290,26 @@ class ConnTracker:
         deadline."""
         likely = self._likely_udp
         flip = pkt.sport in likely and pkt.dport not in likely and pkt.dst != BROADCAST4
+        conn = self._add(pkt, key, side, (UDPEndpoint(), UDPEndpoint()), self._udp_analyzer,
+                         flip)
+        return self._start(conn, self.settings.udp_inactivity_timeout)
+
+    def _add(self, pkt: Packet, key: tuple, side: int, sides: tuple, analyzer: object,
+             flip: bool) -> Connection:
+        """A new connection in the table, its roles settled (the first steps of both paths)."""
         key = self._shared_key(key)
-        conn = Connection(None, key, pkt.ts, side, (UDPEndpoint(), UDPEndpoint()),
-                          self._udp_analyzer, self)
+        conn = Connection(None, key, pkt.ts, side, sides, analyzer, self)
         self.conns[key] = conn
         self.stats.connections += 1
         if flip:
             conn.flip_roles()
-        timeout = self.settings.udp_inactivity_timeout
-        if timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
+        return conn
+
+    def _start(self, conn: Connection, timeout: float) -> Connection:
+        """Arm a new connection's inactivity deadline and announce it (the last steps)."""
+        if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
+            self.set_inactivity_timeout(conn, timeout)
+        elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
             conn.inactivity_timeout = timeout
             conn.inact_from = start = conn.last_time
             conn.timer_at = start + timeout
