@@ -196,7 +196,7 @@ class EventDispatcher(EngineHooks):
         """dispatch, for the engine's events: their results are not wanted."""
         handlers = self._handlers.get(event)
         if handlers:
-            self._run(event, handlers, args)
+            self._call(event, handlers, args)
 
     def notify_conn(self, event: str, conn: Any) -> None:
         """notify, for the events whose one argument is the connection."""
@@ -204,7 +204,7 @@ class EventDispatcher(EngineHooks):
         if handlers:
             self._run1(event, handlers, conn)
 
-    # The three dispatch loops below make `self.actions` the policy actions' target for the
+    # The two dispatch loops below make `self.actions` the policy actions' target for the
     # whole dispatch (not per handler), inline: `shuntd.policy.Target`.
 
     def _call(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> list[Any]:
@@ -222,22 +222,8 @@ class EventDispatcher(EngineHooks):
             target.actions = prev
         return results
 
-    def _run(self, event: str, handlers: tuple[Handler, ...], args: tuple) -> None:
-        """_call without collecting results."""
-        target = get_target(None) or new_target()
-        prev = target.actions
-        target.actions = self.actions
-        try:
-            for handler in handlers:
-                try:
-                    handler(*args)
-                except Exception:
-                    self._disable(event, handler)
-        finally:
-            target.actions = prev
-
     def _run1(self, event: str, handlers: tuple[Handler, ...], conn: Any) -> None:
-        """_run of the events every connection raises, with their one argument: a plain
+        """_call of the events every connection raises, with their one argument: a plain
         call is cheaper than `handler(*args)`."""
         target = get_target(None) or new_target()
         prev = target.actions
@@ -380,7 +366,7 @@ class EventDispatcher(EngineHooks):
     def connection_logged(self, conn: Any, row: tuple) -> None:
         handlers = self._on_logged
         if handlers:
-            self._run("connection_logged", handlers, (conn, row))
+            self._call("connection_logged", handlers, (conn, row))
 
     # -- internals -----------------------------------------------------------------------
 
@@ -388,7 +374,7 @@ class EventDispatcher(EngineHooks):
         event = _THRESHOLD_EVENTS[kind]
         handlers = self._handlers.get(event)
         if handlers:
-            self._run(event, handlers, (conn, threshold, is_orig))
+            self._call(event, handlers, (conn, threshold, is_orig))
 
     def _generic_crossed(self, conn: Any, threshold: int) -> None:
         self.notify("generic_packet_threshold_crossed", conn, threshold)
