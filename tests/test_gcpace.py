@@ -6,7 +6,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from shuntd.gcpace import MAX_SPACING, OLD_NEVER, GcPacer
+from shuntd.gcpace import MAX_SPACING, MIDDLE_NEVER, OLD_NEVER, GcPacer
 
 
 @pytest.fixture
@@ -26,6 +26,7 @@ def test_full_collection_waits_for_a_table_turnover(restore_gc: None) -> None:
     live = [50]
     pacer = GcPacer(lambda: live[0], floor=10)
     assert gc.get_threshold()[2] == OLD_NEVER  # no automatic full collection
+    assert gc.get_threshold()[1] == MIDDLE_NEVER  # nor of the middle generation
     assert gc.get_freeze_count() > 0           # start-up objects left out of every collection
     for _ in range(49):
         pacer.removed()
@@ -81,3 +82,15 @@ def test_spacing_is_bounded(restore_gc: None) -> None:
             pacer.removed()
         pacer.tick()
     assert pacer.spacing == MAX_SPACING
+
+
+def test_survivors_of_young_collections_wait_for_the_pacer(restore_gc: None) -> None:
+    """Connection state outlives the young generation; collecting it again as the middle
+    generation only paused the daemon, so only the pacer's full collections reach it."""
+    GcPacer(lambda: 0)
+    middle = gc.get_stats()[1]["collections"]
+    young = gc.get_stats()[0]["collections"]
+    keep = [[i] for i in range(200_000)]       # 20 young collections' worth of survivors
+    assert gc.get_stats()[0]["collections"] > young + 5
+    assert gc.get_stats()[1]["collections"] == middle
+    del keep
