@@ -35,11 +35,15 @@ so checksums stay valid), so each TLS session is a new connection the daemon mus
 The daemon runs with its default capture ring (64 MiB in 256 blocks, each handed over after at
 most 4 ms: at least 1 s of traffic). It absorbs the daemon's pauses (other load, the quota's
 throttling), and an overload shows as drops once it has built that backlog: roughly 20% over
-capacity in a 6 s step; smaller overloads pass in both modes alike, so the ratio is not skewed
-by it. Both modes run the same daemon with `--workers 1`, so they are on equal terms:
-tcpreplay is pinned to CPU 0 (with the veth receive path, XDP included), the daemon to CPU 1;
-tcpreplay's session autogroup gets --nice -10 and the daemon's cgroup a matching weight, so
-that other work on the machine disturbs them less.
+capacity in a 6 s step. The two modes do not gain alike from it: unshunted, a backlog only
+delays the same work, so a ~10-15% overload passes a 6 s step; shunting on, a backlog delays
+each session's shunt, the session's data then reaches Python as late packets, which adds
+load, and near capacity the backlog feeds itself until packets drop. The ratio is therefore
+skewed against shunting, not for it (`shuntd_capture_lag_seconds` shows the backlog). Both
+modes run the same daemon with `--workers 1`, so they are on equal terms: tcpreplay is pinned
+to CPU 0 (with the veth receive path, XDP included), the daemon to CPU 1; tcpreplay's session
+autogroup gets --nice -10 and the daemon's cgroup a matching weight, so that other work on the
+machine disturbs them less.
 
     .venv/bin/python bench/shunt_gain.py [--seconds 6] [--floor 4] [--cpu-share 0.5] [--mix PATH]
 
