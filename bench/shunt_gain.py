@@ -47,8 +47,10 @@ machine disturbs them less.
 
     .venv/bin/python bench/shunt_gain.py [--seconds 6] [--floor 4] [--cpu-share 0.5] [--mix PATH]
 
-Prints every step, then per mode the no-loss rate, the fraction of packets that reached Python
-(captured / seen by XDP) and the daemon's CPU time per packet sent at that rate, and the ratio.
+Prints every step (with the daemon's backlog when the replay ended: a step that passes with a
+growing backlog was an overload the ring hid), then per mode the no-loss rate, the fraction of
+packets that reached Python (captured / seen by XDP) and the daemon's CPU time per packet sent
+at that rate, and the ratio.
 Last line is the summary; exit 1 when the ratio is below --floor (2 on a setup error). Root.
 """
 
@@ -282,6 +284,7 @@ SEEN = "shuntd_xdp_seen_packets_total"
 CAPTURED = "shuntd_capture_packets_total"
 DROPS = "shuntd_capture_kernel_drops_total"
 SHUNTED = "shuntd_xdp_shunted_packets_total"
+LAG = "shuntd_capture_lag_seconds"
 
 
 @dataclass
@@ -294,6 +297,7 @@ class Step:
     captured: int
     drops: int
     cpu: float   # daemon CPU seconds from just before the replay until it settled
+    lag_end: float = 0.0  # seconds the daemon was behind when the replay ended (its backlog)
 
     @property
     def lost(self) -> int:
@@ -371,6 +375,7 @@ class Runner:
             before = settle(d)
             cpu0 = d.cpu_seconds()
             sent, sent_mbps, sent_pps = replay(self.lab, pcap, mbps, self.args)
+            lag_end = d.metrics().get(LAG, 0.0)
             after = settle(d)
             cpu = d.cpu_seconds() - cpu0
         finally:
@@ -384,7 +389,7 @@ class Runner:
             return int(after.get(name, 0) - before.get(name, 0))
 
         return Step(mbps, sent, sent_mbps, sent_pps, delta(SEEN), delta(CAPTURED), delta(DROPS),
-                    cpu)
+                    cpu, lag_end)
 
     def trial(self, policies: list[str], mode: str, mbps: float) -> Step:
         label = f"shunting {mode}"
@@ -400,7 +405,7 @@ class Runner:
         print(f"  {label:<16} offered {s.offered_mbps:8.1f} Mbit/s  sent {s.sent_mbps:8.1f} "
               f"Mbit/s {s.sent_pps / 1e3:7.1f} kpps  capture drops {s.drops:7d}  "
               f"lost before XDP {max(0, s.sent - s.seen):6d}  to Python {s.to_python:6.1%}  "
-              f"daemon CPU {s.cpu_per_kpkt * 1e3:5.1f} us/pkt  "
+              f"daemon CPU {s.cpu_per_kpkt * 1e3:5.1f} us/pkt  backlog {s.lag_end * 1e3:5.0f} ms  "
               f"{'ok' if s.ok else 'LOSS'}", flush=True)
 
     def bisection(self, start: float) -> Generator[float, Step, tuple[Step | None, bool]]:
