@@ -108,6 +108,14 @@ _PKT_HDR1 = struct.Struct("=IIIIIIH32xBB")
 # protocol, TCP seq, ack, data offset + flags (from byte 12): the ring's own tally.
 _TCP4 = struct.Struct("!IHxxIxx12xIIH")
 _TCP4_SNAP = 54
+# By the TCP data offset + flags word: where the TCP header ends in the IP packet (20 + its
+# length) when the flags are ACK without SYN, FIN or RST and the header has 20+ bytes; else
+# more than any IP length, so one comparison checks flags, header and payload length.
+_HDR_END = tuple(20 + ((of >> 10) & 0x3C) if of & 0x17 == 0x10 and of >= 0x5000 else 1 << 17
+                 for of in range(1 << 16))
+# A tally's `tally` counts packets above bit 48 and IP bytes below (one addition per packet).
+TALLY_PKT_SHIFT = 48
+_ONE_PKT = 1 << TALLY_PKT_SHIFT
 _M32 = 0xFFFFFFFF
 _HALF = 0x80000000
 _TAG = struct.Struct("!HH")
@@ -354,8 +362,9 @@ class CaptureRing:
         not a fragment, TCP with ACK and none of SYN, FIN, RST, captured before `due()` (asked
         again after the consumer or `take` ran), of a kind `fast` allows (bit 1: with payload,
         bit 2: without; a value whose `armed` allows the kind instead is re-armed first:
-        `value.rearm()` sets `fast` and returns True). The ring adds 1 to `pkts` and the IP
-        total length to `bytes`, keeps the latest time in `last_ts`, and moves `seq` (the
+        `value.rearm()` sets `fast` and returns True). The ring adds the IP total length plus
+        1 << TALLY_PKT_SHIFT to `tally` (packets above that bit, bytes below), keeps the latest
+        time in `last_ts`, and moves `seq` (the
         sequence number after the payload) and `ack` forward as XDP's tcp_track does: to the
         frame's value when it lies less than half the 32-bit space ahead (both are kept
         unwrapped). `take` does the same for the frames it takes, so the result is as if it
@@ -381,8 +390,10 @@ class CaptureRing:
             keys, take = claim[0], claim[1]
             if len(claim) == 4:
                 due_fn, clock_fn = claim[2], claim[3]  # type: ignore[misc]
+        lookup = keys.get  # (the same dict throughout: it may change, not be replaced)
         unpack_hdr = _PKT_KEY.unpack_from if take is not None else _PKT_HDR1.unpack_from
         unpack_tcp = _TCP4.unpack_from
+        hdr_end = _HDR_END
         mac_usual = _MAC_USUAL
         # Tally frames captured before `due`; None: ask due_fn (the consumer or take ran).
         stale: float | None = None if due_fn is not None else -1.0
@@ -426,7 +437,7 @@ class CaptureRing:
                     if keys:
                         if mac != mac_usual:
                             key = ring[start + 26:start + 38]
-                        hit = keys.get(key)
+                        hit = lookup(key)
                         if hit is not None:
                             ts = sec + (nsec // 1000) / 1e6
                             if due is None:
@@ -435,31 +446,30 @@ class CaptureRing:
                                 head, ip_len, frag_proto, seq, ack, of = unpack_tcp(
                                     ring, start + 12)
                                 # IPv4 without options, not a fragment, TCP, ACK without
-                                # SYN/FIN/RST, a TCP header of 20+ bytes, all within the IP
+                                # SYN/FIN/RST and a TCP header of 20+ bytes (`_HDR_END`: its
+                                # end in the IP packet, else beyond any), all within the IP
                                 # and the wire lengths, a kind the tally takes.
-                                payload = ip_len - 20 - ((of >> 10) & 0x3C)
+                                end = hdr_end[of]
                                 if (head >> 8 == 0x080045 and frag_proto & 0x3FFF00FF == 6
-                                        and of & 0x17 == 0x10 and of >= 0x5000
-                                        and payload >= 0 and wire_len >= 14 + ip_len
-                                        and (hit.fast & (1 if payload else 2)
-                                             or hit.armed & (1 if payload else 2)
-                                             and hit.rearm())):
-                                    hit.pkts += 1
-                                    hit.bytes += ip_len
-                                    if ts > hit.last_ts:
-                                        hit.last_ts = ts
-                                    cur = hit.seq
-                                    d = (seq + payload - cur) & _M32
-                                    if 0 < d < _HALF:
-                                        hit.seq = cur + d
-                                    cur = hit.ack
-                                    d = (ack - cur) & _M32
-                                    if 0 < d < _HALF:
-                                        hit.ack = cur + d
-                                    if ts > clock:
-                                        clock = ts
-                                    claimed += 1
-                                    continue
+                                        and end <= ip_len <= wire_len - 14):
+                                    payload = ip_len - end
+                                    kind = 1 if payload else 2
+                                    if hit.fast & kind or hit.armed & kind and hit.rearm():
+                                        hit.tally += ip_len + _ONE_PKT
+                                        if ts > hit.last_ts:
+                                            hit.last_ts = ts
+                                        cur = hit.seq
+                                        d = (seq + payload - cur) & _M32
+                                        if 0 < d < _HALF:
+                                            hit.seq = cur + d
+                                        cur = hit.ack
+                                        d = (ack - cur) & _M32
+                                        if 0 < d < _HALF:
+                                            hit.ack = cur + d
+                                        if ts > clock:
+                                            clock = ts
+                                        claimed += 1
+                                        continue
                             if clock:
                                 clock_fn(clock)
                                 clock = 0.0
