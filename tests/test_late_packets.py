@@ -80,17 +80,27 @@ def rig() -> Iterator[tuple[Any, Any, list[dict[str, Any]], list[tuple]]]:
 
 
 def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
-        seq_ack: list | None = None, flush_each: bool = False
+        seq_ack: list | None = None, flush_each: bool = False,
+        reads: list[float] | None = None, read_lag: float = 0.0
         ) -> tuple[dict[str, Any], list[tuple], int]:
     """(conn.log record, shunt.log rows, frames taken as late packets); `seq_ack` gets ends()
     once every packet was seen; `flush_each`: pending late packets applied after each frame
-    (a capture batch per frame) instead of once at the end."""
+    (a capture batch per frame) instead of once at the end. `reads`: each frame is captured
+    after the ring events were last read; reading them again (`ShuntManager.refresh`,
+    appending the frame's time to `reads`) covers frames up to `read_lag` seconds older than
+    the frame, so a negative lag never covers it."""
     from shuntd.packet import decode
 
     with rig() as (tracker, manager, rows, shunt_rows):
         late = 0
         for i, (_up, f) in enumerate(frames):
             ts = 1_700_000_000.0 + i * 0.01
+            if reads is not None:
+                def refresh(ts: float = ts) -> float:
+                    reads.append(ts)
+                    manager.horizon = ts + read_lag
+                    return manager.horizon
+                manager.horizon, manager.refresh = ts - 0.005, refresh
             hit = manager.late.get(f[26:38])   # as the capture ring offers it
             if hit is not None and manager.late_frame(hit, f, 0, len(f), len(f), ts):
                 late += 1
@@ -130,6 +140,25 @@ def test_late_packets_count_as_shunted_and_keep_the_record():
     assert row[11] == "fin"
     assert row[12:] == (shunted["orig_shunted_pkts"], shunted["orig_shunted_bytes"],
                         shunted["resp_shunted_pkts"], shunted["resp_shunted_bytes"])
+
+
+def test_a_late_packet_after_the_last_event_read_has_the_events_read_again():
+    """A late packet captured after the ring events were last read (`horizon`) has them read
+    again (`refresh`, so none that came before it is missed) and is counted as shunted as
+    before; if the read still does not cover it, the analyser gets it."""
+    frames = conversation()
+    plain, plain_rows, plain_late = run(frames, 4)
+    reads: list[float] = []
+    again, again_rows, again_late = run(frames, 4, reads=reads, read_lag=0.001)
+    assert again_late == plain_late > 0 and len(reads) >= again_late
+    for rec in (plain, again):
+        rec.pop("uid")
+    assert again == plain
+    assert [r[:1] + r[2:] for r in again_rows] == [r[:1] + r[2:] for r in plain_rows]
+    reads.clear()
+    analysed, _, none_late = run(frames, 4, reads=reads, read_lag=-0.001)
+    assert none_late == 0 and reads and analysed["orig_shunted_pkts"] == 0
+    assert analysed["orig_pkts"] + analysed["resp_pkts"] == len(frames)
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["fin", "open"])
