@@ -369,9 +369,10 @@ class CaptureRing:
         frame's value when it lies less than half the 32-bit space ahead (both are kept
         unwrapped). `take` does the same for the frames it takes, so the result is as if it
         had taken them all; it sets `fast` once it holds for the value. `clock(ts)` is told
-        the latest time of the frames tallied before the ring calls `take`, yields a frame or
-        stops (the consumer's clock moves as if `take` had seen them). Ring-tallied frames
-        cost a second header read and a few additions.
+        the latest time of the frames tallied before the ring calls `take`, yields an older
+        frame or stops (the consumer's clock moves as if `take` had seen them; a frame yielded
+        no older than them moves it there anyway, with no timer due in between). Ring-tallied
+        frames cost a second header read and a few additions.
         """
         cfg = self.config
         bsize, bcount = cfg.block_size, cfg.block_count
@@ -490,10 +491,13 @@ class CaptureRing:
                     frame = view[start:start + snap]
                     self.csum_unchecked = status & _CSUM_UNCHECKABLE != 0
                     delivered += 1
-                    if clock:
+                    ts = sec + (nsec // 1000) / 1e6
+                    if clock > ts:
+                        # (Else the consumer's clock moves to `ts` with this frame anyway,
+                        # no timer in between: the tally stopped before `due`.)
                         clock_fn(clock)
                         clock = 0.0
-                    yield sec + (nsec // 1000) / 1e6, frame, wire_len, linktype
+                    yield ts, frame, wire_len, linktype
                     frame.release()
                     frame = None
                     due = stale
