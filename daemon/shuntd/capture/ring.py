@@ -116,8 +116,6 @@ _HDR_END = tuple(20 + ((of >> 10) & 0x3C) if of & 0x17 == 0x10 and of >= 0x5000 
 # A tally's `tally` counts packets above bit 48 and IP bytes below (one addition per packet).
 TALLY_PKT_SHIFT = 48
 _ONE_PKT = 1 << TALLY_PKT_SHIFT
-_M32 = 0xFFFFFFFF
-_HALF = 0x80000000
 _TAG = struct.Struct("!HH")
 _STATS_V3 = struct.Struct("=III")
 _MREQ = struct.Struct("=iHH8s")
@@ -395,6 +393,7 @@ class CaptureRing:
         unpack_hdr = _PKT_KEY.unpack_from if take is not None else _PKT_HDR1.unpack_from
         unpack_tcp = _TCP4.unpack_from
         hdr_end = _HDR_END
+        one_pkt = _ONE_PKT
         mac_usual = _MAC_USUAL
         # Tally frames captured before `due`; None: ask due_fn (the consumer or take ran).
         stale: float | None = None if due_fn is not None else -1.0
@@ -429,12 +428,11 @@ class CaptureRing:
                         nxt, sec, nsec, snap, wire_len, status, mac, pkttype = (
                             _PKT_HDR.unpack_from(ring, off))
                         key = ring[off + mac + 26:off + mac + 38]
-                    pkt = off
+                    start = off + mac
                     off += nxt
                     left -= 1
                     if pkttype == outgoing:
                         continue
-                    start = pkt + mac
                     if keys:
                         if mac != mac_usual:
                             key = ring[start + 26:start + 38]
@@ -443,7 +441,7 @@ class CaptureRing:
                             ts = sec + (nsec // 1000) / 1e6
                             if due is None:
                                 due = due_fn()
-                            if ts < due and snap >= _TCP4_SNAP:
+                            if ts < due and snap >= 54:  # (_TCP4_SNAP)
                                 head, ip_len, frag_proto, seq, ack, of = unpack_tcp(
                                     ring, start + 12)
                                 # IPv4 without options, not a fragment, TCP, ACK without
@@ -456,16 +454,16 @@ class CaptureRing:
                                     payload = ip_len - end
                                     kind = 1 if payload else 2
                                     if hit.fast & kind or hit.armed & kind and hit.rearm():
-                                        hit.tally += ip_len + _ONE_PKT
+                                        hit.tally += ip_len + one_pkt
                                         if ts > hit.last_ts:
                                             hit.last_ts = ts
                                         cur = hit.seq
-                                        d = (seq + payload - cur) & _M32
-                                        if 0 < d < _HALF:
+                                        d = (seq + payload - cur) & 0xFFFFFFFF
+                                        if 0 < d < 0x80000000:
                                             hit.seq = cur + d
                                         cur = hit.ack
-                                        d = (ack - cur) & _M32
-                                        if 0 < d < _HALF:
+                                        d = (ack - cur) & 0xFFFFFFFF
+                                        if 0 < d < 0x80000000:
                                             hit.ack = cur + d
                                         if ts > clock:
                                             clock = ts
@@ -480,7 +478,7 @@ class CaptureRing:
                                 claimed += 1
                                 continue
                     if status & TP_STATUS_VLAN_VALID and snap >= 12:
-                        tci, tpid = _VLAN.unpack_from(ring, pkt + _VLAN_OFF)
+                        tci, tpid = _VLAN.unpack_from(ring, start - mac + _VLAN_OFF)
                         if not status & TP_STATUS_VLAN_TPID_VALID:
                             tpid = ETH_P_8021Q
                         start -= VLAN_TAG_LEN
