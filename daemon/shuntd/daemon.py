@@ -665,7 +665,10 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             except CaptureError as exc:
                 failed = guard.capture_failed(str(exc))
                 break
-            engine.apply(ring_events())
+            if not n:
+                # Idle: what came while the ring was waited for applies in this tick (busy,
+                # the next pass reads the events first thing).
+                engine.apply(ring_events())
             engine.tick(n)
             out.tick()
             failed = guard.check()

@@ -579,8 +579,10 @@ class ShuntManager:
                     ref = cur + 0x7FFFFFFF
                     nxt = ref - ((ref - s.seq0) & M32) + (seq - s.seq0)
                     if nxt > cur:
-                        ep.last_rel = nxt - start
-                        _skip(ep, nxt, False)
+                        ep.last_rel = rel = nxt - start
+                        reasm = ep.reasm or ep.reassembler()  # _skip(ep, nxt, False)
+                        if rel > reasm.lrs:
+                            reasm.lrs = rel
             ack = s.ack
             if ack is not None and not (kept and ack == s.ack0):
                 peer = e0 if s.side else e1
@@ -590,8 +592,12 @@ class ShuntManager:
                     ref = cur + 0x7FFFFFFF
                     nxt = ref - ((ref - s.ack0) & M32) + (ack - s.ack0)
                     if nxt > cur:
-                        peer.ack_rel = nxt - start
-                        _skip(peer, nxt, True)
+                        peer.ack_rel = rel = nxt - start
+                        reasm = peer.reasm or peer.reassembler()  # _skip(peer, nxt, True)
+                        if rel > reasm.lrs:
+                            reasm.lrs = rel
+                        if rel > reasm.trim_seq:
+                            reasm.trim_to_seq(rel)
             # The kinds the ring counted (`fast`) have their letter in the history now and
             # both chains started: armed, the chains run on from here.
             s.armed = kept = kept | s.fast
