@@ -113,8 +113,8 @@ _TCP4_SNAP = 54
 # more than any IP length, so one comparison checks flags, header and payload length.
 _HDR_END = tuple(20 + ((of >> 10) & 0x3C) if of & 0x17 == 0x10 and of >= 0x5000 else 1 << 17
                  for of in range(1 << 16))
-# A tally's `tally` counts packets above bit 48 and IP bytes below (one addition per packet).
-TALLY_PKT_SHIFT = 48
+# A tally's `tally` counts packets above bit 64 and IP bytes below (one addition per packet).
+TALLY_PKT_SHIFT = 64  # (bytes below 2^64: no carry into the packets, ever)
 _ONE_PKT = 1 << TALLY_PKT_SHIFT
 _TAG = struct.Struct("!HH")
 _STATS_V3 = struct.Struct("=III")
