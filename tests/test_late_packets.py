@@ -48,6 +48,31 @@ def conversation() -> list[tuple[bool, bytes]]:
     return out
 
 
+def odd_conversation() -> list[tuple[bool, bytes]]:
+    """conversation() with late packets at the edges of what the capture ring counts itself:
+    data with URG, an ACK with TCP options (a 32-byte header), a bare PSH without ACK, and
+    an IP total length beyond the frame (the analyser gets it)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    out = conversation()
+    c, s = 0xFFFFF000 + 1 + 600, 7000 + 1 + 4 * 1400
+    extra = [
+        (False, Ether() / IP(src=B, dst=A) / TCP(sport=SERVER, dport=CLIENT, flags="PAU",
+                                                 seq=s, ack=c, urgptr=1) / (b"u" * 100)),
+        (True, Ether() / IP(src=A, dst=B) / TCP(sport=CLIENT, dport=SERVER, flags="A", seq=c,
+                                                ack=s + 100, options=[("NOP", None),
+                                                                      ("NOP", None),
+                                                                      ("Timestamp", (1, 2))])),
+        (False, Ether() / IP(src=B, dst=A) / TCP(sport=SERVER, dport=CLIENT, flags="P",
+                                                 seq=s + 100, ack=c) / (b"p" * 10)),
+        (False, Ether() / IP(src=B, dst=A, len=400) / TCP(sport=SERVER, dport=CLIENT, flags="A",
+                                                          seq=s + 110, ack=c)),
+    ]
+    at = len(out) - 3  # before the FINs
+    return out[:at] + [(up, bytes(f)) for up, f in extra] + out[at:]
+
+
 def ends(conn: Any) -> list[tuple[int, ...]]:
     """Each endpoint's sequence and ack numbers (what late packets move)."""
     return [(e.last_seq, e.seq_wraps, e.ack_seq, e.ack_wraps) for e in conn.sides]
@@ -80,24 +105,37 @@ def rig() -> Iterator[tuple[Any, Any, list[dict[str, Any]], list[tuple]]]:
 
 
 def run(frames: list[tuple[bool, bytes]], shunt_after: int | None,
-        seq_ack: list | None = None, flush_each: bool = False
+        seq_ack: list | None = None, flush_each: bool = False,
+        reads: list[float] | None = None, read_lag: float = 0.0
         ) -> tuple[dict[str, Any], list[tuple], int]:
     """(conn.log record, shunt.log rows, frames taken as late packets); `seq_ack` gets ends()
     once every packet was seen; `flush_each`: pending late packets applied after each frame
-    (a capture batch per frame) instead of once at the end."""
+    (a capture batch per frame) instead of once at the end. `reads`: each frame is captured
+    after the ring events were last read; reading them again (`ShuntManager.refresh`,
+    appending the frame's time to `reads`) covers frames up to `read_lag` seconds older than
+    the frame, so a negative lag never covers it."""
     from shuntd.packet import decode
 
     with rig() as (tracker, manager, rows, shunt_rows):
         late = 0
         for i, (_up, f) in enumerate(frames):
             ts = 1_700_000_000.0 + i * 0.01
+            if reads is not None:
+                def refresh(ts: float = ts) -> float:
+                    reads.append(ts)
+                    manager.horizon = ts + read_lag
+                    return manager.horizon
+                manager.horizon, manager.refresh = ts - 0.005, refresh
             hit = manager.late.get(f[26:38])   # as the capture ring offers it
             if hit is not None and manager.late_frame(hit, f, 0, len(f), len(f), ts):
                 late += 1
                 if flush_each:
                     manager.flush_pending()
                 continue
-            conn = tracker.process(decode(memoryview(f), 1, ts, len(f)))
+            pkt = decode(memoryview(f), 1, ts, len(f))
+            if pkt is None:
+                continue  # (odd_conversation's truncated IP packet: the analyser drops it)
+            conn = tracker.process(pkt)
             if i + 1 == shunt_after:
                 assert manager.shunt(conn, "test") == "ok"
         manager.flush_pending()
@@ -130,6 +168,25 @@ def test_late_packets_count_as_shunted_and_keep_the_record():
     assert row[11] == "fin"
     assert row[12:] == (shunted["orig_shunted_pkts"], shunted["orig_shunted_bytes"],
                         shunted["resp_shunted_pkts"], shunted["resp_shunted_bytes"])
+
+
+def test_a_late_packet_after_the_last_event_read_has_the_events_read_again():
+    """A late packet captured after the ring events were last read (`horizon`) has them read
+    again (`refresh`, so none that came before it is missed) and is counted as shunted as
+    before; if the read still does not cover it, the analyser gets it."""
+    frames = conversation()
+    plain, plain_rows, plain_late = run(frames, 4)
+    reads: list[float] = []
+    again, again_rows, again_late = run(frames, 4, reads=reads, read_lag=0.001)
+    assert again_late == plain_late > 0 and len(reads) >= again_late
+    for rec in (plain, again):
+        rec.pop("uid")
+    assert again == plain
+    assert [r[:1] + r[2:] for r in again_rows] == [r[:1] + r[2:] for r in plain_rows]
+    reads.clear()
+    analysed, _, none_late = run(frames, 4, reads=reads, read_lag=-0.001)
+    assert none_late == 0 and reads and analysed["orig_shunted_pkts"] == 0
+    assert analysed["orig_pkts"] + analysed["resp_pkts"] == len(frames)
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["fin", "open"])
@@ -180,8 +237,8 @@ def test_syn_fin_rst_are_left_to_the_analyser_bad_header_checksums_are_not():
     assert late == len(frames) - 4 - 2 and dirty == clean
 
 
-@pytest.mark.parametrize("closed", [True, False], ids=["fin", "open"])
-def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab, closed: bool):
+@pytest.mark.parametrize("closed", [True, False, "odd"], ids=["fin", "open", "odd"])
+def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab, closed: Any):
     """The same conversation captured on a real veth: after the shunt, the ring counts most late
     packets itself (its tallies: no call per packet) and gives the rest to late_frame; the
     record and the sequence and ack numbers equal those of late_frame taking every packet
@@ -192,7 +249,10 @@ def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab,
     from shuntd.capture.ring import CaptureRing, RingConfig
     from shuntd.packet import decode
 
-    frames = conversation() if closed else conversation()[:11]  # up to the last full ack
+    if closed == "odd":
+        frames = odd_conversation()
+    else:
+        frames = conversation() if closed else conversation()[:11]  # to the last full ack
     expected_ends: list = []
     expected, expected_rows, expected_late = run(frames, 4, expected_ends)
     pair = lab.veth_to_netns()
@@ -219,7 +279,8 @@ def test_late_packets_counted_in_the_capture_ring_give_the_same_record(lab: Lab,
                             continue  # the namespace's own IPv6 chatter
                         got += 1
                         pkt = decode(frame, linktype, ts, wire_len, ring.csum_unchecked)
-                        conn = tracker.process(pkt) or conn
+                        if pkt is not None:
+                            conn = tracker.process(pkt) or conn
                     got += ring.claimed - before
                     manager.flush_pending()
                 assert got == len(part)

@@ -337,7 +337,10 @@ class Engine:
         process = tracker.process
         shunts = self.shunts
         pending = shunts.pending
-        shunts.horizon = horizon = self._read_events(read_events)
+        shunts.horizon = self._read_events(read_events)
+        if read_events is not None:
+            # A late packet captured after the events were read has them read again first.
+            shunts.refresh = lambda: self._refresh(read_events)
         # Late packets of shunted sessions are taken in the ring (ShuntManager.late_frame),
         # most counted by the ring itself (its tallies).
         claim = (shunts.late, shunts.late_frame, shunts.late_due, shunts.late_clock)
@@ -345,8 +348,8 @@ class Engine:
         ts = 0.0
         try:
             for ts, frame, wire_len, linktype in ring.poll(timeout, claim):
-                if ts > horizon:  # captured after the events were read: read them again
-                    shunts.horizon = horizon = self._read_events(read_events)
+                if ts > shunts.horizon:  # captured after the events were read: read again
+                    shunts.horizon = self._read_events(read_events)
                 n += 1
                 pkt = decode(frame, linktype, ts, wire_len, ignore or ring.csum_unchecked)
                 if pkt is not None:
@@ -364,6 +367,7 @@ class Engine:
                     break
         finally:
             shunts.horizon = math.inf
+            shunts.refresh = None
             if pending:
                 shunts.flush_pending()
             if ts:
@@ -381,6 +385,12 @@ class Engine:
             return math.inf
         self.apply(read_events())
         return time.time()
+
+    def _refresh(self, read_events: Callable[[], list[Any]]) -> float:
+        """ShuntManager.refresh during a batch: the events that came since, and the new
+        horizon."""
+        self.shunts.horizon = horizon = self._read_events(read_events)
+        return horizon
 
     def tick(self, packets: int) -> None:
         """Network time follows the wall clock on a quiet link; leases are renewed."""
@@ -655,7 +665,10 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             except CaptureError as exc:
                 failed = guard.capture_failed(str(exc))
                 break
-            engine.apply(ring_events())
+            if not n:
+                # Idle: what came while the ring was waited for applies in this tick (busy,
+                # the next pass reads the events first thing).
+                engine.apply(ring_events())
             engine.tick(n)
             out.tick()
             failed = guard.check()

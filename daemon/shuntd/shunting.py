@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from shuntd.capture.ring import TALLY_PKT_SHIFT
 from shuntd.conn.hooks import EngineHooks
 from shuntd.conn.record import addr_text
 from shuntd.conn.settings import TUNNEL_UDP_PORTS
@@ -61,6 +62,8 @@ M32 = 0xFFFFFFFF
 _LATE_HDR = struct.Struct("!IHxxIxx12xIIH")
 _LATE_SNAP = 54  # Ethernet + IPv4 without options + TCP without options
 _HALF = 0x80000000
+_ONE_PKT = 1 << TALLY_PKT_SHIFT
+_TALLY_BYTES = _ONE_PKT - 1
 # Pending history letters of late packets (ShuntManager.late_frame): tracker side 0 data, side 0
 # ack, side 1 data, side 1 ack; applied in order of first appearance by _flush_late.
 _LATE_LETTERS = ((0, HIST_DATA_PKT, "D"), (0, HIST_ACK_PKT, "A"),
@@ -143,14 +146,14 @@ class LateSide:
     whole episode, so after a flush the ring counts them again once `rearm` (one cheap call per
     side and batch, not a `late_frame`) put the connection back in `pending`."""
 
-    __slots__ = ("conn", "st", "side", "pkts", "bytes", "last_ts", "seq0", "seq", "ack0",
+    __slots__ = ("conn", "st", "side", "tally", "last_ts", "seq0", "seq", "ack0",
                  "ack", "data_bit", "ack_bit", "fast", "armed", "pending")
 
     def __init__(self, conn: Any, st: ConnShunt, side: int,
                  pending: dict[ConnShunt, None] | None = None) -> None:
         self.conn, self.st, self.side = conn, st, side
         self.pending = pending if pending is not None else {}
-        self.pkts = self.bytes = 0
+        self.tally = 0  # packets << TALLY_PKT_SHIFT + IP bytes (one addition per packet)
         self.last_ts = 0.0
         self.seq0: int = 0
         self.seq: int | None = None
@@ -159,6 +162,14 @@ class LateSide:
         self.data_bit, self.ack_bit = (1, 2) if side == 0 else (4, 8)
         self.fast = 0
         self.armed = 0
+
+    @property
+    def pkts(self) -> int:
+        return self.tally >> TALLY_PKT_SHIFT
+
+    @property
+    def bytes(self) -> int:
+        return self.tally & _TALLY_BYTES
 
     def rearm(self) -> bool:
         """The capture ring's first frame of an armed kind since the last flush: the ring may
@@ -337,6 +348,8 @@ class ShuntManager:
         # Frames captured after this time may follow ring events not read yet: late_frame
         # leaves them to the caller, which reads the events first (daemon.Engine.capture).
         self.horizon = float("inf")
+        # Reads the ring events that came since (the caller's), sets and returns `horizon`.
+        self.refresh: Callable[[], float] | None = None
         self._timers = getattr(tracker, "timers", None)
         self._heap = getattr(self._timers, "heap", None)  # kept for the manager's lifetime
         hooks = getattr(tracker, "hooks", None)
@@ -513,7 +526,7 @@ class ShuntManager:
         sides = st.late
         if sides is None:
             return (0, 0, 0, 0)
-        if sides[0].pkts or sides[1].pkts:  # (none: the flush would change nothing)
+        if sides[0].tally or sides[1].tally:  # (none: the flush would change nothing)
             self._flush_late(st)
         st.late = None  # no cycle connection -> ext -> ConnShunt -> LateSide -> connection
         if st.dirty:
@@ -566,8 +579,10 @@ class ShuntManager:
                     ref = cur + 0x7FFFFFFF
                     nxt = ref - ((ref - s.seq0) & M32) + (seq - s.seq0)
                     if nxt > cur:
-                        ep.last_rel = nxt - start
-                        _skip(ep, nxt, False)
+                        ep.last_rel = rel = nxt - start
+                        reasm = ep.reasm or ep.reassembler()  # _skip(ep, nxt, False)
+                        if rel > reasm.lrs:
+                            reasm.lrs = rel
             ack = s.ack
             if ack is not None and not (kept and ack == s.ack0):
                 peer = e0 if s.side else e1
@@ -577,8 +592,12 @@ class ShuntManager:
                     ref = cur + 0x7FFFFFFF
                     nxt = ref - ((ref - s.ack0) & M32) + (ack - s.ack0)
                     if nxt > cur:
-                        peer.ack_rel = nxt - start
-                        _skip(peer, nxt, True)
+                        peer.ack_rel = rel = nxt - start
+                        reasm = peer.reasm or peer.reassembler()  # _skip(peer, nxt, True)
+                        if rel > reasm.lrs:
+                            reasm.lrs = rel
+                        if rel > reasm.trim_seq:
+                            reasm.trim_to_seq(rel)
             # The kinds the ring counted (`fast`) have their letter in the history now and
             # both chains started: armed, the chains run on from here.
             s.armed = kept = kept | s.fast
@@ -628,8 +647,14 @@ class ShuntManager:
         capture ring counts its next packets of that kind itself, the same way
         (CaptureRing.poll tallies, before `late_due()`; it reports their time through
         `late_clock`)."""
-        if snap < _LATE_SNAP or ts > self.horizon:
+        if snap < _LATE_SNAP:
             return self._not_late(s)
+        if ts > self.horizon:
+            # Ring events may have come since the last read: read them (each is applied at
+            # its own time, the timers below) rather than leave the packet to the analyser.
+            refresh = self.refresh
+            if refresh is None or ts > refresh():
+                return self._not_late(s)
         head, ip_len, frag_proto, seq, ack, of = _LATE_HDR.unpack_from(buf, start + 12)
         thl = (of >> 10) & 0x3C
         payload = ip_len - 20 - thl
@@ -647,8 +672,7 @@ class ShuntManager:
                     return False
             else:
                 tracker.network_time = timers.now = ts  # as tracker.process
-        s.pkts += 1
-        s.bytes += ip_len
+        s.tally += ip_len + _ONE_PKT
         if ts > s.last_ts:
             s.last_ts = ts
         if not st.dirty:

@@ -108,8 +108,14 @@ _PKT_HDR1 = struct.Struct("=IIIIIIH32xBB")
 # protocol, TCP seq, ack, data offset + flags (from byte 12): the ring's own tally.
 _TCP4 = struct.Struct("!IHxxIxx12xIIH")
 _TCP4_SNAP = 54
-_M32 = 0xFFFFFFFF
-_HALF = 0x80000000
+# By the TCP data offset + flags word: where the TCP header ends in the IP packet (20 + its
+# length) when the flags are ACK without SYN, FIN or RST and the header has 20+ bytes; else
+# more than any IP length, so one comparison checks flags, header and payload length.
+_HDR_END = tuple(20 + ((of >> 10) & 0x3C) if of & 0x17 == 0x10 and of >= 0x5000 else 1 << 17
+                 for of in range(1 << 16))
+# A tally's `tally` counts packets above bit 64 and IP bytes below (one addition per packet).
+TALLY_PKT_SHIFT = 64  # (bytes below 2^64: no carry into the packets, ever)
+_ONE_PKT = 1 << TALLY_PKT_SHIFT
 _TAG = struct.Struct("!HH")
 _STATS_V3 = struct.Struct("=III")
 _MREQ = struct.Struct("=iHH8s")
@@ -354,15 +360,17 @@ class CaptureRing:
         not a fragment, TCP with ACK and none of SYN, FIN, RST, captured before `due()` (asked
         again after the consumer or `take` ran), of a kind `fast` allows (bit 1: with payload,
         bit 2: without; a value whose `armed` allows the kind instead is re-armed first:
-        `value.rearm()` sets `fast` and returns True). The ring adds 1 to `pkts` and the IP
-        total length to `bytes`, keeps the latest time in `last_ts`, and moves `seq` (the
+        `value.rearm()` sets `fast` and returns True). The ring adds the IP total length plus
+        1 << TALLY_PKT_SHIFT to `tally` (packets above that bit, bytes below), keeps the latest
+        time in `last_ts`, and moves `seq` (the
         sequence number after the payload) and `ack` forward as XDP's tcp_track does: to the
         frame's value when it lies less than half the 32-bit space ahead (both are kept
         unwrapped). `take` does the same for the frames it takes, so the result is as if it
         had taken them all; it sets `fast` once it holds for the value. `clock(ts)` is told
-        the latest time of the frames tallied before the ring calls `take`, yields a frame or
-        stops (the consumer's clock moves as if `take` had seen them). Ring-tallied frames
-        cost a second header read and a few additions.
+        the latest time of the frames tallied before the ring calls `take`, yields an older
+        frame or stops (the consumer's clock moves as if `take` had seen them; a frame yielded
+        no older than them moves it there anyway, with no timer due in between). Ring-tallied
+        frames cost a second header read and a few additions.
         """
         cfg = self.config
         bsize, bcount = cfg.block_size, cfg.block_count
@@ -381,8 +389,11 @@ class CaptureRing:
             keys, take = claim[0], claim[1]
             if len(claim) == 4:
                 due_fn, clock_fn = claim[2], claim[3]  # type: ignore[misc]
+        lookup = keys.get  # (the same dict throughout: it may change, not be replaced)
         unpack_hdr = _PKT_KEY.unpack_from if take is not None else _PKT_HDR1.unpack_from
         unpack_tcp = _TCP4.unpack_from
+        hdr_end = _HDR_END
+        one_pkt = _ONE_PKT
         mac_usual = _MAC_USUAL
         # Tally frames captured before `due`; None: ask due_fn (the consumer or take ran).
         stale: float | None = None if due_fn is not None else -1.0
@@ -417,49 +428,47 @@ class CaptureRing:
                         nxt, sec, nsec, snap, wire_len, status, mac, pkttype = (
                             _PKT_HDR.unpack_from(ring, off))
                         key = ring[off + mac + 26:off + mac + 38]
-                    pkt = off
+                    start = off + mac
                     off += nxt
                     left -= 1
                     if pkttype == outgoing:
                         continue
-                    start = pkt + mac
                     if keys:
                         if mac != mac_usual:
                             key = ring[start + 26:start + 38]
-                        hit = keys.get(key)
+                        hit = lookup(key)
                         if hit is not None:
                             ts = sec + (nsec // 1000) / 1e6
                             if due is None:
                                 due = due_fn()
-                            if ts < due and snap >= _TCP4_SNAP:
+                            if ts < due and snap >= 54:  # (_TCP4_SNAP)
                                 head, ip_len, frag_proto, seq, ack, of = unpack_tcp(
                                     ring, start + 12)
                                 # IPv4 without options, not a fragment, TCP, ACK without
-                                # SYN/FIN/RST, a TCP header of 20+ bytes, all within the IP
+                                # SYN/FIN/RST and a TCP header of 20+ bytes (`_HDR_END`: its
+                                # end in the IP packet, else beyond any), all within the IP
                                 # and the wire lengths, a kind the tally takes.
-                                payload = ip_len - 20 - ((of >> 10) & 0x3C)
+                                end = hdr_end[of]
                                 if (head >> 8 == 0x080045 and frag_proto & 0x3FFF00FF == 6
-                                        and of & 0x17 == 0x10 and of >= 0x5000
-                                        and payload >= 0 and wire_len >= 14 + ip_len
-                                        and (hit.fast & (1 if payload else 2)
-                                             or hit.armed & (1 if payload else 2)
-                                             and hit.rearm())):
-                                    hit.pkts += 1
-                                    hit.bytes += ip_len
-                                    if ts > hit.last_ts:
-                                        hit.last_ts = ts
-                                    cur = hit.seq
-                                    d = (seq + payload - cur) & _M32
-                                    if 0 < d < _HALF:
-                                        hit.seq = cur + d
-                                    cur = hit.ack
-                                    d = (ack - cur) & _M32
-                                    if 0 < d < _HALF:
-                                        hit.ack = cur + d
-                                    if ts > clock:
-                                        clock = ts
-                                    claimed += 1
-                                    continue
+                                        and end <= ip_len <= wire_len - 14):
+                                    payload = ip_len - end
+                                    kind = 1 if payload else 2
+                                    if hit.fast & kind or hit.armed & kind and hit.rearm():
+                                        hit.tally += ip_len + one_pkt
+                                        if ts > hit.last_ts:
+                                            hit.last_ts = ts
+                                        cur = hit.seq
+                                        d = (seq + payload - cur) & 0xFFFFFFFF
+                                        if 0 < d < 0x80000000:
+                                            hit.seq = cur + d
+                                        cur = hit.ack
+                                        d = (ack - cur) & 0xFFFFFFFF
+                                        if 0 < d < 0x80000000:
+                                            hit.ack = cur + d
+                                        if ts > clock:
+                                            clock = ts
+                                        claimed += 1
+                                        continue
                             if clock:
                                 clock_fn(clock)
                                 clock = 0.0
@@ -469,7 +478,7 @@ class CaptureRing:
                                 claimed += 1
                                 continue
                     if status & TP_STATUS_VLAN_VALID and snap >= 12:
-                        tci, tpid = _VLAN.unpack_from(ring, pkt + _VLAN_OFF)
+                        tci, tpid = _VLAN.unpack_from(ring, start - mac + _VLAN_OFF)
                         if not status & TP_STATUS_VLAN_TPID_VALID:
                             tpid = ETH_P_8021Q
                         start -= VLAN_TAG_LEN
@@ -480,10 +489,13 @@ class CaptureRing:
                     frame = view[start:start + snap]
                     self.csum_unchecked = status & _CSUM_UNCHECKABLE != 0
                     delivered += 1
-                    if clock:
+                    ts = sec + (nsec // 1000) / 1e6
+                    if clock > ts:
+                        # (Else the consumer's clock moves to `ts` with this frame anyway,
+                        # no timer in between: the tally stopped before `due`.)
                         clock_fn(clock)
                         clock = 0.0
-                    yield sec + (nsec // 1000) / 1e6, frame, wire_len, linktype
+                    yield ts, frame, wire_len, linktype
                     frame.release()
                     frame = None
                     due = stale
