@@ -64,6 +64,10 @@ class Conn:
         self.proto = proto
         self.resp_p = resp_p
         self.resp_h = socket.inet_aton(resp_h)
+        # The flow key (proto number, orig_h, orig_p, resp_h, resp_p): orig at side 0.
+        self.orig_side = 0
+        self.key = ({"tcp": 6, "udp": 17}.get(proto, 1), socket.inet_aton("10.0.0.1"), 40000,
+                    self.resp_h, resp_p)
         self.ext: dict | None = None
         self.services = None
         self.service: list[str] = []

@@ -78,13 +78,20 @@ class _ServiceSink:
         self.dispatcher = dispatcher
 
     def service_confirmed(self, conn: Any, name: str) -> None:
-        self.dispatcher.notify("analyzer_confirmation", conn, name)
+        # (notify, inline: most connections confirm a service, few policies listen)
+        d = self.dispatcher
+        handlers = d._handlers.get("analyzer_confirmation")
+        if handlers:
+            d._call("analyzer_confirmation", handlers, (conn, name))
 
     def service_violation(self, conn: Any, name: str, reason: str) -> None:
         self.dispatcher.notify("analyzer_violation", conn, name, reason)
 
     def ssl_established(self, conn: Any) -> None:
-        self.dispatcher.notify_conn("ssl_established", conn)
+        d = self.dispatcher   # (notify_conn, inline: every TLS session's shunt starts here)
+        handlers = d._handlers.get("ssl_established")
+        if handlers:
+            d._run1("ssl_established", handlers, conn)
 
     def flip_roles(self, conn: Any) -> None:
         conn.flip_roles()
@@ -136,6 +143,8 @@ class EventDispatcher(EngineHooks):
         # connection).
         self.packet = self.thresholds.packet  # type: ignore[method-assign]
         self.udp_payload = self.services.udp_payload  # type: ignore[method-assign]
+        if contents is None:   # and `tcp_deliver`, for every in-order TCP payload
+            self.tcp_deliver = self.services.tcp_deliver  # type: ignore[method-assign]
         self.set_bytes_threshold = (  # type: ignore[method-assign]
             self.thresholds.set_bytes_threshold)
         self.set_packets_threshold = (  # type: ignore[method-assign]

@@ -280,17 +280,19 @@ class ServiceDetection:
     def new_connection(self, conn: Any) -> ConnServices | None:
         if self.off:
             return None
-        proto = conn.proto
-        if proto == "tcp":
+        key = conn.key   # (conn.proto and conn.resp_p without the properties)
+        resp_p = key[4 - 2 * conn.orig_side]
+        proto = key[0]
+        if proto == 6:
             tcp = True
-            plan = self._plans.get(conn.resp_p + 65536)
-        elif proto == "udp":
+            plan = self._plans.get(resp_p + 65536)
+        elif proto == 17:
             tcp = False
-            plan = self._plans.get(conn.resp_p)
+            plan = self._plans.get(resp_p)
         else:
             return None
         if plan is None:
-            plan = self._plan(tcp, conn.resp_p)
+            plan = self._plan(tcp, resp_p)
         factories, candidates = plan
         if len(factories) == 1:   # (most ports have one analyser, or none)
             analyzers: tuple[Analyzer, ...] = (factories[0](),)
