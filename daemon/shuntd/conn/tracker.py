@@ -331,8 +331,16 @@ class ConnTracker:
 
     def _start(self, conn: Connection, timeout: float) -> Connection:
         """Arm a new connection's inactivity deadline and announce it (the last steps)."""
-        if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
-            self.set_inactivity_timeout(conn, timeout)
+        due = conn.timer_at
+        if due is not None:   # (TCP: attach armed the SYN expiry)
+            # set_inactivity_timeout, inline: the inactivity check is usually due after
+            # the SYN expiry, so the deadline stands.
+            if timeout != 0.0:
+                conn.inactivity_timeout = timeout
+                if timeout > 0:
+                    conn.inact_from = start = conn.last_time
+                    if start + timeout < due:
+                        self.arm(conn, start + timeout)
         elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
             conn.inactivity_timeout = timeout
             conn.inact_from = start = conn.last_time
