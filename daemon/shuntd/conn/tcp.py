@@ -594,8 +594,10 @@ class TCPAnalyzer:
         if pkt.tcp_hdr_len < 20 or not flags & SYN:
             return False
         conn = self.conn
-        orig = conn.orig
-        resp = conn.resp
+        if conn.orig_side:   # (conn.orig, conn.resp without the properties: every SYN-ACK)
+            orig, resp = conn.side1, conn.side0
+        else:
+            orig, resp = conn.side0, conn.side1
         conn_orig = orig
         if flags & ACK:
             if orig.state != INACTIVE:
