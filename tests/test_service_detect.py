@@ -406,6 +406,26 @@ def test_dns_response_from_orig_asks_for_flip() -> None:
     assert conn.service == ["dns"]
 
 
+def test_dns_short_first_datagram_leaves_the_flip_to_the_next_message() -> None:
+    # A datagram too short for a header is not the "first message": the response after it
+    # still decides the flip (Zeek's first-message rule), and confirms.
+    det, conn, _ = udp_conn(53)
+    feed(det, conn, (True, b"\x00" * 11), (True, dns_response()))
+    assert conn.flips == 1
+    assert conn.service == ["dns"]
+
+
+def test_dns_unparsable_first_message_decides_the_flip_alone() -> None:
+    # The first whole header decides the flip once (a query: none), even when it does not
+    # parse; parsing keeps trying, and a later response from the originator confirms
+    # without flipping.
+    det, conn, _ = udp_conn(53)
+    bad = dns_query()[:12] + b"\xc0"   # a question whose name runs past the end
+    feed(det, conn, (True, bad), (True, dns_response()))
+    assert conn.flips == 0
+    assert conn.service == ["dns"]
+
+
 def test_dns_garbage_on_53_is_not_dns() -> None:
     det, conn, _ = udp_conn(53)
     feed(det, conn, (True, b"\x01\x02\x03"), (False, b"\xff" * 5))
