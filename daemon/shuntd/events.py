@@ -143,8 +143,6 @@ class EventDispatcher(EngineHooks):
         # connection).
         self.packet = self.thresholds.packet  # type: ignore[method-assign]
         self.udp_payload = self.services.udp_payload  # type: ignore[method-assign]
-        if contents is None:   # and `tcp_deliver`, for every in-order TCP payload
-            self.tcp_deliver = self.services.tcp_deliver  # type: ignore[method-assign]
         self.set_bytes_threshold = (  # type: ignore[method-assign]
             self.thresholds.set_bytes_threshold)
         self.set_packets_threshold = (  # type: ignore[method-assign]
@@ -312,7 +310,9 @@ class EventDispatcher(EngineHooks):
         self.notify_conn("connection_flipped", conn)
 
     def connection_established(self, conn: Any) -> None:
-        self.notify_conn("connection_established", conn)
+        handlers = self._handlers.get("connection_established")   # (notify_conn, inline)
+        if handlers:
+            self._run1("connection_established", handlers, conn)
         if self.contents is not None:          # contents.zeek runs at priority -5
             self.contents.connection_established(conn)
 
