@@ -64,6 +64,10 @@ class Conn:
         self.proto = proto
         self.resp_p = resp_p
         self.resp_h = socket.inet_aton(resp_h)
+        # The flow key (proto number, orig_h, orig_p, resp_h, resp_p): orig at side 0.
+        self.orig_side = 0
+        self.key = ({"tcp": 6, "udp": 17}.get(proto, 1), socket.inet_aton("10.0.0.1"), 40000,
+                    self.resp_h, resp_p)
         self.ext: dict | None = None
         self.services = None
         self.service: list[str] = []
@@ -399,6 +403,26 @@ def test_dns_response_from_orig_asks_for_flip() -> None:
     det, conn, _ = udp_conn(53)
     feed(det, conn, (True, dns_response()))
     assert conn.flips == 1
+    assert conn.service == ["dns"]
+
+
+def test_dns_short_first_datagram_leaves_the_flip_to_the_next_message() -> None:
+    # A datagram too short for a header is not the "first message": the response after it
+    # still decides the flip (Zeek's first-message rule), and confirms.
+    det, conn, _ = udp_conn(53)
+    feed(det, conn, (True, b"\x00" * 11), (True, dns_response()))
+    assert conn.flips == 1
+    assert conn.service == ["dns"]
+
+
+def test_dns_unparsable_first_message_decides_the_flip_alone() -> None:
+    # The first whole header decides the flip once (a query: none), even when it does not
+    # parse; parsing keeps trying, and a later response from the originator confirms
+    # without flipping.
+    det, conn, _ = udp_conn(53)
+    bad = dns_query()[:12] + b"\xc0"   # a question whose name runs past the end
+    feed(det, conn, (True, bad), (True, dns_response()))
+    assert conn.flips == 0
     assert conn.service == ["dns"]
 
 

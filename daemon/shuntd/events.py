@@ -78,13 +78,20 @@ class _ServiceSink:
         self.dispatcher = dispatcher
 
     def service_confirmed(self, conn: Any, name: str) -> None:
-        self.dispatcher.notify("analyzer_confirmation", conn, name)
+        # (notify, inline: most connections confirm a service, few policies listen)
+        d = self.dispatcher
+        handlers = d._handlers.get("analyzer_confirmation")
+        if handlers:
+            d._call("analyzer_confirmation", handlers, (conn, name))
 
     def service_violation(self, conn: Any, name: str, reason: str) -> None:
         self.dispatcher.notify("analyzer_violation", conn, name, reason)
 
     def ssl_established(self, conn: Any) -> None:
-        self.dispatcher.notify_conn("ssl_established", conn)
+        d = self.dispatcher   # (notify_conn, inline: every TLS session's shunt starts here)
+        handlers = d._handlers.get("ssl_established")
+        if handlers:
+            d._run1("ssl_established", handlers, conn)
 
     def flip_roles(self, conn: Any) -> None:
         conn.flip_roles()
@@ -303,7 +310,9 @@ class EventDispatcher(EngineHooks):
         self.notify_conn("connection_flipped", conn)
 
     def connection_established(self, conn: Any) -> None:
-        self.notify_conn("connection_established", conn)
+        handlers = self._handlers.get("connection_established")   # (notify_conn, inline)
+        if handlers:
+            self._run1("connection_established", handlers, conn)
         if self.contents is not None:          # contents.zeek runs at priority -5
             self.contents.connection_established(conn)
 

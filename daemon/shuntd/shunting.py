@@ -34,6 +34,7 @@ from shuntd.conn.tcpstate import INACTIVE, RESET
 from shuntd.datapath.program import CFG_IGNORE_VLANS, HEADER, key_endpoints, map_time_to_wall
 from shuntd.datapath.ring import LeaseExpiredEvent, TcpCloseEvent
 from shuntd.datapath.table import ShuntCounters, ShuntResult, ShuntTable
+from shuntd.events import REMOVAL_HOOKS_KEY, TIMING_OUT_HOOKS_KEY
 from shuntd.packet import Packet
 
 log = logging.getLogger(__name__)
@@ -382,27 +383,41 @@ class ShuntManager:
         st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
         if st is not None and st.key is not None:
             return "exists"
-        why = _tunnel_refusal(conn)
-        if why is not None:
-            if not self._tunnel_warned:
-                self._tunnel_warned = True
-                log.warning("not shunting %s: %s (fail open; further refusals are counted "
-                            "as result=error, not logged)", conn.uid, why)
-            return "error"
         proto, x, px, y, py = conn.key
         if conn.orig_side:
             orig_h, orig_p, resp_h, resp_p = y, py, x, px
         else:
             orig_h, orig_p, resp_h, resp_p = x, px, y, py
+        # _tunnel_refusal's cases, tested inline first (every TLS session comes here once)
+        rare = conn.rare
+        service = conn.service
+        if ((rare is not None and rare.tunnel_parents)
+                or (service and not TUNNEL_SERVICES.isdisjoint(service))
+                or (proto == 17 and resp_p in TUNNEL_UDP_PORTS)):
+            why = _tunnel_refusal(conn)
+            if why is not None:
+                if not self._tunnel_warned:
+                    self._tunnel_warned = True
+                    log.warning("not shunting %s: %s (fail open; further refusals are "
+                                "counted as result=error, not logged)", conn.uid, why)
+                return "error"
         key, orig_side = self.table.flow_key_bytes(orig_h, orig_p, resp_h, resp_p, proto)
-        if isinstance(conn.analyzer, TCPAnalyzer):
-            anchor: tuple[int, int, int, int] | None = _tcp_anchor(conn)
-            n0, a0, n1, a1 = anchor
+        if type(conn.analyzer) is TCPAnalyzer:
+            e0, e1 = conn.side0, conn.side1   # _tcp_anchor, inline
+            s0, s1 = e0.start_seq, e1.start_seq
+            n0 = s0 + e0.last_rel
+            a0 = s1 + e1.ack_rel
+            n1 = s1 + e1.last_rel
+            a1 = s0 + e0.ack_rel
+            anchor: tuple[int, int, int, int] | None = (n0, a0, n1, a1)
             tcp_start: tuple[int, int, int, int] | None = (n0 & M32, a0 & M32, n1 & M32,
                                                            a1 & M32)
         else:
             anchor = tcp_start = None
-        result = self.table.shunt_key(key, trigger_code(trigger), tcp_start=tcp_start)
+        code = _TRIGGER_CODES.get(trigger)
+        if code is None:
+            code = trigger_code(trigger)
+        result = self.table.shunt_key(key, code, tcp_start=tcp_start)
         if result is ShuntResult.FULL:
             self.refused_full += 1
             if not self._full_episode:
@@ -422,11 +437,22 @@ class ShuntManager:
                      self.refused_full)
         if st is None:
             st = ConnShunt(trigger)
-            if conn.ext is None:
-                conn.ext = {}
-            conn.ext[EXT_KEY] = st
-            self.thresholds.register_removal_hook(conn, self._on_removal)
-            self.thresholds.register_timing_out_hook(conn, self.timing_out)
+            ext = conn.ext
+            if ext is None:
+                conn.ext = ext = {}
+            ext[EXT_KEY] = st
+            # register_removal_hook and register_timing_out_hook, inline: a connection
+            # without a ConnShunt has neither of ours yet.
+            hooks = ext.get(REMOVAL_HOOKS_KEY)
+            if hooks is None:
+                ext[REMOVAL_HOOKS_KEY] = [self._on_removal]
+            else:
+                hooks.append(self._on_removal)
+            hooks = ext.get(TIMING_OUT_HOOKS_KEY)
+            if hooks is None:
+                ext[TIMING_OUT_HOOKS_KEY] = [self.timing_out]
+            else:
+                hooks.append(self.timing_out)
         st.trigger = trigger
         st.key = key
         st.orig_side = orig_side

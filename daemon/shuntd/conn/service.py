@@ -280,17 +280,19 @@ class ServiceDetection:
     def new_connection(self, conn: Any) -> ConnServices | None:
         if self.off:
             return None
-        proto = conn.proto
-        if proto == "tcp":
+        key = conn.key   # (conn.proto and conn.resp_p without the properties)
+        resp_p = key[4 - 2 * conn.orig_side]
+        proto = key[0]
+        if proto == 6:
             tcp = True
-            plan = self._plans.get(conn.resp_p + 65536)
-        elif proto == "udp":
+            plan = self._plans.get(resp_p + 65536)
+        elif proto == 17:
             tcp = False
-            plan = self._plans.get(conn.resp_p)
+            plan = self._plans.get(resp_p)
         else:
             return None
         if plan is None:
-            plan = self._plan(tcp, conn.resp_p)
+            plan = self._plan(tcp, resp_p)
         factories, candidates = plan
         if len(factories) == 1:   # (most ports have one analyser, or none)
             analyzers: tuple[Analyzer, ...] = (factories[0](),)
@@ -406,6 +408,34 @@ class ServiceDetection:
 
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
         partial = state.tcp and not state.saw_syn and _midstream(conn, state)
+        if not state.inner:
+            # The one layer of nearly every connection: _sweep's steps inline.
+            analyzers = state.analyzers
+            if analyzers:
+                for an in analyzers:
+                    if partial and an.name in SKIP_PARTIAL:
+                        continue
+                    an.deliver(is_orig, data)
+                    self._verdict(conn, state, an)
+            if state.candidates.sigs:
+                self._pia(conn, state, state, is_orig, data)
+            if state.inner:   # (a verdict opened a tunnel: every layer is swept)
+                self._sweep(conn, state)
+                return
+            analyzers = state.analyzers   # (a verdict or a match may have replaced it)
+            for an in analyzers:
+                if an.done:
+                    analyzers = state.analyzers = tuple([a for a in analyzers
+                                                         if not a.done])
+                    break
+            if state.candidates.sigs:
+                return
+            if state.chunks:
+                state.chunks = ()
+            if not analyzers:
+                state.active = False
+                conn.services = None   # frees the analysers; nothing reads it any more
+            return
         # (Snapshots: a verdict may add a layer or an analyser while these loops run.)
         for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers

@@ -9,9 +9,10 @@ numbers with their wrap counters as 64-bit values relative to its start (small i
 
 from __future__ import annotations
 
+from sys import intern
 from typing import TYPE_CHECKING
 
-from shuntd.conn.connection import history_plus
+from shuntd.conn.connection import _INTERN_MAX, _SEEN_MASKS, history_plus
 from shuntd.conn.reassembly import Reassembler
 from shuntd.conn.size import EndpointCounters
 from shuntd.conn.tcpstate import (
@@ -68,7 +69,15 @@ def _letter(conn: Connection, side: int, mask: int, code: str) -> bool:
     if side != conn.orig_side:
         mask <<= 16
         code = _LOWER[code]
-    return conn.check_history(mask, code)
+    # conn.check_history, inline (every connection adds its letters here)
+    seen = conn.hist_seen
+    if seen & mask:
+        return True
+    seen |= mask
+    conn.hist_seen = _SEEN_MASKS.get(seen, seen)
+    h = conn.history + code
+    conn.history = intern(h) if len(h) <= _INTERN_MAX else h
+    return False
 
 
 def _add_letter(conn: Connection, side: int, code: str) -> None:
@@ -585,8 +594,10 @@ class TCPAnalyzer:
         if pkt.tcp_hdr_len < 20 or not flags & SYN:
             return False
         conn = self.conn
-        orig = conn.orig
-        resp = conn.resp
+        if conn.orig_side:   # (conn.orig, conn.resp without the properties: every SYN-ACK)
+            orig, resp = conn.side1, conn.side0
+        else:
+            orig, resp = conn.side0, conn.side1
         conn_orig = orig
         if flags & ACK:
             if orig.state != INACTIVE:

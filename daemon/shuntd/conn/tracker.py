@@ -8,9 +8,10 @@ inactivity and TCP timers, and the termination order of §5.5. Records leave thr
 from __future__ import annotations
 
 from collections.abc import Callable
+from sys import intern
 
 from shuntd.conn.bound import ConnBound
-from shuntd.conn.connection import Connection
+from shuntd.conn.connection import _INTERN_MAX, Connection
 from shuntd.conn.hooks import EngineHooks
 from shuntd.conn.icmp import ICMPAnalyzer
 from shuntd.conn.key import icmp_ports, make_key
@@ -172,7 +173,10 @@ class ConnTracker:
 
         conn = self.conns.get(key)
         if conn is None:
-            conn = self._new_connection(pkt, key, side)
+            if proto == 17:
+                conn = self._new_udp(pkt, key, side)
+            else:
+                conn = self._new_connection(pkt, key, side)
         elif proto == 6 and pkt.tcp_flags & SYN and conn.analyzer.is_reuse(pkt):
             self.remove(conn)
             conn = self._new_connection(pkt, key, side)
@@ -215,12 +219,18 @@ class ConnTracker:
             conn.analyzer.bad_checksum(conn, side)
             return
         conn.last_time = pkt.ts
-        # The history letter and the role-bound byte count (udp.py's endpoint fields).
+        # The history letter (check_history, inline: the first datagram of each direction
+        # of every connection) and the role-bound byte count (udp.py's endpoint fields).
+        seen = conn.hist_seen
         if is_orig:
-            if not conn.hist_seen & HIST_ORIG_DATA_PKT:
-                conn.check_history(HIST_ORIG_DATA_PKT, "D")
-        elif not conn.hist_seen & HIST_RESP_DATA_PKT:
-            conn.check_history(HIST_RESP_DATA_PKT, "d")
+            if not seen & HIST_ORIG_DATA_PKT:
+                conn.hist_seen = seen | HIST_ORIG_DATA_PKT   # (small ints: shared anyway)
+                h = conn.history + "D"
+                conn.history = intern(h) if len(h) <= _INTERN_MAX else h
+        elif not seen & HIST_RESP_DATA_PKT:
+            conn.hist_seen = seen | HIST_RESP_DATA_PKT
+            h = conn.history + "d"
+            conn.history = intern(h) if len(h) <= _INTERN_MAX else h
         ep = conn.side1 if side else conn.side0
         n = ep.nbytes
         ep.nbytes = pkt.udp_len - 8 if n is None else n + pkt.udp_len - 8
@@ -256,8 +266,6 @@ class ConnTracker:
         if len(self.conns) >= self.bound.limit:  # connection bound (conn/bound.py)
             self.bound.make_room(self)
         proto = key[0]
-        if proto == 17:
-            return self._new_udp(pkt, key, side)
         s = self.settings
         flip = False
         if proto == 6:
@@ -285,14 +293,30 @@ class ConnTracker:
         return self._start(conn, timeout)
 
     def _new_udp(self, pkt: Packet, key: tuple, side: int) -> Connection:
-        """_new_connection's steps for UDP (most connections are DNS query/response pairs):
-        the stateless analyser attaches nothing, nothing is armed before the inactivity
-        deadline."""
+        """_new_connection for UDP (most connections are DNS query/response pairs), with
+        _add's and _start's steps inline: the stateless analyser attaches nothing, and
+        nothing is armed before the inactivity deadline."""
+        if len(self.conns) >= self.bound.limit:  # connection bound (conn/bound.py)
+            self.bound.make_room(self)
+        key = self._shared_key(key)
+        ts = pkt.ts
+        conn = Connection(None, key, ts, side, (UDPEndpoint(), UDPEndpoint()),
+                          self._udp_analyzer, self)
+        self.conns[key] = conn
+        self.stats.connections += 1
         likely = self._likely_udp
-        flip = pkt.sport in likely and pkt.dport not in likely and pkt.dst != BROADCAST4
-        conn = self._add(pkt, key, side, (UDPEndpoint(), UDPEndpoint()), self._udp_analyzer,
-                         flip)
-        return self._start(conn, self.settings.udp_inactivity_timeout)
+        if pkt.sport in likely and pkt.dport not in likely and pkt.dst != BROADCAST4:
+            conn.flip_roles()
+        timeout = self.settings.udp_inactivity_timeout
+        if timeout > 0:
+            conn.inactivity_timeout = timeout
+            conn.inact_from = ts
+            conn.timer_at = when = ts + timeout
+            self.timers.set_deadline(conn, when)
+        if self.tunnels.depth:
+            self.tunnels.check(conn)  # tunnel_parents set before new_connection (Zeek)
+        self.hooks.new_connection(conn)
+        return conn
 
     def _add(self, pkt: Packet, key: tuple, side: int, sides: tuple, analyzer: object,
              flip: bool) -> Connection:
@@ -307,8 +331,16 @@ class ConnTracker:
 
     def _start(self, conn: Connection, timeout: float) -> Connection:
         """Arm a new connection's inactivity deadline and announce it (the last steps)."""
-        if conn.timer_at is not None:   # (TCP: attach armed the SYN expiry)
-            self.set_inactivity_timeout(conn, timeout)
+        due = conn.timer_at
+        if due is not None:   # (TCP: attach armed the SYN expiry)
+            # set_inactivity_timeout, inline: the inactivity check is usually due after
+            # the SYN expiry, so the deadline stands.
+            if timeout != 0.0:
+                conn.inactivity_timeout = timeout
+                if timeout > 0:
+                    conn.inact_from = start = conn.last_time
+                    if start + timeout < due:
+                        self.arm(conn, start + timeout)
         elif timeout > 0:   # set_inactivity_timeout, inline: nothing is armed yet
             conn.inactivity_timeout = timeout
             conn.inact_from = start = conn.last_time

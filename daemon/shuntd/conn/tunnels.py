@@ -522,7 +522,7 @@ class Tunnels:
         if conn.removed or (pkt.checksum_ok is False and not self.ignore_checksums):
             return
         data = pkt.payload
-        name = UDP_TUNNEL_PORTS.get(conn.resp_p)
+        name = UDP_TUNNEL_PORTS.get(conn.key[4 - 2 * conn.orig_side])   # (conn.resp_p)
         if name is None:
             # Content detection; the first-byte tests are detect_teredo's own fast rejects,
             # inlined so ordinary UDP (DNS, QUIC, ...) costs no further call.

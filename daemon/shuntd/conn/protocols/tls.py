@@ -249,10 +249,19 @@ class TlsAnalyzer(Analyzer):
                                               else session.encrypted_resp):
                 if not d.hello_done:
                     self._handshake(is_orig, d, buf[pos + 5:end])
+                    # _after, whose usual outcome (no verdict yet) is inline
+                    if session.violation is not None or session.established:
+                        if self._after(session):
+                            return
+                    elif session.confirmed:
+                        self.confirmed = True
+            elif not session.record(is_orig, ctype):
+                # (only a record that is not cleartext can change the verdict)
+                if session.violation is not None or session.established:
                     if self._after(session):
                         return
-            elif not session.record(is_orig, ctype) and self._after(session):
-                return   # (only a record that is not cleartext can change the verdict)
+                elif session.confirmed:
+                    self.confirmed = True
             pos = end
         if pos < n:
             if buf is data:
