@@ -408,34 +408,6 @@ class ServiceDetection:
 
     def _deliver(self, conn: Any, state: ConnServices, is_orig: bool, data: bytes) -> None:
         partial = state.tcp and not state.saw_syn and _midstream(conn, state)
-        if not state.inner:
-            # The one layer of nearly every connection: _sweep's steps inline.
-            analyzers = state.analyzers
-            if analyzers:
-                for an in analyzers:
-                    if partial and an.name in SKIP_PARTIAL:
-                        continue
-                    an.deliver(is_orig, data)
-                    self._verdict(conn, state, an)
-            if state.candidates.sigs:
-                self._pia(conn, state, state, is_orig, data)
-            if state.inner:   # (a verdict opened a tunnel: every layer is swept)
-                self._sweep(conn, state)
-                return
-            analyzers = state.analyzers   # (a verdict or a match may have replaced it)
-            for an in analyzers:
-                if an.done:
-                    analyzers = state.analyzers = tuple([a for a in analyzers
-                                                         if not a.done])
-                    break
-            if state.candidates.sigs:
-                return
-            if state.chunks:
-                state.chunks = ()
-            if not analyzers:
-                state.active = False
-                conn.services = None   # frees the analysers; nothing reads it any more
-            return
         # (Snapshots: a verdict may add a layer or an analyser while these loops run.)
         for layer in (state, *state.inner) if state.inner else (state,):
             analyzers = layer.analyzers

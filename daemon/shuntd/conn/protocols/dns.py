@@ -80,19 +80,6 @@ class DnsAnalyzer(Analyzer):
         if self.done:
             return
         if not self.tcp:
-            # _message, inline for the usual first datagram (a whole message that parses)
-            if self._first and len(data) >= 12:
-                self._first = False
-                if data[2] & 0x80 and is_orig:
-                    self.flip_wanted = True
-                if parse_message(data):
-                    self.confirmed = True
-                    self.done = True
-                    return
-                self._tries += 1
-                if self._tries >= MAX_TRIES:
-                    self.done = True
-                return
             self._message(is_orig, data)
             return
         buf = self._bufs[0 if is_orig else 1]
