@@ -8,6 +8,7 @@ Expectations come from the bytes we sent and the kernel's counters, never from t
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -27,6 +28,7 @@ from scapy.layers.inet import IP, TCP, UDP, fragment  # noqa: E402
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6  # noqa: E402
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether  # noqa: E402
 from scapy.sendrecv import sendp  # noqa: E402
+from shuntd.capture.dropwatch import DropWatch  # noqa: E402
 from shuntd.capture.fanout import open_fanout_rings, open_worker_ring  # noqa: E402
 from shuntd.capture.ring import (  # noqa: E402
     FANOUT_NEW_GROUP,
@@ -169,6 +171,40 @@ def test_burst_without_loss_in_order_and_resumable(lab: Lab) -> None:
         stats = ring.stats()
     assert (stats.seen, stats.dropped, stats.delivered) == (count, 0, count)
     assert seqs == list(range(count))
+
+
+def test_drops_reach_the_log_with_the_kernels_count(lab: Lab,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A warning at the first drop of an episode, the count of later ones at most once per
+    period, the rest and an info line once none came for a while: each count is what the
+    kernel did not deliver (sent minus received)."""
+    count = 20_000
+    now = [0.0]
+    cfg = RingConfig(block_size=4096, block_count=4, retire_timeout_ms=10)
+    caplog.set_level(logging.INFO, logger="shuntd.capture.dropwatch")
+    with CaptureRing(lab.host_if, cfg) as ring:
+        watch = DropWatch({"0": ring}, lab.host_if, clock=lambda: now[0])
+        lab.send([_raw_frame(i) for i in range(count)])
+        now[0] = 1.0
+        watch.poll()
+        first = count - len(_drain(ring))
+        lab.send([_raw_frame(count + i) for i in range(count)])
+        now[0] = 2.0
+        watch.poll()                               # within the period: counted, not logged
+        second = count - len(_drain(ring))
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+        assert first > 0 and second > 0
+        assert lines == [(logging.WARNING, f"capture on {lab.host_if}: the kernel dropped "
+                          f"{first} captured packets: the analyser is behind (see "
+                          "shuntd_capture_lag_seconds); raise --ring-blocks for bursts, "
+                          "--workers for sustained load")]
+        now[0] = 100.0
+        watch.poll()                               # quiet: the rest, and the episode ends
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records][1:]
+    assert lines == [
+        (logging.WARNING, f"capture on {lab.host_if}: {second} more captured packets dropped"),
+        (logging.INFO, f"capture on {lab.host_if}: no drop for 98 s ({first + second} packets "
+                       "dropped in all since the first)")]
 
 
 def test_burst_into_small_ring_reports_drops(lab: Lab) -> None:

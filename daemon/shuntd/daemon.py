@@ -627,10 +627,12 @@ def _run(args: argparse.Namespace, settings: Any) -> int:
 def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut, metrics: Any,
                   live: LiveSources, ring_config: Any, flags: _Flags) -> int:
     """--workers 1: capture, engine, ring events and timers in one loop."""
+    from shuntd.capture.dropwatch import DropWatch
     from shuntd.capture.ring import CaptureError, CaptureRing
     from shuntd.metrics import MetricsServer, serve_metrics
 
     ring = CaptureRing(args.iface, ring_config)
+    drops = DropWatch({"0": ring}, args.iface)
     server: MetricsServer | None = None
     engine: Engine | None = None
     guard: _LinkGuard | None = None
@@ -671,6 +673,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                 engine.apply(ring_events())
             engine.tick(n)
             out.tick()
+            drops.poll()
             failed = guard.check()
             now = time.monotonic()
             if now >= next_cal:

@@ -52,6 +52,7 @@ import sys
 import time
 from typing import Any
 
+from shuntd.capture.dropwatch import DropWatch
 from shuntd.daemon import (
     CALIBRATE_EVERY,
     EXIT_FAILED,
@@ -394,7 +395,8 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         server = serve_metrics(metrics, args.metrics_addr)
         if server is not None:
             log.info("metrics on %s", server.url)
-        return _supervise(dp, out, metrics, flags, workers, guard)
+        drops = DropWatch({str(w.index): w.ring for w in workers}, args.iface)
+        return _supervise(dp, out, metrics, flags, workers, guard, drops)
     finally:
         for w in workers:
             if w.alive:
@@ -412,7 +414,7 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
 
 
 def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[_Worker],
-               guard: _LinkGuard) -> tuple[int, bool]:
+               guard: _LinkGuard, drops: DropWatch) -> tuple[int, bool]:
     buf = bytearray(RECV_BUFFER)
     failed: str | None = None
     worker_died = False
@@ -454,6 +456,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
             w.flush()
         _broadcast_events(dp, metrics, workers)
         out.tick()  # disk full: retry held records
+        drops.poll()
         for w in workers:
             if w.closed:
                 w.reap()

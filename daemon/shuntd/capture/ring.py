@@ -41,6 +41,7 @@ import os
 import select
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -223,9 +224,9 @@ class CaptureRing:
     Only one `poll()` generator may be in use at a time.
     """
 
-    __slots__ = ("config", "iface", "ifindex", "_stats", "_block", "_resume", "_drop_outgoing",
-                 "fanout_group", "link_down_events", "resyncs", "claimed", "csum_unchecked",
-                 "_sock", "_map", "_view", "linktype", "_poller")
+    __slots__ = ("config", "iface", "ifindex", "_stats", "_stats_lock", "_block", "_resume",
+                 "_drop_outgoing", "fanout_group", "link_down_events", "resyncs", "claimed",
+                 "csum_unchecked", "_sock", "_map", "_view", "linktype", "_poller")
 
     def __init__(
         self, iface: str, config: RingConfig | None = None, fanout_group: int | None = None
@@ -235,6 +236,7 @@ class CaptureRing:
         self.iface = iface
         self.ifindex = interface_index(iface)
         self._stats = CaptureStats()
+        self._stats_lock = threading.Lock()  # stats() is read by the metrics thread too
         self._block = 0
         self._resume: tuple[int, int] | None = None  # (offset, packets left) in current block
         self._drop_outgoing = not config.include_outgoing
@@ -570,13 +572,14 @@ class CaptureRing:
 
     def stats(self) -> CaptureStats:
         """Accumulated counters (reads and resets the kernel's PACKET_STATISTICS)."""
-        raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS_V3.size)
-        packets, drops, freezes = _STATS_V3.unpack(raw)
-        s = self._stats
-        s.seen += packets  # the kernel's tp_packets already includes tp_drops
-        s.dropped += drops
-        s.freeze_q_cnt += freezes
-        return CaptureStats(s.seen, s.dropped, s.freeze_q_cnt, s.delivered)
+        with self._stats_lock:  # (each read resets the kernel's counters: none may be lost)
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS_V3.size)
+            packets, drops, freezes = _STATS_V3.unpack(raw)
+            s = self._stats
+            s.seen += packets  # the kernel's tp_packets already includes tp_drops
+            s.dropped += drops
+            s.freeze_q_cnt += freezes
+            return CaptureStats(s.seen, s.dropped, s.freeze_q_cnt, s.delivered)
 
     def fileno(self) -> int:
         """The socket, for callers that multiplex it in their own poll loop."""
