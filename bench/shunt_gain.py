@@ -46,11 +46,12 @@ autogroup gets --nice -10 and the daemon's cgroup a matching weight, so that oth
 machine disturbs them less.
 
     .venv/bin/python bench/shunt_gain.py [--seconds 6] [--floor 4] [--cpu-share 0.5] [--mix PATH]
+                                         [--max-backlog SECS]
 
 Prints every step (with the daemon's backlog when the replay ended: a step that passes with a
-growing backlog was an overload the ring hid), then per mode the no-loss rate, the fraction of
-packets that reached Python (captured / seen by XDP) and the daemon's CPU time per packet sent
-at that rate, and the ratio.
+growing backlog was an overload the ring hid; `--max-backlog` fails such steps too, BACKLOG),
+then per mode the no-loss rate, the fraction of packets that reached Python (captured / seen by
+XDP) and the daemon's CPU time per packet sent at that rate, and the ratio.
 Last line is the summary; exit 1 when the ratio is below --floor (2 on a setup error). Root.
 """
 
@@ -298,6 +299,7 @@ class Step:
     drops: int
     cpu: float   # daemon CPU seconds from just before the replay until it settled
     lag_end: float = 0.0  # seconds the daemon was behind when the replay ended (its backlog)
+    max_backlog: float = float("inf")  # --max-backlog: a bigger backlog fails the step
 
     @property
     def lost(self) -> int:
@@ -305,7 +307,11 @@ class Step:
 
     @property
     def ok(self) -> bool:
-        return self.sent > 0 and self.lost == 0
+        return self.sent > 0 and self.lost == 0 and self.lag_end <= self.max_backlog
+
+    @property
+    def verdict(self) -> str:
+        return "ok" if self.ok else "LOSS" if self.lost or not self.sent else "BACKLOG"
 
     @property
     def cpu_per_kpkt(self) -> float:
@@ -389,7 +395,7 @@ class Runner:
             return int(after.get(name, 0) - before.get(name, 0))
 
         return Step(mbps, sent, sent_mbps, sent_pps, delta(SEEN), delta(CAPTURED), delta(DROPS),
-                    cpu, lag_end)
+                    cpu, lag_end, self.args.max_backlog)
 
     def trial(self, policies: list[str], mode: str, mbps: float) -> Step:
         label = f"shunting {mode}"
@@ -406,7 +412,7 @@ class Runner:
               f"Mbit/s {s.sent_pps / 1e3:7.1f} kpps  capture drops {s.drops:7d}  "
               f"lost before XDP {max(0, s.sent - s.seen):6d}  to Python {s.to_python:6.1%}  "
               f"daemon CPU {s.cpu_per_kpkt * 1e3:5.1f} us/pkt  backlog {s.lag_end * 1e3:5.0f} ms  "
-              f"{'ok' if s.ok else 'LOSS'}", flush=True)
+              f"{s.verdict}", flush=True)
 
     def bisection(self, start: float) -> Generator[float, Step, tuple[Step | None, bool]]:
         """Bisection on offered Mbit/s: yields the next rate to try, is sent that trial's step;
@@ -480,6 +486,9 @@ def main() -> int:
     ap.add_argument("--max-steps", type=int, default=10, help="bisection steps per mode")
     ap.add_argument("--tolerance", type=float, default=0.1, help="stop when hi/lo <= 1 + this")
     ap.add_argument("--ring-blocks", type=int, default=64, help="daemon capture ring, MiB")
+    ap.add_argument("--max-backlog", type=float, default=float("inf"), metavar="SECS",
+                    help="also fail a step whose backlog when the replay ended is longer "
+                         "(default: none, only losses fail)")
     ap.add_argument("--cpu-share", type=float, default=0.5,
                     help="CPU the daemon may use, as a share of one core (1.0: no quota)")
     ap.add_argument("--nice", type=int, default=-10,
@@ -552,7 +561,9 @@ def main() -> int:
               f"bottleneck, the ratio is a lower bound (a smaller --cpu-share than "
               f"{args.cpu_share:g} measures it)")
     ok = ratio >= args.floor
-    print(f"shunt_gain: no-loss rate {off[0].sent_mbps:.1f} Mbit/s unshunted, "
+    rate = ("no-loss rate" if args.max_backlog == float("inf")
+            else f"rate without loss or a backlog over {args.max_backlog:g} s")
+    print(f"shunt_gain: {rate} {off[0].sent_mbps:.1f} Mbit/s unshunted, "
           f"{bound}{on[0].sent_mbps:.1f} Mbit/s with tls+bulk shunting: {bound}{ratio:.1f}x "
           f"({'ok' if ok else 'BELOW FLOOR'} >= {args.floor:g}x); Python saw "
           f"{off[0].to_python:.0%} / {on[0].to_python:.1%} of packets, daemon CPU "
