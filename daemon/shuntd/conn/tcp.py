@@ -9,10 +9,9 @@ numbers with their wrap counters as 64-bit values relative to its start (small i
 
 from __future__ import annotations
 
-from sys import intern
 from typing import TYPE_CHECKING
 
-from shuntd.conn.connection import _INTERN_MAX, _SEEN_MASKS, history_plus
+from shuntd.conn.connection import history_plus
 from shuntd.conn.reassembly import Reassembler
 from shuntd.conn.size import EndpointCounters
 from shuntd.conn.tcpstate import (
@@ -69,15 +68,7 @@ def _letter(conn: Connection, side: int, mask: int, code: str) -> bool:
     if side != conn.orig_side:
         mask <<= 16
         code = _LOWER[code]
-    # conn.check_history, inline (every connection adds its letters here)
-    seen = conn.hist_seen
-    if seen & mask:
-        return True
-    seen |= mask
-    conn.hist_seen = _SEEN_MASKS.get(seen, seen)
-    h = conn.history + code
-    conn.history = intern(h) if len(h) <= _INTERN_MAX else h
-    return False
+    return conn.check_history(mask, code)
 
 
 def _add_letter(conn: Connection, side: int, code: str) -> None:

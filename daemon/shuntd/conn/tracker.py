@@ -8,10 +8,9 @@ inactivity and TCP timers, and the termination order of §5.5. Records leave thr
 from __future__ import annotations
 
 from collections.abc import Callable
-from sys import intern
 
 from shuntd.conn.bound import ConnBound
-from shuntd.conn.connection import _INTERN_MAX, Connection
+from shuntd.conn.connection import Connection
 from shuntd.conn.hooks import EngineHooks
 from shuntd.conn.icmp import ICMPAnalyzer
 from shuntd.conn.key import icmp_ports, make_key
@@ -219,18 +218,12 @@ class ConnTracker:
             conn.analyzer.bad_checksum(conn, side)
             return
         conn.last_time = pkt.ts
-        # The history letter (check_history, inline: the first datagram of each direction
-        # of every connection) and the role-bound byte count (udp.py's endpoint fields).
-        seen = conn.hist_seen
+        # The history letter and the role-bound byte count (udp.py's endpoint fields).
         if is_orig:
-            if not seen & HIST_ORIG_DATA_PKT:
-                conn.hist_seen = seen | HIST_ORIG_DATA_PKT   # (small ints: shared anyway)
-                h = conn.history + "D"
-                conn.history = intern(h) if len(h) <= _INTERN_MAX else h
-        elif not seen & HIST_RESP_DATA_PKT:
-            conn.hist_seen = seen | HIST_RESP_DATA_PKT
-            h = conn.history + "d"
-            conn.history = intern(h) if len(h) <= _INTERN_MAX else h
+            if not conn.hist_seen & HIST_ORIG_DATA_PKT:
+                conn.check_history(HIST_ORIG_DATA_PKT, "D")
+        elif not conn.hist_seen & HIST_RESP_DATA_PKT:
+            conn.check_history(HIST_RESP_DATA_PKT, "d")
         ep = conn.side1 if side else conn.side0
         n = ep.nbytes
         ep.nbytes = pkt.udp_len - 8 if n is None else n + pkt.udp_len - 8
