@@ -39,6 +39,9 @@ BPF_TABLE_PINNED("array", int, __u32, pair_filter, SHUNTD_PAIR_FILTER_SLOTS,
                  SHUNTD_PIN_DIR "/pair_filter");
 #endif
 BPF_ARRAY(clock_probe, struct clock_sample, 1);
+/* Early shunts (shuntd.h): TLS handshakes being followed. Not pinned: after a restart a
+ * handshake in progress simply takes the daemon's path. */
+BPF_TABLE("lru_hash", struct flow_key, struct tls_watch, tls_watch, SHUNTD_WATCH_MAX);
 BPF_RINGBUF_OUTPUT(events, SHUNTD_RING_PAGES);
 /* Never used by the program: it only makes bcc generate the ctypes type of the ring record
  * (event_layout.Leaf) from shuntd.h, so Python has no second copy of it. */
@@ -664,6 +667,11 @@ int xdp_config_op(struct xdp_md *ctx)
     } else if (op->op == SHUNT_CONFIG_OP_CLOCK) {
         cfg->ns_per_jiffy = op->ns_per_jiffy;
         cfg->clock_offset_ns = op->clock_offset_ns;
+    } else if (op->op == SHUNT_CONFIG_OP_EARLY) {
+        cfg->early_port = op->early_port;
+        cfg->early_trigger = op->early_trigger;
+        cfg->early_lease_ns = op->early_lease_ns;
+        cfg->early_until_ns = op->early_until_ns;
     } else {
         return XDP_ABORTED;
     }

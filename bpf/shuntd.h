@@ -50,7 +50,7 @@
 #ifndef SHUNTD_H
 #define SHUNTD_H
 
-#define SHUNTD_LAYOUT_VERSION 2
+#define SHUNTD_LAYOUT_VERSION 3
 
 /* Map sizes: override with -DSHUNTD_FLOWS_MAX=... etc. */
 #ifndef SHUNTD_FLOWS_MAX
@@ -62,6 +62,10 @@
 /* Ring buffer size in 4 KiB pages (power of two): 64 pages = 256 KiB. */
 #ifndef SHUNTD_RING_PAGES
 #define SHUNTD_RING_PAGES 64
+#endif
+/* TLS handshakes XDP follows at once (map `tls_watch`, LRU: a full map evicts the oldest). */
+#ifndef SHUNTD_WATCH_MAX
+#define SHUNTD_WATCH_MAX 16384
 #endif
 
 /* Flow map key (map `flows`): canonical bidirectional tuple. 44 bytes, no implicit
@@ -88,6 +92,10 @@ struct pair_key {
 
 /* flow_value.flags */
 #define SHUNT_F_LEASE_EVENT_SENT 1
+/* The entry was made by XDP itself (early shunt, see "Early shunts" below), not by the
+ * daemon: its trigger is shunt_config.early_trigger. The daemon adopts it when its own
+ * analyser reaches ssl_established; the bit stays set. */
+#define SHUNT_F_EARLY 2
 /* TCP history letters of dropped packets (flow entries only), as Zeek's analyser would have
  * recorded them: a packet without SYN/FIN/RST is a "data" packet (D) if it has payload, else
  * an "ack" packet (A) if it has ACK. Bit SHUNT_F_TCP_LETTERS_SHIFT + i, letter i =
@@ -133,6 +141,8 @@ enum shunt_event_type {
     SHUNT_EVENT_TCP_FIN = 1,       /* FIN (without RST) on a shunted TCP flow; dropped */
     SHUNT_EVENT_TCP_RST = 2,       /* RST on a shunted TCP flow; dropped */
     SHUNT_EVENT_LEASE_EXPIRED = 3, /* first packet after the entry's lease ran out; passed */
+    SHUNT_EVENT_EARLY = 4,         /* XDP made a flow entry itself (early shunt); the packet
+                                    * that completed the handshake was passed */
 };
 
 /* shunt_event.entry: which map holds the entry that fired */
@@ -144,7 +154,9 @@ enum shunt_event_type {
  * is an IP pair), side is the sender's side in that key.
  * For LEASE_EXPIRED of a flow entry: key is the entry's key, side is the sender's side.
  * For LEASE_EXPIRED of a pair entry: key holds the pair (addresses, VLANs), ports and
- * proto 0, side is the sender's side in the pair. */
+ * proto 0, side is the sender's side in the pair.
+ * For EARLY: key is the new entry's key, side/seq/ack/tcp_flags/ip_len/payload_len are those of
+ * the packet on which the handshake completed (passed, not counted), event_seq is 1. */
 struct shunt_event {
     __u64 ts_ns;        /* CLOCK_MONOTONIC (exact, bpf_ktime_get_ns) */
     __u8  version;      /* SHUNTD_LAYOUT_VERSION */
@@ -190,7 +202,7 @@ struct clock_sample {
 #define SHUNT_CFG_PASS_ALL 1     /* emergency switch: pass every packet, touch no entry */
 #define SHUNT_CFG_IGNORE_VLANS 2 /* build keys with vlan_outer = vlan_inner = 0 */
 
-/* Map `config` (ARRAY, one entry at index 0). All zero = defaults. 24 bytes. */
+/* Map `config` (ARRAY, one entry at index 0). All zero = defaults. 48 bytes. */
 struct shunt_config {
     __u32 flags;          /* SHUNT_CFG_* */
     __u32 pairs_active;   /* nonzero if ip_pairs may hold entries (daemon keeps it = count);
@@ -198,6 +210,59 @@ struct shunt_config {
     __u32 layout_version; /* written by the daemon for tools; not read by XDP */
     __u32 ns_per_jiffy;   /* map time = jiffies * ns_per_jiffy + clock_offset_ns (mod 2^64); */
     __u64 clock_offset_ns; /* 0 = not calibrated: use bpf_ktime_get_coarse_ns() */
+    /* Early shunts (below). Off while early_port == 0 or map time >= early_until_ns. */
+    __u64 early_until_ns; /* map time; the daemon pushes it forward (now + lease) every
+                           * lease/3: a dead-man switch, so a dead daemon stops new early
+                           * shunts within one lease */
+    __u64 early_lease_ns; /* lease of an entry XDP makes: lease_expiry_ns = now + this */
+    __u32 early_trigger;  /* flow_value.trigger of those entries (the daemon's trigger code) */
+    __u16 early_port;     /* TCP port watched for TLS handshakes (either side), 0 = off */
+    __u16 pad1;
+};
+
+/* Early shunts: the TLS handshake followed in XDP.
+ * A policy that shunts every TLS session at ssl_established (policies/tls.py) makes every
+ * late packet of a daemon that lags behind cost it CPU. With early shunts XDP starts dropping
+ * at the same packet without waiting for the daemon:
+ *  - arm: a TCP packet with ACK and payload, to or from early_port, that misses `flows`,
+ *    whose payload starts a TLS handshake record holding a ClientHello (16 03 0x .. .. 01),
+ *    while early shunts are on: a `tls_watch` entry (LRU) under the flow's key;
+ *  - follow: each later in-order TCP payload packet of a watched flow walks the TLS record
+ *    headers of its side (bounded loop) and tracks, per side, the next expected sequence
+ *    number, where the next record header starts, the type of the record in progress and
+ *    whether that side is encrypted, plus the version from the server's first record (a
+ *    ServerHello: legacy version or supported_versions); exactly Zeek's rule for
+ *    ssl_established (CCS switches a side to encrypted unless TLS 1.3; a type-23 record does
+ *    in TLS 1.3; the event is raised on the packet completing the first ciphertext record
+ *    once both sides are encrypted);
+ *  - fire: on that packet XDP passes the packet (the analyser must see it), makes a `flows`
+ *    entry (BPF_NOEXIST: counters 0, lease now + early_lease_ns, trigger early_trigger,
+ *    flags SHUNT_F_EARLY, tcp[] = each side's next seq and highest ack so far), emits
+ *    SHUNT_EVENT_EARLY and deletes the watch. Every later packet takes the shunted path;
+ *  - give up (delete the watch, the flow stays on today's path): anything that does not
+ *    follow: a sequence gap or reordering, a record header split across segments, a record
+ *    that is not TLS, a version other than SSL 3.0 to TLS 1.3, an unexpected record type
+ *    before the version is known, FIN or RST, a full `flows` map or ring buffer at fire
+ *    time (counted in STAT_EARLY_FULL). A retransmission (only old bytes) is passed, state
+ *    unchanged. Never fires before Zeek would raise ssl_established. */
+struct watch_side {
+    __u32 next;       /* next expected sequence number (seq + payload of the last in-order
+                       * packet), host order */
+    __u32 ack;        /* highest ack this side sent (forward only) */
+    __u32 rec;        /* sequence number where this side's next record header starts */
+    __u8  pending;    /* content type of the record in progress, 0 none */
+    __u8  encrypted;  /* 1 once this side sends ciphertext (Zeek's ENCRYPTED state) */
+    __u16 pad0;
+};
+
+/* Value of map `tls_watch` (key: struct flow_key, as `flows`). 48 bytes. */
+struct tls_watch {
+    struct watch_side side[2];  /* [0] side 1, [1] side 2 (flow key order) */
+    __u64 armed_ns;   /* map time of the ClientHello (a watch older than the lease is stale) */
+    __u16 version;    /* negotiated version from the ServerHello, 0 = not seen yet */
+    __u8  client;     /* side (1 or 2) that sent the ClientHello */
+    __u8  pad0;
+    __u32 pad1;
 };
 
 /* Every change to `config` and `pair_filter` goes through the helper program xdp_config_op,
@@ -213,8 +278,10 @@ struct shunt_config {
                                   * pairs_active += delta; neither goes below zero */
 #define SHUNT_CONFIG_OP_FLAGS 2  /* flags |= flags_set, then flags &= ~flags_clear */
 #define SHUNT_CONFIG_OP_CLOCK 3  /* ns_per_jiffy, clock_offset_ns = the op's */
+#define SHUNT_CONFIG_OP_EARLY 4  /* early_port, early_trigger, early_lease_ns, early_until_ns =
+                                  * the op's (one writer: the daemon's main process) */
 #define SHUNT_NO_SLOT 4294967295
-/* The frame of xdp_config_op. 32 bytes. */
+/* The frame of xdp_config_op. 56 bytes. */
 struct config_op {
     __u32 op;              /* SHUNT_CONFIG_OP_* */
     __u32 slot;            /* PAIRS: pair_filter slot, or SHUNT_NO_SLOT */
@@ -223,6 +290,11 @@ struct config_op {
     __u32 flags_clear;     /* FLAGS */
     __u32 ns_per_jiffy;    /* CLOCK */
     __u64 clock_offset_ns; /* CLOCK */
+    __u64 early_until_ns;  /* EARLY */
+    __u64 early_lease_ns;  /* EARLY */
+    __u32 early_trigger;   /* EARLY */
+    __u16 early_port;      /* EARLY */
+    __u16 pad0;
 };
 
 /* Map `stats` (PERCPU_ARRAY of __u64), indexed by this enum. Every packet counts in SEEN
@@ -244,7 +316,11 @@ enum shunt_stat {
     STAT_BYTES_DROPPED_PAIR = 13,   /* IP bytes */
     STAT_BYTES_PASSED = 14,         /* IP bytes of passed IP packets (0 for non-IP) */
     STAT_PAIR_FILTER_FALSE = 15,    /* pair_filter said "maybe", ip_pairs said no */
-    STAT__COUNT = 16,
+    STAT_EARLY_ARMED = 16,          /* ClientHello seen: a TLS handshake is followed */
+    STAT_EARLY_FIRED = 17,          /* handshake complete: XDP made a flow entry (early shunt) */
+    STAT_EARLY_GAVE_UP = 18,        /* a followed handshake left to the daemon (see above) */
+    STAT_EARLY_FULL = 19,           /* no early shunt: `flows` map or ring buffer full */
+    STAT__COUNT = 20,
 };
 
 /* ICMP request/reply pairs, as X(type, counterpart) in both directions. */

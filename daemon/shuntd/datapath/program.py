@@ -149,6 +149,8 @@ PAIR_FILTER_MULT = HEADER["SHUNTD_PAIR_FILTER_MULT"]
 _OP_PAIRS = HEADER["SHUNT_CONFIG_OP_PAIRS"]
 _OP_FLAGS = HEADER["SHUNT_CONFIG_OP_FLAGS"]
 _OP_CLOCK = HEADER["SHUNT_CONFIG_OP_CLOCK"]
+_OP_EARLY = HEADER["SHUNT_CONFIG_OP_EARLY"]
+F_EARLY = HEADER["SHUNT_F_EARLY"]
 _NO_SLOT = HEADER["SHUNT_NO_SLOT"]
 # Tick lengths of the kernel HZ values in use (100, 250, 300, 1000).
 _TICK_NS = (10_000_000, 4_000_000, 3_333_333, 1_000_000)
@@ -430,7 +432,7 @@ class XdpProgram:
     def _check_layout(self) -> None:
         sizes = {"flow_key": (self.FlowKey, 44), "pair_key": (self.PairKey, 36),
                  "flow_value": (self.FlowValue, 96), "shunt_event": (self.ShuntEvent, 88),
-                 "shunt_config": (self.ShuntConfig, 24), "config_op": (self.ConfigOp, 32)}
+                 "shunt_config": (self.ShuntConfig, 48), "config_op": (self.ConfigOp, 56)}
         for name, (cls, size) in sizes.items():
             if ctypes.sizeof(cls) != size:
                 raise CompileError(f"struct {name} is {ctypes.sizeof(cls)} bytes, expected "
@@ -564,6 +566,10 @@ class XdpProgram:
         rec.flags_set, rec.flags_clear = flags_set, flags_clear
         if clock is not None:
             rec.ns_per_jiffy, rec.clock_offset_ns = clock.ns_per_jiffy, clock.offset_ns
+        self._config_op_frame(rec)
+
+    def _config_op_frame(self, rec: Any) -> None:
+        op = int(rec.op)
         if self._config_op_fd is None:
             from bcc import BPF
 
@@ -592,6 +598,17 @@ class XdpProgram:
             self._config_op(_OP_PAIRS, delta=pairs_active - int(self.read_config().pairs_active))
         if clock is not None:
             self._config_op(_OP_CLOCK, clock=clock)
+
+    def set_early(self, port: int, trigger: int = 0, lease_ns: int = 0,
+                  until_ns: int = 0) -> None:
+        """Early shunts (shuntd.h): follow TLS handshakes on `port` in XDP and shunt them with
+        `trigger` and a lease of `lease_ns` until map time `until_ns`; port 0 turns them off.
+        The caller pushes `until_ns` forward while it lives (the dead-man switch)."""
+        rec = self.ConfigOp()
+        rec.op = _OP_EARLY
+        rec.early_port, rec.early_trigger = port, trigger
+        rec.early_lease_ns, rec.early_until_ns = lease_ns, until_ns
+        self._config_op_frame(rec)
 
     def pair_added(self, key: Any) -> None:
         """Account a new ip_pairs entry (call after a successful insert)."""
