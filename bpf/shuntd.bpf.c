@@ -799,16 +799,6 @@ static __always_inline void early_step(struct xdp_md *ctx, const struct shunt_co
     tls_watch.delete(fk);
 }
 
-/* A packet that missed `flows` and every pair: pass it, after the early shunt step. */
-static __always_inline int pass_miss(struct xdp_md *ctx, const struct shunt_config *cfg,
-                                     int l4, const struct flow_key *fk, __u8 side,
-                                     const struct pkt_info *p, __u32 base)
-{
-    if (l4 == L4_OK)
-        early_step(ctx, cfg, fk, side, p, base);
-    return pass(p);
-}
-
 int xdp_shunt(struct xdp_md *ctx)
 {
     struct hdr_cursor c = {
@@ -873,15 +863,13 @@ int xdp_shunt(struct xdp_md *ctx)
     } else {
         __builtin_memset(&fk, 0, sizeof(fk));
     }
-    /* frame offset of the TCP payload (early shunts read it) */
-    __u32 payload_off = p.l3_off + p.l3_hdr_len + p.tcp_hdr_len;
     if (!cfg->pairs_active)
-        return pass_miss(ctx, cfg, l4, &fk, fside, &p, payload_off);
+        goto miss;
 
     __u32 slot = pair_filter_slot(p.src, p.dst);
     __u32 *maybe = pair_filter.lookup(&slot);
     if (!maybe || !*maybe)
-        return pass_miss(ctx, cfg, l4, &fk, fside, &p, payload_off);
+        goto miss;
 
     struct pair_key pk;
     __u8 pside = acmp > 0 ? 2 : 1;
@@ -897,7 +885,7 @@ int xdp_shunt(struct xdp_md *ctx)
     struct flow_value *pv = ip_pairs.lookup(&pk);
     if (!pv) {
         stat_add(STAT_PAIR_FILTER_FALSE, 1);
-        return pass_miss(ctx, cfg, l4, &fk, fside, &p, payload_off);
+        goto miss;
     }
 
     /* The record of a pair's lapsed lease carries the pair in flow_key form. */
@@ -910,6 +898,13 @@ int xdp_shunt(struct xdp_md *ctx)
     int close = l4 == L4_OK && p.proto == IPPROTO_TCP &&
                 (p.tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT));
     return on_hit(ctx, cfg, pv, SHUNT_ENTRY_PAIR, pside, &pairk, &fk, fside, close, &p);
+
+miss:
+    /* No entry: passed. Early shunts may follow it (a few compares unless TCP with payload
+     * on early_port). */
+    if (l4 == L4_OK)
+        early_step(ctx, cfg, &fk, fside, &p, p.l3_off + p.l3_hdr_len + p.tcp_hdr_len);
+    return pass(&p);
 }
 
 /* Helper program, never attached: the daemon test-runs it to sample jiffies and the kernel
