@@ -32,7 +32,8 @@ if shutil.which("openssl") is None:
     pytest.skip("needs the openssl CLI (test certificate)", allow_module_level=True)
 
 from scapy.layers.inet import IP, TCP  # noqa: E402
-from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.layers.inet6 import IPv6  # noqa: E402
+from scapy.layers.l2 import Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 from shuntd.conn.tracker import ConnTracker  # noqa: E402
 from shuntd.datapath.program import (  # noqa: E402
@@ -48,6 +49,7 @@ from shuntd.packet import LINKTYPE_ETHERNET, decode  # noqa: E402
 
 S = StatIndex
 C_ADDR, S_ADDR = "10.0.0.1", "10.0.0.2"   # the client is side 1 (smaller address)
+C_ADDR6, S_ADDR6 = "2001:db8::1", "2001:db8::2"
 C_PORT, S_PORT = 40000, 443
 ISN = (1000, 900000)                      # client, server
 TRIGGER = 7
@@ -134,15 +136,24 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, bytes]]]:
-    """Each kind, full and resumed: {"tls1.2 full": flights, ...}."""
-    d = tmp_path_factory.mktemp("tlscert")
+def make_cert(d: Path, names: int = 0) -> Path:
+    """Self-signed P-256 certificate and key in d; `names` extra DNS names make it big."""
+    extra = ["-addext", "subjectAltName=" + ",".join(
+        f"DNS:host{i}.padding.example.test" for i in range(names))] if names else []
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(d / "key.pem"),
-                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=test.local"],
-                   check=True, capture_output=True)
-    out = {}
+                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=test.local",
+                    *extra], check=True, capture_output=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, bytes]]]:
+    """Each kind, full and resumed: {"tls1.2 full": flights, ...}; and "tls1.3 bigcert" (a
+    7 KB certificate)."""
+    d = make_cert(tmp_path_factory.mktemp("tlscert"))
+    big = make_cert(tmp_path_factory.mktemp("tlsbigcert"), names=200)
+    out = {"tls1.3 bigcert": flights(*contexts(big))[0]}
     for name, kw in KINDS.items():
         cc, sc = contexts(d, **kw)
         fl, sess, ver = flights(cc, sc)
@@ -165,16 +176,22 @@ class Seg:
     seq: int
     ack: int
     payload: bytes = b""
+    v6: bool = False
+    vlan: int = 0
 
     def frame(self) -> bytes:
-        src, sport, dst, dport = ((C_ADDR, C_PORT, S_ADDR, S_PORT) if self.d == 0
-                                  else (S_ADDR, S_PORT, C_ADDR, C_PORT))
-        pkt = (Ether(**MACS) / IP(src=src, dst=dst)
+        c, s = (C_ADDR6, S_ADDR6) if self.v6 else (C_ADDR, S_ADDR)
+        src, sport, dst, dport = (c, C_PORT, s, S_PORT) if self.d == 0 else (s, S_PORT, c, C_PORT)
+        pkt = Ether(**MACS)
+        if self.vlan:
+            pkt = pkt / Dot1Q(vlan=self.vlan)
+        pkt = (pkt / (IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst))
                / TCP(sport=sport, dport=dport, flags=self.flags, seq=self.seq, ack=self.ack))
         return bytes(pkt / Raw(self.payload) if self.payload else pkt)
 
 
-def segments(fl: list[tuple[int, bytes]], mss: int) -> list[Seg]:
+def segments(fl: list[tuple[int, bytes]], mss: int, v6: bool = False,
+             vlan: int = 0) -> list[Seg]:
     """Three-way handshake, then every flight cut at `mss`, each segment acking all the peer
     sent so far."""
     nxt = [ISN[0] + 1, ISN[1] + 1]
@@ -184,6 +201,8 @@ def segments(fl: list[tuple[int, bytes]], mss: int) -> list[Seg]:
             chunk = data[o:o + mss]
             out.append(Seg(d, "PA", nxt[d], nxt[1 - d], chunk))
             nxt[d] += len(chunk)
+    for seg in out:
+        seg.v6, seg.vlan = v6, vlan
     return out
 
 
@@ -242,14 +261,15 @@ class Lab:
         now = self.prog.map_now_ns()
         self.prog.set_early(port, TRIGGER, int(lease_s * 1e9), now + int(until_s * 1e9))
 
-    def run(self, frame: bytes) -> int:
-        return self.prog.test_run(frame).retval
+    def run(self, frame: bytes, frags: bool = False) -> int:
+        return self.prog.test_run(frame, frags=frags).retval
 
-    def run_all(self, segs: list[Seg]) -> list[int]:
-        return [self.run(s.frame()) for s in segs]
+    def run_all(self, segs: list[Seg], frags: bool = False) -> list[int]:
+        return [self.run(s.frame(), frags) for s in segs]
 
-    def key(self) -> Any:
-        return self.prog.flow_key(C_ADDR, C_PORT, S_ADDR, S_PORT, 6)[0]
+    def key(self, v6: bool = False, vlan: int = 0) -> Any:
+        c, s = (C_ADDR6, S_ADDR6) if v6 else (C_ADDR, S_ADDR)
+        return self.prog.flow_key(c, C_PORT, s, S_PORT, 6, vlan=vlan)[0]
 
     def reset(self) -> None:
         self.prog.flows.clear()
@@ -280,13 +300,14 @@ def delta(lab: Lab, before: dict[Any, int]) -> dict[Any, int]:
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
-def check_fires_at(lab: Lab, segs: list[Seg], fire: int) -> None:
+def check_fires_at(lab: Lab, segs: list[Seg], fire: int, frags: bool = False) -> None:
     """Frames up to and incl. `fire` pass, the entry XDP made holds the state of the passed
     ones, the rest drop and count in it; one EARLY event."""
+    key = lab.key(segs[0].v6, segs[0].vlan)
     before = lab.prog.stats()
-    verdicts = lab.run_all(segs[:fire + 1])
+    verdicts = lab.run_all(segs[:fire + 1], frags)
     assert verdicts == [XDP_PASS] * (fire + 1)
-    v = lab.prog.flows[lab.key()]
+    v = lab.prog.flows[key]
     assert v.flags == F_EARLY and v.trigger == TRIGGER and v.event_seq == 1
     assert (v.pkts1, v.pkts2, v.last_seen_ns) == (0, 0, 0)
     assert v.lease_expiry_ns > lab.prog.map_now_ns() + 50 * 10**9
@@ -300,10 +321,10 @@ def check_fires_at(lab: Lab, segs: list[Seg], fire: int) -> None:
     assert (e.type, e.entry, e.event_seq, e.side) == (EventType.EARLY, 1, 1, last.d + 1)
     assert (e.seq, e.ack, e.payload_len, e.tcp_flags) == (last.seq, last.ack,
                                                           len(last.payload), 0x18)
-    assert bytes(e.key) == bytes(lab.key())
+    assert bytes(e.key) == bytes(key)
     rest = segs[fire + 1:]
-    assert lab.run_all(rest) == [XDP_DROP] * len(rest)
-    v = lab.prog.flows[lab.key()]
+    assert lab.run_all(rest, frags) == [XDP_DROP] * len(rest)
+    v = lab.prog.flows[key]
     assert (v.pkts1, v.pkts2) == (sum(s.d == 0 for s in rest), sum(s.d == 1 for s in rest))
     d = delta(lab, before)
     assert d[S.EARLY_ARMED] == 1 and d[S.EARLY_FIRED] == 1
@@ -347,6 +368,30 @@ def test_fires_on_the_ssl_established_packet(lab: Lab, sessions: dict, case: str
         # CCS" to a version-blind rule; the fire is at least one client flight later
         ch2 = next(i for i, s in enumerate(segs) if s.d == 0 and s.payload[:1] == b"\x14")
         assert est > ch2
+
+
+@pytest.mark.parametrize("v6,vlan,frags", [(True, 0, False), (False, 42, False),
+                                            (True, 7, True)], ids=["v6", "vlan", "v6-vlan-frags"])
+@pytest.mark.parametrize("case", ["tls1.2 full", "tls1.3-compat full"])
+def test_fires_over_ipv6_vlan_and_multibuffer_load(lab: Lab, sessions: dict, case: str,
+                                                   v6: bool, vlan: int, frags: bool) -> None:
+    # frags: the copy loaded with BPF_F_XDP_HAS_FRAGS (what native attach uses at jumbo MTU)
+    segs = segments(sessions[case], 536, v6=v6, vlan=vlan)
+    est = established_at(segs)
+    assert est is not None
+    check_fires_at(lab, segs, est, frags)
+
+
+def test_records_in_the_fragments_of_a_multibuffer_frame(lab: Lab, sessions: dict) -> None:
+    # One 7 KB server flight (SH, CCS, EE, Cert, CV, Fin) in one frame: the test run puts what
+    # does not fit a page into fragments, so the CertificateVerify and Finished headers are
+    # read from fragments. The walk must still reach the analyser's packet.
+    segs = segments(sessions["tls1.3 bigcert"], 9000)
+    server_flight = next(s for s in segs if s.d == 1 and s.payload)
+    assert len(server_flight.frame()) > 6000
+    est = established_at(segs)
+    assert est is not None
+    check_fires_at(lab, segs, est, frags=True)
 
 
 def test_retransmitted_handshake_packet_still_fires_on_time(lab: Lab, sessions: dict) -> None:
