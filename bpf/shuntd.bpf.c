@@ -738,10 +738,9 @@ static __always_inline int early_fire(struct xdp_md *ctx, const struct shunt_con
 }
 
 /* Arm a watch on a ClientHello: the client's stream starts at this packet, the server's at
- * the ack (its ISN + 1). The packet itself is walked like any other before the insert. */
-static __always_inline void early_arm(struct xdp_md *ctx, const struct flow_key *fk,
-                                      __u8 side, const struct pkt_info *p, __u32 base,
-                                      __u32 n, __u64 now)
+ * the ack (its ISN + 1). The packet itself is then walked like any other. */
+static __always_inline struct tls_watch *early_arm(const struct flow_key *fk, __u8 side,
+                                                   const struct pkt_info *p, __u64 now)
 {
     struct tls_watch nw;
     __builtin_memset(&nw, 0, sizeof(nw));
@@ -755,10 +754,10 @@ static __always_inline void early_arm(struct xdp_md *ctx, const struct flow_key 
     peer->ack = p->seq;
     nw.armed_ns = now;
     nw.client = side;
-    if (watch_follow(ctx, &nw, side, p, base, n) != WATCH_GO_ON)
-        return;
-    if (tls_watch.update(fk, &nw) == 0)
-        stat_add(STAT_EARLY_ARMED, 1);
+    if (tls_watch.update(fk, &nw))
+        return 0;
+    stat_add(STAT_EARLY_ARMED, 1);
+    return tls_watch.lookup(fk);
 }
 
 /* Early shunt step of a packet that missed `flows` and is passed: arm or follow a watch.
@@ -774,19 +773,24 @@ static __always_inline void early_step(struct xdp_md *ctx, const struct shunt_co
     if (!n && !(p->tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT)))
         return;
     struct tls_watch *w = tls_watch.lookup(fk);
+    __u64 now;
     if (!w) {
         if (!n || !(p->tcp_flags & TCP_FLAG_ACK_BIT) ||
             !starts_client_hello(ctx, base, n))
             return;
-        __u64 now = map_now(cfg);
-        if (now < cfg->early_until_ns)
-            early_arm(ctx, fk, side, p, base, n, now);
-        return;
+        now = map_now(cfg);
+        if (now >= cfg->early_until_ns)
+            return;
+        w = early_arm(fk, side, p, now);
+        if (!w)
+            return;
+    } else {
+        now = map_now(cfg);
     }
-    __u64 now = map_now(cfg);
     int step = WATCH_GIVE_UP;
-    /* stale (older than a lease) or early shunts switched off by the dead-man switch */
-    if (now - w->armed_ns <= cfg->early_lease_ns && now < cfg->early_until_ns)
+    /* stale (older than a lease; signed: a clock recalibration may step back a tick) or
+     * early shunts switched off by the dead-man switch */
+    if ((__s64)(now - w->armed_ns) <= (__s64)cfg->early_lease_ns && now < cfg->early_until_ns)
         step = watch_follow(ctx, w, side, p, base, n);
     if (step == WATCH_GO_ON || step == WATCH_OLD)
         return;
