@@ -294,7 +294,7 @@ def test_tells_systemd_when_ready_and_stopping(lab: Lab, tmp_path: Path, monkeyp
         listener.close()
 
 
-def _early_config(fd: int) -> tuple[int, int, int, int]:
+def early_config(fd: int) -> tuple[int, int, int, int]:
     """(early_port, early_trigger, early_lease_ns, early_until_ns) of the `config` map behind
     `fd` (struct shunt_config, bpf/shuntd.h: offsets 24 until, 32 lease, 40 trigger, 44 port)."""
     import ctypes
@@ -328,26 +328,26 @@ def test_early_shunts_follow_the_policy_declaration_and_end_with_the_daemon(lab:
                "--early-port", "8443")
     fd = libbpf.obj_get(str(pins / "config"))
     lab.on_close(lambda: os.close(fd))
-    port, trigger, lease, until = _early_config(fd)
+    port, trigger, lease, until = early_config(fd)
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     assert (port, trigger, lease) == (8443, 1, 3_000_000_000)
     assert now < until <= now + 3_000_000_000 + 50_000_000  # (map time: coarse ticks)
     time.sleep(1.6)                                            # past lease/3
-    assert _early_config(fd)[3] > until
+    assert early_config(fd)[3] > until
 
     def wait_port(want: int) -> None:
         deadline = time.monotonic() + 5
-        while _early_config(fd)[0] != want:
-            assert time.monotonic() < deadline, (want, _early_config(fd), d.stderr())
+        while early_config(fd)[0] != want:
+            assert time.monotonic() < deadline, (want, early_config(fd), d.stderr())
             time.sleep(0.05)
 
     pol.write_text(tls.replace('EARLY_SHUNT = "ssl"', "#"))
     d.proc.send_signal(signal.SIGHUP)
     wait_port(0)
-    assert _early_config(fd)[3] == 0
+    assert early_config(fd)[3] == 0
     pol.write_text(tls)
     d.proc.send_signal(signal.SIGHUP)
     wait_port(8443)
     assert d.stop() == 0, d.stderr()
-    assert _early_config(fd) == (0, 0, 0, 0)
+    assert early_config(fd) == (0, 0, 0, 0)
     assert "early shunts on" in d.stderr() and "early shunts off" in d.stderr()
