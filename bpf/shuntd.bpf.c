@@ -129,6 +129,7 @@ struct pkt_info {
     __u16 vlan_inner;
     __u32 ip_len;      /* IP bytes */
     __u32 l3_hdr_len;  /* IP header + IPv6 extension headers */
+    __u32 l3_off;      /* frame offset of the IP header */
     __u32 seq;
     __u32 ack;
     __u16 tcp_hdr_len;
@@ -163,8 +164,10 @@ static __always_inline __be16 parse_eth(struct hdr_cursor *c, struct pkt_info *p
 
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+        if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD)) {
+            p->l3_off = sizeof(*eth) + i * sizeof(struct vlan_tag);
             return proto;
+        }
         struct vlan_tag *vt = c->pos;
         if ((void *)(vt + 1) > c->end)
             return 0;
@@ -178,6 +181,7 @@ static __always_inline __be16 parse_eth(struct hdr_cursor *c, struct pkt_info *p
     }
     if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
         return 0;
+    p->l3_off = sizeof(*eth) + 2 * sizeof(struct vlan_tag);
     return proto;
 }
 
@@ -503,6 +507,302 @@ static __always_inline int on_hit(struct xdp_md *ctx, const struct shunt_config 
     return XDP_DROP;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Early shunts (shuntd.h, "Early shunts"): XDP follows the TLS handshake of a flow that misses
+ * `flows` on cfg->early_port and makes the flow entry itself on the packet on which Zeek's
+ * analyser raises ssl_established. Only TCP packets with payload (or FIN/RST) to or from that
+ * port look at `tls_watch`; payload bytes are read with bpf_xdp_load_bytes() (any offset, also
+ * in the fragments of a multi-buffer frame), always bounded by the payload length the IP
+ * header gives (never the Ethernet padding).
+ */
+#define TLS_CT_CCS 20
+#define TLS_CT_ALERT 21
+#define TLS_CT_HANDSHAKE 22
+#define TLS_CT_APPDATA 23
+#define TLS_HS_SERVER_HELLO 2
+#define TLS_EXT_SUPPORTED_VERSIONS 43
+#define TLS_V13 0x0304
+#define TLS_MAX_RECORD_LEN 18432   /* 2^14 + 2048: RFC 5246 ciphertext limit */
+#define TLS_MAX_RECORDS 16         /* record headers walked in one packet */
+#define TLS_MAX_EXTENSIONS 16      /* ServerHello extensions walked for supported_versions */
+#define ERR_EXIST 17               /* EEXIST: the flow entry is already there */
+
+/* What one packet did to a watch. */
+enum watch_step {
+    WATCH_GO_ON = 0,    /* in order, state updated: keep following */
+    WATCH_OLD = 1,      /* only old bytes (retransmission) or a SYN: state unchanged */
+    WATCH_GIVE_UP = 2,  /* leave the flow to the daemon */
+    WATCH_FIRE = 3,     /* this packet completes Zeek's ssl_established record */
+};
+
+static __always_inline __u32 be16_at(const __u8 *b)
+{
+    return ((__u32)b[0] << 8) | b[1];
+}
+
+/* The payload starts a handshake record holding a ClientHello: 16 03 0x .. .. 01. */
+static __always_inline int starts_client_hello(struct xdp_md *ctx, __u32 base, __u32 n)
+{
+    __u8 h[6];
+    if (n < sizeof(h) || bpf_xdp_load_bytes(ctx, base, h, sizeof(h)))
+        return 0;
+    return h[0] == TLS_CT_HANDSHAKE && h[1] == 3 && h[2] <= 3 && h[5] == 1;
+}
+
+/* Negotiated version from the ServerHello at the start of the payload (`base`, `n` bytes):
+ * supported_versions (43) if present, else the legacy version, as tls.py and Zeek's sticky
+ * set_version(). 0 if it is not a ServerHello wholly in this packet up to that extension, is
+ * malformed, or names a version other than SSL 3.0 .. TLS 1.3. */
+static __always_inline __u16 server_hello_version(struct xdp_md *ctx, __u32 base, __u32 n)
+{
+    /* record header (5), handshake header (4), legacy_version (2) */
+    __u8 h[11];
+    if (n < 44 || bpf_xdp_load_bytes(ctx, base, h, sizeof(h)))
+        return 0;
+    if (h[0] != TLS_CT_HANDSHAKE || h[5] != TLS_HS_SERVER_HELLO || h[6] != 0)
+        return 0;
+    __u32 hs_len = be16_at(h + 7);
+    if (hs_len + 4 > be16_at(h + 3))
+        return 0;                   /* the ServerHello continues in another record */
+    __u32 end = 9 + hs_len;         /* offsets below are relative to base */
+    __u32 version = be16_at(h + 9);
+    __u8 sid_len;
+    if (bpf_xdp_load_bytes(ctx, base + 43, &sid_len, 1) || sid_len > 32)
+        return 0;
+    __u32 pos = 44 + sid_len + 3;   /* session id, cipher suite, compression method */
+    if (pos > end)
+        return 0;
+    if (pos + 2 <= end) {           /* extensions */
+        __u8 e[4];
+        if (pos + 2 > n || bpf_xdp_load_bytes(ctx, base + pos, e, 2))
+            return 0;
+        __u32 ext_end = pos + 2 + be16_at(e);
+        if (ext_end > end)
+            return 0;
+        pos += 2;
+        int i;
+        for (i = 0; i < TLS_MAX_EXTENSIONS; i++) {
+            if (pos + 4 > ext_end)
+                break;              /* walked them all: no supported_versions */
+            if (pos + 4 > n || bpf_xdp_load_bytes(ctx, base + pos, e, 4))
+                return 0;
+            __u32 type = be16_at(e);
+            __u32 len = be16_at(e + 2);
+            pos += 4;
+            if (pos + len > ext_end)
+                return 0;
+            if (type == TLS_EXT_SUPPORTED_VERSIONS) {
+                if (len != 2 || pos + 2 > n || bpf_xdp_load_bytes(ctx, base + pos, e, 2))
+                    return 0;
+                version = be16_at(e);
+                break;
+            }
+            pos += len;
+        }
+        if (i == TLS_MAX_EXTENSIONS)
+            return 0;
+    }
+    if (version == TLS_V13 || (version >= 0x0300 && version <= 0x0303))
+        return (__u16)version;
+    return 0;
+}
+
+/* Zeek's rule for a record of type t that just completed on side `me`: CCS switches a side
+ * to encrypted unless TLS 1.3 (and is not ciphertext itself); in TLS 1.3 a type-23 record
+ * in a clear side does and is ciphertext; every record of an encrypted side is. Returns 1
+ * for a ciphertext record while the peer is encrypted too: ssl_established. */
+static __always_inline int record_done(const struct tls_watch *w, struct watch_side *me,
+                                       const struct watch_side *peer, __u8 t)
+{
+    if (!me->encrypted) {
+        if (t == TLS_CT_CCS) {
+            if (w->version && w->version != TLS_V13)
+                me->encrypted = 1;
+            return 0;
+        }
+        if (t != TLS_CT_APPDATA || w->version != TLS_V13)
+            return 0;
+        me->encrypted = 1;
+    }
+    return peer->encrypted;
+}
+
+/* One TCP packet of a watched flow, sent by `side`, payload at frame offset `base`, `n`
+ * bytes: the condition of shuntd.h step by step (EARLY_SHUNT.md §2). */
+static __always_inline int watch_follow(struct xdp_md *ctx, struct tls_watch *w, __u8 side,
+                                        const struct pkt_info *p, __u32 base, __u32 n)
+{
+    struct watch_side *me = side == 1 ? &w->side[0] : &w->side[1];
+    struct watch_side *peer = side == 1 ? &w->side[1] : &w->side[0];
+    __u8 f = p->tcp_flags;
+    if (f & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT))
+        return WATCH_GIVE_UP;
+    if ((f & TCP_FLAG_ACK_BIT) && (__s32)(p->ack - me->ack) > 0)
+        me->ack = p->ack;
+    if ((f & TCP_FLAG_SYN_BIT) || !n)
+        return WATCH_OLD;
+    if (p->seq != me->next) {
+        if ((__s32)(me->next - (p->seq + n)) >= 0)
+            return WATCH_OLD;       /* retransmission: bytes the walk has seen already */
+        return WATCH_GIVE_UP;       /* a gap or reordering */
+    }
+    me->next = p->seq + n;
+    if (side != w->client && !w->version) {
+        /* The server's first record must be a ServerHello that starts this packet. */
+        if (me->rec != p->seq)
+            return WATCH_GIVE_UP;
+        w->version = server_hello_version(ctx, base, n);
+        if (!w->version)
+            return WATCH_GIVE_UP;
+    }
+    /* One more round than headers: the last header's record may complete here too. */
+    for (int i = 0; i <= TLS_MAX_RECORDS; i++) {
+        __u32 off = me->rec - p->seq;
+        if (me->pending) {
+            if (off > n)
+                return WATCH_GO_ON; /* the record in progress continues in a later packet */
+            __u8 t = me->pending;
+            me->pending = 0;
+            if (record_done(w, me, peer, t))
+                return WATCH_FIRE;
+        }
+        if (off >= n)
+            return WATCH_GO_ON;
+        if (off + 5 > n || i == TLS_MAX_RECORDS)
+            return WATCH_GIVE_UP;   /* header split across segments, or too many records */
+        __u8 h[5];
+        if (bpf_xdp_load_bytes(ctx, base + off, h, sizeof(h)))
+            return WATCH_GIVE_UP;
+        __u32 len = be16_at(h + 3);
+        if (h[0] < TLS_CT_CCS || h[0] > TLS_CT_APPDATA || h[1] != 3 || h[2] > 3 ||
+            len > TLS_MAX_RECORD_LEN)
+            return WATCH_GIVE_UP;   /* not TLS */
+        if (!w->version && h[0] != TLS_CT_ALERT && h[0] != TLS_CT_HANDSHAKE)
+            return WATCH_GIVE_UP;   /* e.g. 0-RTT data: safe to leave, never early */
+        me->pending = h[0];
+        me->rec += 5 + len;
+    }
+    return WATCH_GIVE_UP;
+}
+
+/* ssl_established in XDP: make the flow entry (BPF_NOEXIST) and tell the daemon. The ring
+ * record is reserved first, so a full ring or a full map leaves no trace (fail open).
+ * Returns 0 if the flow is shunted now. */
+static __always_inline int early_fire(struct xdp_md *ctx, const struct shunt_config *cfg,
+                                      const struct tls_watch *w, const struct flow_key *fk,
+                                      __u8 side, const struct pkt_info *p, __u64 now)
+{
+    struct shunt_event *e = events.ringbuf_reserve(sizeof(struct shunt_event));
+    if (!e) {
+        stat_add(STAT_RINGBUF_RESERVE_FAIL, 1);
+        stat_add(STAT_EARLY_FULL, 1);
+        return -1;
+    }
+    struct flow_value v;
+    __builtin_memset(&v, 0, sizeof(v));
+    v.lease_expiry_ns = now + cfg->early_lease_ns;
+    v.flags = SHUNT_F_EARLY;
+    v.event_seq = 1;
+    v.trigger = cfg->early_trigger;
+    v.tcp[0].next = w->side[0].next;
+    v.tcp[0].ack = w->side[0].ack;
+    v.tcp[1].next = w->side[1].next;
+    v.tcp[1].ack = w->side[1].ack;
+    int err = flows.insert(fk, &v);
+    if (err) {
+        events.ringbuf_discard(e, 0);
+        /* EEXIST: the daemon's own shunt landed first */
+        stat_add(err == -ERR_EXIST ? STAT_EARLY_GAVE_UP : STAT_EARLY_FULL, 1);
+        return -1;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->version = SHUNTD_LAYOUT_VERSION;
+    e->type = SHUNT_EVENT_EARLY;
+    e->side = side;
+    e->tcp_flags = p->tcp_flags;
+    e->entry = SHUNT_ENTRY_FLOW;
+    e->pad0 = 0;
+    e->tcp_letters = 0;
+    e->ip_len = p->ip_len;
+    e->payload_len = tcp_payload(p);
+    e->seq = p->seq;
+    e->ack = p->ack;
+    e->ifindex = ctx->ingress_ifindex;
+    e->event_seq = 1;
+    __builtin_memcpy(&e->key, fk, sizeof(struct flow_key));
+    e->pad2 = 0;
+    events.ringbuf_submit(e, 0);
+    stat_add(STAT_EVENTS, 1);
+    stat_add(STAT_EARLY_FIRED, 1);
+    return 0;
+}
+
+/* Arm a watch on a ClientHello: the client's stream starts at this packet, the server's at
+ * the ack (its ISN + 1). The packet itself is then walked like any other. */
+static __always_inline struct tls_watch *early_arm(const struct flow_key *fk, __u8 side,
+                                                   const struct pkt_info *p, __u64 now)
+{
+    struct tls_watch nw;
+    __builtin_memset(&nw, 0, sizeof(nw));
+    struct watch_side *me = side == 1 ? &nw.side[0] : &nw.side[1];
+    struct watch_side *peer = side == 1 ? &nw.side[1] : &nw.side[0];
+    me->next = p->seq;
+    me->rec = p->seq;
+    me->ack = p->ack;
+    peer->next = p->ack;
+    peer->rec = p->ack;
+    peer->ack = p->seq;
+    nw.armed_ns = now;
+    nw.client = side;
+    if (tls_watch.update(fk, &nw))
+        return 0;
+    stat_add(STAT_EARLY_ARMED, 1);
+    return tls_watch.lookup(fk);
+}
+
+/* Early shunt step of a packet that missed `flows` and is passed: arm or follow a watch.
+ * Everything but TCP with payload (or FIN/RST) on early_port returns after a few compares. */
+static __always_inline void early_step(struct xdp_md *ctx, const struct shunt_config *cfg,
+                                       const struct flow_key *fk, __u8 side,
+                                       const struct pkt_info *p, __u32 base)
+{
+    __u16 port = cfg->early_port;
+    if (!port || p->proto != IPPROTO_TCP || (p->sport != port && p->dport != port))
+        return;
+    __u32 n = tcp_payload(p);
+    if (!n && !(p->tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT)))
+        return;
+    struct tls_watch *w = tls_watch.lookup(fk);
+    __u64 now;
+    if (!w) {
+        if (!n || !(p->tcp_flags & TCP_FLAG_ACK_BIT) ||
+            !starts_client_hello(ctx, base, n))
+            return;
+        now = map_now(cfg);
+        if (now >= cfg->early_until_ns)
+            return;
+        w = early_arm(fk, side, p, now);
+        if (!w)
+            return;
+    } else {
+        now = map_now(cfg);
+    }
+    int step = WATCH_GIVE_UP;
+    /* stale (older than a lease; signed: a clock recalibration may step back a tick) or
+     * early shunts switched off by the dead-man switch */
+    if ((__s64)(now - w->armed_ns) <= (__s64)cfg->early_lease_ns && now < cfg->early_until_ns)
+        step = watch_follow(ctx, w, side, p, base, n);
+    if (step == WATCH_GO_ON || step == WATCH_OLD)
+        return;
+    if (step == WATCH_FIRE && early_fire(ctx, cfg, w, fk, side, p, now) == 0) {
+        tls_watch.delete(fk);
+        return;
+    }
+    if (step != WATCH_FIRE)
+        stat_add(STAT_EARLY_GAVE_UP, 1);
+    tls_watch.delete(fk);
+}
+
 int xdp_shunt(struct xdp_md *ctx)
 {
     struct hdr_cursor c = {
@@ -568,12 +868,12 @@ int xdp_shunt(struct xdp_md *ctx)
         __builtin_memset(&fk, 0, sizeof(fk));
     }
     if (!cfg->pairs_active)
-        return pass(&p);
+        goto miss;
 
     __u32 slot = pair_filter_slot(p.src, p.dst);
     __u32 *maybe = pair_filter.lookup(&slot);
     if (!maybe || !*maybe)
-        return pass(&p);
+        goto miss;
 
     struct pair_key pk;
     __u8 pside = acmp > 0 ? 2 : 1;
@@ -589,7 +889,7 @@ int xdp_shunt(struct xdp_md *ctx)
     struct flow_value *pv = ip_pairs.lookup(&pk);
     if (!pv) {
         stat_add(STAT_PAIR_FILTER_FALSE, 1);
-        return pass(&p);
+        goto miss;
     }
 
     /* The record of a pair's lapsed lease carries the pair in flow_key form. */
@@ -602,6 +902,13 @@ int xdp_shunt(struct xdp_md *ctx)
     int close = l4 == L4_OK && p.proto == IPPROTO_TCP &&
                 (p.tcp_flags & (TCP_FLAG_FIN_BIT | TCP_FLAG_RST_BIT));
     return on_hit(ctx, cfg, pv, SHUNT_ENTRY_PAIR, pside, &pairk, &fk, fside, close, &p);
+
+miss:
+    /* No entry: passed. Early shunts may follow it (a few compares unless TCP with payload
+     * on early_port). */
+    if (l4 == L4_OK)
+        early_step(ctx, cfg, &fk, fside, &p, p.l3_off + p.l3_hdr_len + p.tcp_hdr_len);
+    return pass(&p);
 }
 
 /* Helper program, never attached: the daemon test-runs it to sample jiffies and the kernel

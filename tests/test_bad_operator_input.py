@@ -162,6 +162,33 @@ def test_missing_policy(tmp_path: Path) -> None:
     _assert_clean_error(_load_policy(tmp_path / "gone.py"), "gone.py")
 
 
+def _policy(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    p.chmod(0o644)
+    return p
+
+
+def test_bad_early_shunt_declarations(tmp_path: Path) -> None:
+    """EARLY_SHUNT must name a trigger, come with an ssl_established, and agree between files
+    (`shuntd --check-config`: one line, exit 2); the shipped tls policy's passes."""
+    shunts = ("from shuntd.policy import shunt\n\n"
+              "def ssl_established(conn):\n    shunt(conn, 'ssl')\n")
+    not_str = _policy(tmp_path, "num.py", "EARLY_SHUNT = 5\n" + shunts)
+    res = _shuntd("--check-config", "--policy", str(not_str))
+    _assert_clean_error(res, "num.py", "EARLY_SHUNT")
+    no_handler = _policy(tmp_path, "bare.py", "EARLY_SHUNT = 'ssl'\n")
+    res = _shuntd("--check-config", "--policy", str(no_handler))
+    _assert_clean_error(res, "bare.py", "ssl_established")
+    other = _policy(tmp_path, "other.py", "EARLY_SHUNT = 'mine'\n" + shunts)
+    res = _shuntd("--check-config", "--policy", "tls",
+                  "--policy", str(other))
+    _assert_clean_error(res, "different EARLY_SHUNT", "other.py")
+    res = _shuntd("--check-config", "--policy", "tls",
+                  "--policy", "bulk")
+    assert res.returncode == 0, res.stderr
+
+
 _OPEN_DATAPATH = """
 import sys
 from shuntd.datapath.errors import DatapathError

@@ -292,3 +292,62 @@ def test_tells_systemd_when_ready_and_stopping(lab: Lab, tmp_path: Path, monkeyp
         assert d.proc.wait(20) == 0, d.stderr()
     finally:
         listener.close()
+
+
+def early_config(fd: int) -> tuple[int, int, int, int]:
+    """(early_port, early_trigger, early_lease_ns, early_until_ns) of the `config` map behind
+    `fd` (struct shunt_config, bpf/shuntd.h: offsets 24 until, 32 lease, 40 trigger, 44 port)."""
+    import ctypes
+    import struct
+
+    from shuntd.datapath import libbpf
+
+    buf = ctypes.create_string_buffer(48)
+    assert libbpf.map_lookup(fd, ctypes.c_int(0), buf)
+    until, lease, trigger, port = struct.unpack_from("=QQIH", buf.raw, 24)
+    return port, trigger, lease, until
+
+
+def test_early_shunts_follow_the_policy_declaration_and_end_with_the_daemon(lab: Lab,
+                                                                           tmp_path: Path):
+    """The early-shunt fields of the pinned config, read through a descriptor of our own (it
+    outlives the pins a clean stop removes): on with the tls policy (its EARLY_SHUNT), on the
+    port given and with the `ssl` trigger code (1), a deadline one lease ahead that moves on
+    every lease/3; off after a SIGHUP loads the policy without the declaration, on again with
+    it, off after the stop."""
+    import os
+
+    from shuntd.datapath import libbpf
+
+    pair = lab.veth_to_netns()
+    pins = lab.pin_dir(pair.host)
+    tls = (ROOT / "policies" / "tls.py").read_text()
+    assert 'EARLY_SHUNT = "ssl"' in tls
+    pol = policy_file(tmp_path, tls, "tls_copy.py")
+    d = Daemon(lab, pair, tmp_path / "run", "--policy", str(pol), "--lease", "3",
+               "--early-port", "8443")
+    fd = libbpf.obj_get(str(pins / "config"))
+    lab.on_close(lambda: os.close(fd))
+    port, trigger, lease, until = early_config(fd)
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert (port, trigger, lease) == (8443, 1, 3_000_000_000)
+    assert now < until <= now + 3_000_000_000 + 50_000_000  # (map time: coarse ticks)
+    time.sleep(1.6)                                            # past lease/3
+    assert early_config(fd)[3] > until
+
+    def wait_port(want: int) -> None:
+        deadline = time.monotonic() + 5
+        while early_config(fd)[0] != want:
+            assert time.monotonic() < deadline, (want, early_config(fd), d.stderr())
+            time.sleep(0.05)
+
+    pol.write_text(tls.replace('EARLY_SHUNT = "ssl"', "#"))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_port(0)
+    assert early_config(fd)[3] == 0
+    pol.write_text(tls)
+    d.proc.send_signal(signal.SIGHUP)
+    wait_port(8443)
+    assert d.stop() == 0, d.stderr()
+    assert early_config(fd) == (0, 0, 0, 0)
+    assert "early shunts on" in d.stderr() and "early shunts off" in d.stderr()

@@ -156,7 +156,7 @@ def test_repeated_events_add_up_and_every_series_has_its_creation_time():
     assert total['shuntd_shunt_inserts_total{result="full",trigger="ssl"}'] == 1
     assert total['shuntd_shunt_inserts_total{result="exists",trigger="ssl"}'] == 0
     assert total['shuntd_shunt_inserts_total{result="error",trigger="unknown"}'] == 2
-    assert len([k for k in total if k.startswith("shuntd_shunt_inserts_total")]) == 8
+    assert len([k for k in total if k.startswith("shuntd_shunt_inserts_total")]) == 12  # 2 x 6
     assert total['shuntd_shunt_removals_total{reason="fin",table="flows"}'] == 2
     assert total['shuntd_shunt_removals_total{reason="orphaned",table="ip_pairs"}'] == 1
     assert sum(v for k, v in total.items() if k.startswith("shuntd_shunt_removals")) == 3

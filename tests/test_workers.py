@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from lab import Lab, VethPair, lab_fixture, xdp_prog_id  # noqa: F401
-from test_live_daemon import Daemon, policy_file
+from test_live_daemon import Daemon, early_config, policy_file
 
 LAB_PREFIX = "wk"
 A, B = "10.79.0.1", "10.79.0.2"
@@ -337,3 +337,25 @@ def test_a_hung_worker_is_reported_and_the_parent_keeps_going(lab: Lab, tmp_path
     assert d.stop() == 0, d.stderr()
     rows = [r for r in d.log("conn") if r["proto"] == "tcp"]
     assert sorted(int(r["id.orig_p"]) for r in rows) == ports
+
+
+def test_the_parent_keeps_early_shunts_on_for_its_workers_policies(lab: Lab, tmp_path: Path):
+    """With workers the parent owns the config: it reads the policy files' EARLY_SHUNT itself,
+    pushes the deadline forward every lease/3, follows a SIGHUP and turns them off at stop."""
+    from shuntd.datapath import libbpf
+
+    pair = quiet_veth(lab)
+    tls = (ROOT / "policies" / "tls.py").read_text()
+    pol = policy_file(tmp_path, tls, "tls_copy.py")
+    d = Daemon(lab, pair, tmp_path / "logs", "--policy", str(pol), "--workers", "2",
+               "--lease", "3")
+    fd = libbpf.obj_get(str(PIN_ROOT / pair.host / "config"))
+    lab.on_close(lambda: os.close(fd))
+    port, trigger, _lease, until = early_config(fd)
+    assert (port, trigger) == (443, 1)
+    assert wait_for(lambda: early_config(fd)[3] > until, 5)
+    pol.write_text(tls.replace('EARLY_SHUNT = "ssl"', "#"))
+    d.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: early_config(fd)[0] == 0, 5), d.stderr()
+    assert d.stop() == 0, d.stderr()
+    assert early_config(fd) == (0, 0, 0, 0)

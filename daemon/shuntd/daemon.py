@@ -82,6 +82,10 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flows-max", type=int, default=None, metavar="N",
                    help="entries of the flow shunt map; a full map refuses new shunts "
                    "(131072)")
+    g.add_argument("--early-port", type=_port, default=443, metavar="PORT",
+                   help="TCP port on which XDP follows TLS handshakes and shunts each session "
+                   "itself on the packet that completes it, when a loaded policy declares "
+                   "EARLY_SHUNT (tls does); 0 turns early shunts off (443)")
     g.add_argument("--metrics-addr", type=_metrics_addr, default="127.0.0.1:9450",
                    metavar="HOST:PORT", help="serve Prometheus metrics here; `none` turns "
                    "them off (127.0.0.1:9450)")
@@ -94,6 +98,16 @@ def _workers(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 1 <= n <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"must be 1..{MAX_WORKERS}: {text!r}")
+    return n
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535: {text!r}")
     return n
 
 
@@ -158,13 +172,18 @@ class _PolicySet:
         self.specs = specs
         self.options = options
         self.registered: list[tuple[str, Any]] = []
+        self.early: str | None = None  # their EARLY_SHUNT trigger (policyfile.early_trigger)
+        self.on_early: Callable[[str | None], None] | None = None  # told it at each load
 
     def load(self) -> None:
         """Raises PolicyLoadError; the current set stays as it was then."""
         from shuntd.events import EVENTS, HOOKS
-        from shuntd.policyfile import load_all
+        from shuntd.policyfile import early_trigger, load_all
 
         policies = load_all(self.specs, EVENTS + HOOKS, self.options)
+        self.early = early_trigger(policies)
+        if self.on_early is not None:
+            self.on_early(self.early)
         for ev, fn in self.registered:
             self.dispatcher.remove_handler(ev, fn)
         self.registered = []
@@ -298,6 +317,12 @@ class Engine:
         self.shunts = ShuntManager(dp.table, self.tracker, dispatcher, out.shunt,
                                    args.shunted_inactivity_timeout)
         self.shunts.on_insert = out.inserted
+        shunts = self.shunts
+
+        def on_early(trigger: str | None) -> None:
+            shunts.early_trigger = trigger
+
+        self.policies.on_early = on_early
         dispatcher.actions = self.shunts  # the policies' actions, while handlers run
         self.ignore = settings.ignore_checksums
         self.defrag = Defragmenter(ignore_checksums=self.ignore)
@@ -629,6 +654,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
     """--workers 1: capture, engine, ring events and timers in one loop."""
     from shuntd.capture.dropwatch import DropWatch
     from shuntd.capture.ring import CaptureError, CaptureRing
+    from shuntd.early import EarlySwitch
     from shuntd.metrics import MetricsServer, serve_metrics
 
     ring = CaptureRing(args.iface, ring_config)
@@ -636,9 +662,11 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
     server: MetricsServer | None = None
     engine: Engine | None = None
     guard: _LinkGuard | None = None
+    early = EarlySwitch(dp.prog, args.early_port, args.lease)
     try:
         engine = Engine(args, settings, dp, out)
         engine.policies.load()
+        early.declare(engine.policies.early)
         engine.pace_gc()
         tracker = engine.tracker
         live.rings["0"] = ring
@@ -672,6 +700,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                 # the next pass reads the events first thing).
                 engine.apply(ring_events())
             engine.tick(n)
+            early.tick()
             out.tick()
             drops.poll()
             failed = guard.check()
@@ -682,16 +711,22 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             if flags.reload:
                 flags.reload = False
                 engine.reload()
+                early.declare(engine.policies.early)
                 out.reopen()
 
         _sd_notify("STOPPING=1")
         log.info("stopping: logging %d open connections; %d frames analysed, %d taken as "
                  "late packets of shunted sessions", len(tracker.conns),
                  ring.stats().delivered, ring.claimed)
+        early.off()  # XDP makes no more: each one it made is adopted or logged below
         engine.apply(ring_events())
         engine.finish()
+        n = engine.shunts.reap_all_early()
+        if n:
+            log.info("%d early shunts nobody adopted logged as orphaned", n)
         return 0 if failed is None else EXIT_FAILED
     finally:
+        _early_off(early)
         if server is not None:
             server.close()
         if guard is not None:
@@ -701,9 +736,22 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             engine.close()
 
 
+def _early_off(early: Any) -> None:
+    """However the loop ended: no early shunts without a daemon (the dead-man switch would
+    end them within a lease anyway)."""
+    from shuntd.datapath.errors import DatapathError
+
+    if early.trigger is not None:
+        try:
+            early.off()
+        except (DatapathError, OSError) as exc:
+            log.warning("could not turn early shunts off: %s (they stop within one lease)",
+                        exc)
+
+
 def _event_kind(ev: Any) -> str:
     """The metrics' name of a ring event's type."""
     rst = getattr(ev, "rst", None)
     if rst is None:
-        return "lease_expired"
+        return "lease_expired" if hasattr(ev, "is_pair") else "early"
     return "rst" if rst else "fin"

@@ -50,9 +50,11 @@ DEFAULT_METRICS_ADDR = "127.0.0.1:9450"
 BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 TABLES = ("flows", "ip_pairs")
-INSERT_RESULTS = ("ok", "exists", "full", "error")
-REMOVAL_REASONS = ("fin", "rst", "timeout", "lease", "manual", "shutdown", "orphaned")
-RING_EVENT_TYPES = ("fin", "rst", "lease_expired", "unknown")
+# adopted, adopted_late: an early shunt XDP made, taken over (shunting.ShuntManager.on_insert)
+INSERT_RESULTS = ("ok", "exists", "full", "error", "adopted", "adopted_late")
+REMOVAL_REASONS = ("fin", "rst", "timeout", "lease", "manual", "shutdown", "orphaned",
+                   "unconfirmed")
+RING_EVENT_TYPES = ("fin", "rst", "lease_expired", "early", "unknown")
 
 
 class MetricsAddrError(ValueError):
@@ -230,6 +232,10 @@ STAT_METRICS: Mapping[str, StatMetric] = {
     "pair_filter_false": StatMetric("xdp_pair_filter_false_positives"),
     "events": StatMetric("ring_events_submitted"),
     "ringbuf_reserve_fail": StatMetric("ring_events_lost"),
+    "early_armed": StatMetric("xdp_early_handshakes", (("outcome", "armed"),)),
+    "early_fired": StatMetric("xdp_early_handshakes", (("outcome", "shunted"),)),
+    "early_gave_up": StatMetric("xdp_early_handshakes", (("outcome", "gave_up"),)),
+    "early_full": StatMetric("xdp_early_handshakes", (("outcome", "full"),)),
 }
 
 STAT_HELP: Mapping[str, str] = {
@@ -247,6 +253,9 @@ STAT_HELP: Mapping[str, str] = {
     "xdp_pair_filter_false_positives": "IP-pair prefilter said maybe, ip_pairs said no.",
     "ring_events_submitted": "FIN/RST/lease events XDP put in the ring buffer.",
     "ring_events_lost": "Events XDP could not put in the ring buffer (ring full).",
+    "xdp_early_handshakes": "TLS handshakes XDP followed for early shunts: armed (ClientHello "
+                            "seen), shunted, gave_up (left to the daemon), full (map or ring "
+                            "full at the end).",
     "xdp_stat": "A BPF stats counter this shuntd version has no metric name for.",
 }
 
@@ -485,7 +494,7 @@ class EventCounts:
     def __init__(self) -> None:
         now = time.time()
         self.inserts: dict[tuple[str, str], int] = {}  # (trigger, result): a trigger's all
-        self.inserts_created: dict[tuple[str, str], float] = {}  # four from its first insert
+        self.inserts_created: dict[tuple[str, str], float] = {}  # all results: first insert
         self.removals = dict.fromkeys(((t, r) for t in TABLES for r in REMOVAL_REASONS), 0)
         self.removals_created = dict.fromkeys(self.removals, now)
         self.ring = dict.fromkeys(RING_EVENT_TYPES, 0)
@@ -553,7 +562,7 @@ class Metrics:
         if value not in INSERT_RESULTS:
             raise ValueError(f"shunt insert result {value!r} not one of {INSERT_RESULTS}")
         trigger = trigger or "unknown"
-        if (trigger, value) not in counts:  # a new trigger: its four series from now on
+        if (trigger, value) not in counts:  # a new trigger: all its series from now on
             now = time.time()
             for r in INSERT_RESULTS:
                 counts[(trigger, r)] = 0

@@ -2,7 +2,12 @@
 
 The core never imports a policy by name; it loads files the operator points at (`--policy PATH`,
 repeatable) and hands their event functions to the dispatcher. A file that cannot be loaded is a
-one-line `PolicyLoadError`, never a traceback. Files writable by anyone but their owner, or owned
+one-line `PolicyLoadError`, never a traceback.
+
+A policy may declare `EARLY_SHUNT = "TRIGGER"` (module level): it shunts every connection at
+`ssl_established` with that trigger, unconditionally. The daemon then lets XDP follow TLS
+handshakes and shunt at the same packet itself (early shunts, `--early-port`) and adopts those
+entries as the policy's own shunts. Files writable by anyone but their owner, or owned
 by someone other than root when running as root, are refused: whoever can write a policy decides
 what the sensor stops seeing.
 """
@@ -37,6 +42,36 @@ class Policy:
     path: Path
     module: types.ModuleType
     handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    early_shunt: str | None = None  # the EARLY_SHUNT declaration: its trigger
+
+
+EARLY_SHUNT_EVENT = "ssl_established"
+
+
+def _early_shunt(path: Path, module: types.ModuleType,
+                 handlers: dict[str, Callable[..., Any]]) -> str | None:
+    """The file's EARLY_SHUNT declaration, checked (None: none)."""
+    value = getattr(module, "EARLY_SHUNT", None)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise PolicyLoadError(f"policy {path}: EARLY_SHUNT must be a trigger name (a non-empty "
+                              f"string without surrounding spaces), not {value!r}")
+    if EARLY_SHUNT_EVENT not in handlers:
+        raise PolicyLoadError(f"policy {path}: EARLY_SHUNT = {value!r} declares a shunt at "
+                              f"{EARLY_SHUNT_EVENT}, but the file has no {EARLY_SHUNT_EVENT}()")
+    return value
+
+
+def early_trigger(policies: Iterable[Policy]) -> str | None:
+    """The one trigger the loaded policies declare with EARLY_SHUNT (None: none does);
+    two different ones are an error (XDP shunts early with one trigger)."""
+    declared = {p.early_shunt: p for p in policies if p.early_shunt is not None}
+    if len(declared) > 1:
+        names = ", ".join(f"{p.path} ({t!r})" for t, p in sorted(declared.items()))
+        raise PolicyLoadError(f"policies declare different EARLY_SHUNT triggers: {names}; "
+                              "only one is possible")
+    return next(iter(declared), None)
 
 
 def resolve(spec: str) -> Path:
@@ -104,7 +139,8 @@ def load(spec: str, events: Iterable[str], options: dict[str, Any] | None = None
     handlers = {
         ev: fn for ev in wanted if callable(fn := getattr(module, ev, None))
     }
-    return Policy(name=name, path=path, module=module, handlers=handlers)
+    return Policy(name=name, path=path, module=module, handlers=handlers,
+                  early_shunt=_early_shunt(path, module, handlers))
 
 
 def load_all(
@@ -117,4 +153,6 @@ def load_all(
     event_names = list(events)
     specs = list(specs) or list(DEFAULT_POLICIES)
     options = options or {}
-    return [load(s, event_names, options.get(resolve(s).stem)) for s in specs]
+    policies = [load(s, event_names, options.get(resolve(s).stem)) for s in specs]
+    early_trigger(policies)  # two different EARLY_SHUNT triggers: refused here
+    return policies

@@ -31,8 +31,15 @@ from shuntd.conn.record import addr_text
 from shuntd.conn.settings import TUNNEL_UDP_PORTS
 from shuntd.conn.tcp import HIST_ACK_PKT, HIST_DATA_PKT, TCPAnalyzer, TCPEndpoint
 from shuntd.conn.tcpstate import INACTIVE, RESET
-from shuntd.datapath.program import CFG_IGNORE_VLANS, HEADER, key_endpoints, map_time_to_wall
-from shuntd.datapath.ring import LeaseExpiredEvent, TcpCloseEvent
+from shuntd.datapath.program import (
+    CFG_IGNORE_VLANS,
+    F_EARLY,
+    HEADER,
+    key_endpoints,
+    map_time_to_wall,
+    monotonic_ns,
+)
+from shuntd.datapath.ring import EarlyEvent, LeaseExpiredEvent, TcpCloseEvent
 from shuntd.datapath.table import ShuntCounters, ShuntResult, ShuntTable
 from shuntd.events import REMOVAL_HOOKS_KEY, TIMING_OUT_HOOKS_KEY
 from shuntd.packet import Packet
@@ -70,6 +77,15 @@ _TALLY_BYTES = _ONE_PKT - 1
 _LATE_LETTERS = ((0, HIST_DATA_PKT, "D"), (0, HIST_ACK_PKT, "A"),
                  (1, HIST_DATA_PKT, "D"), (1, HIST_ACK_PKT, "A"))
 
+
+# Seconds of network time after an EARLY ring event (an early shunt XDP made) by which the
+# connection's own shunt() should have adopted the entry; then it is adopted anyway, or ended
+# (ShuntManager._early_due). Like FIN/RST events it is a timer at the event's time: it runs once
+# the capture has caught up that far, so the handshake packets still in the ring count first.
+EARLY_ADOPT_MARGIN = 2.0
+# Seconds after a LEASE_EXPIRED event of an early entry that is not ours before it is taken as
+# orphaned: the worker that adopted it (--workers) ends it itself at the event's time.
+EARLY_REAP_MARGIN = 2.0
 
 # Services of connections that carry other traffic: XDP sees only outer headers, so shunting
 # one would drop everything inside it, unseen.
@@ -362,8 +378,15 @@ class ShuntManager:
         self._full_episode = False
         self._tunnel_warned = False
         self.shutting_down = False
-        # Told of every insert attempt as (trigger, result): the daemon's metrics.
+        # Told of every insert attempt as (trigger, result): the daemon's metrics. Besides
+        # the policy's results (`ok`, `exists`, `full`, `error`): `adopted` (the insert found
+        # an early shunt XDP made for this connection with this trigger and took it over; the
+        # policy is told `ok`) and `adopted_late` (taken over at an EARLY event's margin,
+        # without a shunt() by then).
         self.on_insert: Callable[[str, str], None] | None = None
+        # The trigger a loaded policy declares with EARLY_SHUNT (policyfile.early_trigger):
+        # the name an early shunt adopted without the policy's shunt() gets. None: none does.
+        self.early_trigger: str | None = None
         # The tracker's connection key has no VLAN (Zeek's default conn key): match XDP's
         # flow and pair keys the same way, so tagged traffic is shunted like untagged.
         prog = getattr(table, "prog", None)
@@ -375,7 +398,7 @@ class ShuntManager:
         result = self._shunt(conn, trigger)
         if self.on_insert is not None:
             self.on_insert(trigger, result)
-        return result
+        return "ok" if result == "adopted" else result
 
     def _shunt(self, conn: Any, trigger: str) -> str:
         if conn.removed:
@@ -430,7 +453,14 @@ class ShuntManager:
             log.warning("cannot shunt %s: %s", conn.uid, self.table.last_error)
             return result.value
         if result is ShuntResult.EXISTS:
-            return result.value  # somebody else's entry (adopted): leave it alone
+            # An early shunt XDP made for this connection with this trigger: ours from now
+            # on. Any other entry is somebody else's (an earlier run's, another connection's
+            # of ours on the same ports): leave it alone.
+            if key in self.flows or not self._is_early(key, code):
+                return result.value
+            adopted = True
+        else:
+            adopted = False
         if self._full_episode:
             self._full_episode = False
             log.info("shunt map has room again (%d refusals in the full episode)",
@@ -472,7 +502,12 @@ class ShuntManager:
                     late[keys[0]], late[keys[1]] = sides
                 _arm(conn, sides, tcp_start)  # type: ignore[arg-type]
         self.flows[key] = conn
-        return "ok"
+        return "adopted" if adopted else "ok"
+
+    def _is_early(self, key: bytes, code: int) -> bool:
+        """The entry under `key` is an early shunt XDP made with trigger `code`."""
+        f = self.table.lookup_flags(key)
+        return f is not None and bool(f[1] & F_EARLY) and f[2] == code
 
     def shunt_ip_pair(self, addr1: str, addr2: str, trigger: str,
                       duration: float | None) -> str:
@@ -788,8 +823,13 @@ class ShuntManager:
         event's time, so packets XDP passed before it (still in the capture ring when the
         event arrives) are analysed first."""
         self.received += 1
-        if type(event) is TcpCloseEvent:
+        kind = type(event)
+        if kind is TcpCloseEvent:
             event.received = self.received
+        elif kind is EarlyEvent:
+            self.tracker.timers.schedule(event.ts + EARLY_ADOPT_MARGIN, self._early_due,
+                                         at_termination=True, arg=event)
+            return
         self.tracker.timers.schedule(event.ts, self._apply_now, at_termination=True,
                                      arg=event)
 
@@ -805,6 +845,76 @@ class ShuntManager:
         conn = self.flows.get(event.key_bytes)
         if conn is not None:
             self._end_flow(conn, "lease")
+        elif not self.shutting_down:
+            # Not ours: an early shunt nobody adopted within its lease? (With --workers the
+            # one that adopted it ends it itself, now: look after a margin.)
+            self.tracker.timers.schedule(event.ts + EARLY_REAP_MARGIN, self._reap_due,
+                                         arg=event.key_bytes)
+
+    def _reap_due(self, key: bytes, _now: float) -> None:
+        self.reap_early(key)
+
+    def _early_due(self, ev: EarlyEvent, _now: float) -> None:
+        """EARLY_ADOPT_MARGIN after XDP made an early shunt, the connection's own shunt() has
+        not adopted it (the handshake's last packet lost to a capture drop, or the analyser
+        disagreeing): adopt it anyway if the connection is ours and TLS (its ClientHello
+        confirmed `ssl` at the stream's start), so its counters reach conn.log; end it if the
+        connection is not TLS to the analyser (fail open: XDP's handshake parser alone never
+        keeps a connection hidden). Another worker's or an unknown connection: left to
+        reap_early when its lease runs out."""
+        key = ev.key_bytes
+        if key in self.flows:
+            return  # adopted (the usual case)
+        conn = self._tracker_conn(key)
+        if conn is None or conn.removed or not isinstance(conn.analyzer, TCPAnalyzer):
+            return
+        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
+        if st is not None and st.key is not None:
+            return
+        f = self.table.lookup_flags(key)
+        if f is None or not f[1] & F_EARLY:
+            return  # gone (its lease ran out, or a FIN/RST ended it), or not XDP's
+        early = self.early_trigger
+        trigger = early if early and trigger_code(early) == f[2] else trigger_name(f[2])
+        result = self._shunt(conn, trigger)
+        if result != "adopted" and result != "ok":  # ("ok": the entry went meanwhile)
+            self.reap_early(key, "unconfirmed", lapsed_only=False)  # refused, e.g. a tunnel
+            return
+        service = conn.service
+        if not service or "ssl" not in service:
+            self._end_flow(conn, "unconfirmed")
+        elif self.on_insert is not None:
+            self.on_insert(trigger, "adopted_late" if result == "adopted" else result)
+
+    def _tracker_conn(self, key: bytes) -> Any:
+        """The tracker's TCP connection of a flow key's bytes (None: not tracked)."""
+        a1, p1, a2, p2 = self.table.flow_key_fields(key)
+        if a1 < a2 or (a1 == a2 and p1 <= p2):
+            tkey = (6, a1, p1, a2, p2)
+        else:
+            tkey = (6, a2, p2, a1, p1)
+        return self.tracker.conns.get(tkey)
+
+    def reap_early(self, key: bytes, reason: str = "orphaned", lapsed_only: bool = True) -> bool:
+        """Take an early shunt XDP made that is not ours, and log it like an orphan (nobody
+        adopted it, so nothing XDP counted is lost and the map does not keep it).
+        `lapsed_only`: only once its lease ran out (no worker renews it). True if taken."""
+        if key in self.flows:
+            return False
+        f = self.table.lookup_flags(key)
+        if f is None or not f[1] & F_EARLY or (lapsed_only and f[0] > monotonic_ns()):
+            return False
+        c = self.table.unshunt_key(key)
+        if c is None:
+            return False
+        self._orphan_row(self.table.prog.FlowKey.from_buffer_copy(key), c, reason)
+        return True
+
+    def reap_all_early(self) -> int:
+        """Shutdown, after every connection was logged: take the early shunts still in the
+        map that nobody adopted (the process that owns the config, once XDP makes no more)."""
+        keys = [bytes(k) for k, c in self.table.entries() if c.flags & F_EARLY]
+        return sum(self.reap_early(k, lapsed_only=False) for k in keys)
 
     def _apply_close(self, ev: TcpCloseEvent) -> None:
         """Feed the FIN/RST XDP dropped to the TCP analyser, as if it had been seen (not
@@ -914,12 +1024,7 @@ class ShuntManager:
             c = self.table.unshunt_key(key)
             if c is None:
                 continue
-            a1, p1, a2, p2 = key_endpoints(key)
-            start = c.last_seen if c.last_seen is not None else now
-            self.write_shunt_row((start, None, str(a1), p1, str(a2), p2,
-                                  _PROTO_NAMES.get(int(key.proto), "unknown_transport"),
-                                  "flow", trigger_name(c.trigger), None, c.last_seen or now,
-                                  "orphaned", c.pkts1, c.bytes1, c.pkts2, c.bytes2))
+            self._orphan_row(key, c, "orphaned", now)
             n += 1
         for key, _c in list(self.table.pair_entries()):
             a1, _p1, a2, _p2 = key_endpoints(key)
@@ -931,6 +1036,18 @@ class ShuntManager:
                                   "orphaned", c.pkts1, c.bytes1, c.pkts2, c.bytes2))
             n += 1
         return n
+
+    def _orphan_row(self, key: Any, c: ShuntCounters, reason: str,
+                    now: float | None = None) -> None:
+        """shunt.log row of a flow entry no connection of ours owns (side 1 as orig)."""
+        if now is None:
+            now = time.time()
+        a1, p1, a2, p2 = key_endpoints(key)
+        start = c.last_seen if c.last_seen is not None else now
+        self.write_shunt_row((start, None, str(a1), p1, str(a2), p2,
+                              _PROTO_NAMES.get(int(key.proto), "unknown_transport"),
+                              "flow", trigger_name(c.trigger), None, c.last_seen or now,
+                              reason, c.pkts1, c.bytes1, c.pkts2, c.bytes2))
 
     def shutdown_pairs(self) -> None:
         for p in list(self.pairs.values()):

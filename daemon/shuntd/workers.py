@@ -59,6 +59,7 @@ from shuntd.daemon import (
     Engine,
     LiveSources,
     LogOut,
+    _early_off,
     _event_kind,
     _Flags,
     _LinkGuard,
@@ -372,12 +373,16 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                   count: int) -> tuple[int, bool]:
     """Run `count` workers until stopped. Returns (exit status, keep the pins)."""
     from shuntd.capture.fanout import open_fanout_rings
+    from shuntd.early import EarlySwitch
     from shuntd.metrics import MetricsServer, serve_metrics
 
     rings = open_fanout_rings(args.iface, count, config=ring_config)
     workers: list[_Worker] = []
     server: MetricsServer | None = None
     guard: _LinkGuard | None = None
+    # The parent owns the config (it calibrates the clock): it keeps early shunts on while the
+    # policies declare them, reading the same files as the workers.
+    early = EarlySwitch(dp.prog, args.early_port, args.lease)
     try:
         workers = _spawn(args, settings, dp, rings)  # before any thread exists (fork)
         for w in workers:
@@ -396,8 +401,10 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
         if server is not None:
             log.info("metrics on %s", server.url)
         drops = DropWatch({str(w.index): w.ring for w in workers}, args.iface)
-        return _supervise(dp, out, metrics, flags, workers, guard, drops)
+        early.declare(_early_declared(args))
+        return _supervise(dp, out, metrics, flags, workers, guard, drops, early, args)
     finally:
+        _early_off(early)
         for w in workers:
             if w.alive:
                 w.reap()
@@ -413,8 +420,22 @@ def serve_workers(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
             ring.close()
 
 
+def _early_declared(args: argparse.Namespace) -> str | None:
+    """The policy files' EARLY_SHUNT trigger, as the workers load them (raises
+    PolicyLoadError)."""
+    from shuntd.events import EVENTS, HOOKS
+    from shuntd.policyfile import early_trigger, load_all
+
+    return early_trigger(load_all(list(args.policy), EVENTS + HOOKS,
+                                  getattr(args, "policy_options", None)))
+
+
 def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[_Worker],
-               guard: _LinkGuard, drops: DropWatch) -> tuple[int, bool]:
+               guard: _LinkGuard, drops: DropWatch, early: Any,
+               args: argparse.Namespace) -> tuple[int, bool]:
+    from shuntd.policyfile import PolicyLoadError
+    from shuntd.shunting import ShuntManager
+
     buf = bytearray(RECV_BUFFER)
     failed: str | None = None
     worker_died = False
@@ -424,6 +445,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
     while True:
         if stop_deadline is None and (flags.stop or failed is not None):
             _sd_notify("STOPPING=1")
+            early.off()  # XDP makes no more: each one it made is adopted or logged at the end
             _broadcast_events(dp, metrics, workers)  # what XDP reported before the stop
             for w in workers:
                 w.post(("stop",))
@@ -478,11 +500,18 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
         if now >= next_cal:
             dp.prog.calibrate_clock()
             next_cal = now + CALIBRATE_EVERY
+        if stop_deadline is None:
+            early.tick()
         if flags.reload:
             flags.reload = False
             log.info("reloading the policies of %d workers", len(workers))
             for w in workers:
                 w.post(("reload",))
+            if stop_deadline is None:
+                try:
+                    early.declare(_early_declared(args))
+                except PolicyLoadError as exc:
+                    log.error("reload failed, early shunts stay as they were: %s", exc)
             out.reopen()  # the parent writes the logs: logrotate's moved files go
         if stop_deadline is not None:
             if all(w.done or not w.alive for w in workers):
@@ -494,6 +523,11 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
                 late = [w.index for w in workers if w.alive]
                 log.error("workers %s did not finish within %.0f s: killed", late, STOP_TIMEOUT)
                 return EXIT_FAILED, True
+    # Every worker logged its connections (their adopted early shunts with them): the early
+    # shunts still in the map were nobody's.
+    n = ShuntManager(dp.table, None, None, out.shunt).reap_all_early()
+    if n:
+        log.info("%d early shunts nobody adopted logged as orphaned", n)
     dropped = sum(w.dropped for w in workers)
     if dropped:
         log.warning("%d messages to workers were dropped (backlog full)", dropped)

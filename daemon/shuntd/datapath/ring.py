@@ -2,8 +2,9 @@
 
 The program reports every FIN and RST of a shunted TCP flow (and the first packet after a
 lease lapsed) while still dropping the packet, so the connection learns its real end without the
-analyser ever seeing a sequence gap. Events are copied out of the ring inside the callback: the
-kernel may reuse the slot as soon as the callback returns.
+analyser ever seeing a sequence gap; and each flow entry it made itself (an early shunt).
+Events are copied out of the ring inside the callback: the kernel may reuse the slot as soon as
+the callback returns.
 
 Every capture batch polls, and almost every poll finds nothing: the ring's consumer and
 producer positions (its first two pages, mapped read-only) tell that without a syscall. Events
@@ -82,7 +83,22 @@ class LeaseExpiredEvent:
     event_seq: int
 
 
-ShuntEventRecord = TcpCloseEvent | LeaseExpiredEvent
+@dataclass(slots=True)
+class EarlyEvent:
+    """XDP made a flow entry itself (early shunt, shuntd.h): the packet on which the TLS
+    handshake completed was passed (the analyser sees it), every later one is dropped."""
+
+    key: Any  # FlowKey of the new entry
+    key_bytes: bytes
+    side: int  # sender's side of the packet that completed the handshake
+    seq: int
+    ack: int
+    ts_ns: int
+    ts: float
+    ifindex: int
+
+
+ShuntEventRecord = TcpCloseEvent | LeaseExpiredEvent | EarlyEvent
 
 
 class RingPoller:
@@ -138,6 +154,8 @@ class RingPoller:
         if etype == EventType.LEASE_EXPIRED:
             return LeaseExpiredEvent(key, key_bytes, entry != ENTRY_FLOW, side, ts_ns, ts,
                                      ifindex, event_seq)
+        if etype == EventType.EARLY:
+            return EarlyEvent(key, key_bytes, side, seq, ack, ts_ns, ts, ifindex)
         return None
 
     def ready(self) -> bool:

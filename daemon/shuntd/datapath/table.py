@@ -102,6 +102,8 @@ _VALUE_WRITE = ("lease_expiry_ns", "trigger", "tcp.0.next", "tcp.0.ack", "tcp.1.
 # Only its TCP positions (ShuntTable.lookup_tcp).
 _VALUE_TCP = ("tcp.0.next", "tcp.0.ack", "tcp.0.next_wraps", "tcp.0.ack_wraps", "tcp.1.next",
               "tcp.1.ack", "tcp.1.next_wraps", "tcp.1.ack_wraps")
+# Who made it and until when (ShuntTable.lookup_flags: adopting an early shunt).
+_VALUE_FLAGS = ("lease_expiry_ns", "flags", "trigger")
 
 
 class _Map:
@@ -109,8 +111,8 @@ class _Map:
     with the layouts that read and write it (one ctypes call per map operation)."""
 
     __slots__ = ("table", "fd", "key_type", "value_type", "capacity", "count", "lease",
-                 "_vbuf", "_vaddr", "_read", "_read_tcp", "_write", "_lookup", "_take",
-                 "_update")
+                 "_vbuf", "_vaddr", "_read", "_read_tcp", "_read_flags", "_write", "_lookup",
+                 "_take", "_update")
 
     def __init__(self, table: Any):
         self.table = table
@@ -127,6 +129,7 @@ class _Map:
         self._vaddr = ctypes.addressof(self._vbuf)
         self._read = layout_struct(self.value_type, _VALUE_READ).unpack_from
         self._read_tcp = layout_struct(self.value_type, _VALUE_TCP).unpack_from
+        self._read_flags = layout_struct(self.value_type, _VALUE_FLAGS).unpack_from
         self._write = layout_struct(self.value_type, _VALUE_WRITE).pack
         lib = libbpf.lib()
         self._lookup = lib.bpf_map_lookup_elem
@@ -161,6 +164,12 @@ class _Map:
         if not self._fetch(key, False):
             return None
         return self._read_tcp(self._vbuf)
+
+    def read_flags(self, key: bytes) -> tuple[int, int, int] | None:
+        """The entry's (lease_expiry_ns, flags, trigger); None when absent."""
+        if not self._fetch(key, False):
+            return None
+        return self._read_flags(self._vbuf)
 
     def _fetch(self, key: bytes, delete: bool) -> bool:
         """The entry's value into the buffer (atomically deleted with `delete`); False when
@@ -280,6 +289,11 @@ class ShuntTable:
         tcp_ack1, their wraps, tcp_next2, tcp_ack2, their wraps); None when absent. (The FIN
         and RST path: no ShuntCounters made.)"""
         return self._flows.read_tcp(key)
+
+    def lookup_flags(self, key: bytes) -> tuple[int, int, int] | None:
+        """A flow entry's (lease_expiry_ns, flags, trigger) only; None when absent. (Whether
+        an entry is an early shunt XDP made, and with which trigger: no ShuntCounters made.)"""
+        return self._flows.read_flags(key)
 
     def lookup_flow(self, src: Address, sport: int, dst: Address, dport: int, proto: int,
                     vlan: int = 0, inner_vlan: int = 0) -> ShuntCounters | None:
