@@ -4,11 +4,13 @@
  * the daemon shunted, counting them per entry and per side; passes everything else. It
  * takes no policy decision: it parses, looks up, counts, reports FIN/RST and lapsed
  * leases on the ring buffer `events`, and fails open (anything it cannot parse, any
- * entry whose lease ran out, the PASS_ALL switch -> XDP_PASS). Layouts and the rules for
- * keys, sides, clock and bytes are in shuntd.h.
+ * entry whose lease ran out, the PASS_ALL switch -> XDP_PASS). The one decision it makes
+ * itself is the early shunt of a TLS session the daemon asked for (shuntd.h, "Early
+ * shunts"). Layouts and the rules for keys, sides, clock and bytes are in shuntd.h.
  *
- * Only the linear part of the frame is read, so the program is safe to load with
- * BPF_F_XDP_HAS_FRAGS (multi-buffer / jumbo frames).
+ * Headers are read from the linear part of the frame only; TLS record headers (early
+ * shunts) with bpf_xdp_load_bytes(), which also reaches the fragments. So the program is
+ * safe to load with BPF_F_XDP_HAS_FRAGS (multi-buffer / jumbo frames).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
