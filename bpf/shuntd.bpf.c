@@ -4,11 +4,13 @@
  * the daemon shunted, counting them per entry and per side; passes everything else. It
  * takes no policy decision: it parses, looks up, counts, reports FIN/RST and lapsed
  * leases on the ring buffer `events`, and fails open (anything it cannot parse, any
- * entry whose lease ran out, the PASS_ALL switch -> XDP_PASS). Layouts and the rules for
- * keys, sides, clock and bytes are in shuntd.h.
+ * entry whose lease ran out, the PASS_ALL switch -> XDP_PASS). The one decision it makes
+ * itself is the early shunt of a TLS session the daemon asked for (shuntd.h, "Early
+ * shunts"). Layouts and the rules for keys, sides, clock and bytes are in shuntd.h.
  *
- * Only the linear part of the frame is read, so the program is safe to load with
- * BPF_F_XDP_HAS_FRAGS (multi-buffer / jumbo frames).
+ * Headers are read from the linear part of the frame only; TLS record headers (early
+ * shunts) with bpf_xdp_load_bytes(), which also reaches the fragments. So the program is
+ * safe to load with BPF_F_XDP_HAS_FRAGS (multi-buffer / jumbo frames).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -42,6 +44,13 @@ BPF_ARRAY(clock_probe, struct clock_sample, 1);
 /* Early shunts (shuntd.h): TLS handshakes being followed. Not pinned: after a restart a
  * handshake in progress simply takes the daemon's path. */
 BPF_TABLE("lru_hash", struct flow_key, struct tls_watch, tls_watch, SHUNTD_WATCH_MAX);
+/* Where early shunts build a new watch or flow entry before the insert: on the stack they
+ * would bring the program near the verifier's 512 bytes. Per CPU, private to the program. */
+struct early_scratch {
+    struct flow_value value;
+    struct tls_watch watch;
+};
+BPF_PERCPU_ARRAY(early_scratch, struct early_scratch, 1);
 BPF_RINGBUF_OUTPUT(events, SHUNTD_RING_PAGES);
 /* Never used by the program: it only makes bcc generate the ctypes type of the ring record
  * (event_layout.Leaf) from shuntd.h, so Python has no second copy of it. */
@@ -698,17 +707,24 @@ static __always_inline int early_fire(struct xdp_md *ctx, const struct shunt_con
         stat_add(STAT_EARLY_FULL, 1);
         return -1;
     }
-    struct flow_value v;
-    __builtin_memset(&v, 0, sizeof(v));
-    v.lease_expiry_ns = now + cfg->early_lease_ns;
-    v.flags = SHUNT_F_EARLY;
-    v.event_seq = 1;
-    v.trigger = cfg->early_trigger;
-    v.tcp[0].next = w->side[0].next;
-    v.tcp[0].ack = w->side[0].ack;
-    v.tcp[1].next = w->side[1].next;
-    v.tcp[1].ack = w->side[1].ack;
-    int err = flows.insert(fk, &v);
+    __u32 zero = 0;
+    struct early_scratch *scratch = early_scratch.lookup(&zero);
+    if (!scratch) {
+        events.ringbuf_discard(e, 0);
+        return -1;
+    }
+    struct flow_value *v = &scratch->value;
+    __builtin_memset(v, 0, sizeof(*v));
+    v->lease_expiry_ns = now + cfg->early_lease_ns;
+    v->flags = SHUNT_F_EARLY;
+    v->event_seq = 1;
+    v->trigger = cfg->early_trigger;
+    v->tcp[0].next = w->side[0].next;
+    v->tcp[0].ack = w->side[0].ack;
+    v->tcp[1].next = w->side[1].next;
+    v->tcp[1].ack = w->side[1].ack;
+    /* complete before the insert: a packet on another CPU may hit the entry at once */
+    int err = flows.insert(fk, v);
     if (err) {
         events.ringbuf_discard(e, 0);
         /* EEXIST: the daemon's own shunt landed first */
@@ -742,19 +758,23 @@ static __always_inline int early_fire(struct xdp_md *ctx, const struct shunt_con
 static __always_inline struct tls_watch *early_arm(const struct flow_key *fk, __u8 side,
                                                    const struct pkt_info *p, __u64 now)
 {
-    struct tls_watch nw;
-    __builtin_memset(&nw, 0, sizeof(nw));
-    struct watch_side *me = side == 1 ? &nw.side[0] : &nw.side[1];
-    struct watch_side *peer = side == 1 ? &nw.side[1] : &nw.side[0];
+    __u32 zero = 0;
+    struct early_scratch *scratch = early_scratch.lookup(&zero);
+    if (!scratch)
+        return 0;
+    struct tls_watch *nw = &scratch->watch;
+    __builtin_memset(nw, 0, sizeof(*nw));
+    struct watch_side *me = side == 1 ? &nw->side[0] : &nw->side[1];
+    struct watch_side *peer = side == 1 ? &nw->side[1] : &nw->side[0];
     me->next = p->seq;
     me->rec = p->seq;
     me->ack = p->ack;
     peer->next = p->ack;
     peer->rec = p->ack;
     peer->ack = p->seq;
-    nw.armed_ns = now;
-    nw.client = side;
-    if (tls_watch.update(fk, &nw))
+    nw->armed_ns = now;
+    nw->client = side;
+    if (tls_watch.update(fk, nw))
         return 0;
     stat_add(STAT_EARLY_ARMED, 1);
     return tls_watch.lookup(fk);

@@ -248,7 +248,8 @@ struct shunt_config {
 struct watch_side {
     __u32 next;       /* next expected sequence number (seq + payload of the last in-order
                        * packet), host order */
-    __u32 ack;        /* highest ack this side sent (forward only) */
+    __u32 ack;        /* highest ack this side sent (forward only), on the packets XDP looks
+                       * at: payload or FIN/RST (pure ACKs are not looked up, for cost) */
     __u32 rec;        /* sequence number where this side's next record header starts */
     __u8  pending;    /* content type of the record in progress, 0 none */
     __u8  encrypted;  /* 1 once this side sends ciphertext (Zeek's ENCRYPTED state) */

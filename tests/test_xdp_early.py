@@ -280,7 +280,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab_module() -> Iterator[Lab]:
-    prog = XdpProgram.compile(flows_max=FLOWS_MAX, pairs_max=64)
+    # one-page ring: the full-ring test fills it with 43 events
+    prog = XdpProgram.compile(flows_max=FLOWS_MAX, pairs_max=64, ring_pages=1)
     try:
         yield Lab(prog)
     finally:
@@ -472,7 +473,9 @@ def test_http_and_random_bytes_on_the_port_arm_nothing(lab: Lab) -> None:
             Seg(0, "PA", nxt[0], nxt[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Seg(0, "PA", nxt[0] + 27, nxt[1], os.urandom(300).replace(b"\x16", b"\x17")),
             # a TLS record header but a ServerHello, not a ClientHello, from the client
-            Seg(0, "PA", nxt[0] + 327, nxt[1], bytes.fromhex("160303002a02") + b"\0" * 41)]
+            Seg(0, "PA", nxt[0] + 327, nxt[1], bytes.fromhex("160303002a02") + b"\0" * 41),
+            # an SSLv2-framed ClientHello
+            Seg(0, "PA", nxt[0] + 374, nxt[1], bytes.fromhex("802e0100020015") + b"\0" * 41)]
     check_gives_up(lab, segs, armed=0, gave_up=0)
 
 
@@ -487,6 +490,45 @@ def test_zero_rtt_data_before_server_hello_gives_up(lab: Lab, sessions: dict) ->
     # in the ClientHello's segment: armed and left on the same packet
     fl[0] = (0, fl[0][1] + early_data)
     check_gives_up(lab, segments(fl, 1448))
+
+
+def server_hello(exts: list[tuple[int, bytes]] | None, legacy: int = 0x0303) -> bytes:
+    """A handshake record holding a hand-made ServerHello (32-byte session id)."""
+    body = legacy.to_bytes(2, "big") + bytes(32) + b"\x20" + bytes(32) + b"\x13\x01\x00"
+    if exts is not None:
+        e = b"".join(t.to_bytes(2, "big") + len(d).to_bytes(2, "big") + d for t, d in exts)
+        body += len(e).to_bytes(2, "big") + e
+    hs = b"\x02" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x03" + len(hs).to_bytes(2, "big") + hs
+
+
+PAD = (0xFFAA, b"\0" * 4)          # an unknown extension
+SV13 = (43, b"\x03\x04")           # supported_versions: TLS 1.3
+
+
+@pytest.mark.parametrize("sh,follows", [
+    (server_hello([PAD] * 15 + [SV13]), True),            # 16 extensions: walked
+    (server_hello(None), True),                           # no extensions: legacy 1.2
+    (server_hello([PAD], legacy=0x0300), True),           # SSL 3.0
+    (server_hello([PAD] * 16 + [SV13]), False),           # 17: more than XDP walks
+    (server_hello([(43, b"\x03\x05")]), False),           # unknown version
+    (server_hello([(43, b"\x7f\x1c")]), False),           # TLS 1.3 draft 28
+    (server_hello(None, legacy=0x0200), False),           # SSLv2 number
+    (server_hello([(43, b"\x03\x04\x00")]), False),       # supported_versions of 3 bytes
+    (server_hello([SV13])[:-3], False),                   # record longer than the packet
+    (bytes.fromhex("1503030002022816030300"), False),     # an alert first, not a ServerHello
+], ids=["16ext", "noext", "ssl3", "17ext", "v0305", "draft", "sslv2", "sv3bytes",
+        "truncated", "alert"])
+def test_server_hello_parse(lab: Lab, sessions: dict, sh: bytes, follows: bool) -> None:
+    fl = [sessions["tls1.3-compat full"][0], (1, sh)]
+    segs = segments(fl, 1448)
+    if follows:
+        before = lab.prog.stats()
+        assert lab.run_all(segs) == [XDP_PASS] * len(segs)
+        assert delta(lab, before).get(S.EARLY_ARMED) == 1 and len(lab.watch) == 1
+        assert S.EARLY_GAVE_UP not in delta(lab, before)
+    else:
+        check_gives_up(lab, segs)
 
 
 def test_early_port_zero_is_off(lab: Lab, sessions: dict) -> None:
@@ -547,6 +589,26 @@ def test_full_flows_map_fails_open(lab: Lab, sessions: dict) -> None:
     assert lab.drain() == [] and len(lab.watch) == 0
     with pytest.raises(KeyError):
         lab.prog.flows[lab.key()]
+
+
+def test_full_ring_fails_open(lab: Lab, sessions: dict) -> None:
+    other, _ = lab.prog.flow_key("172.16.0.1", 1000, "192.168.0.1", 80, 6)
+    lab.prog.flows[other] = lab.prog.new_value(lab.prog.map_now_ns() + 10**10)
+    fin = bytes(Ether(**MACS) / IP(src="172.16.0.1", dst="192.168.0.1")
+                / TCP(sport=1000, dport=80, flags="FA"))
+    before = lab.prog.stats()
+    for _ in range(4096 // 96 + 1):          # 88-byte records + 8-byte headers in one page
+        assert lab.run(fin) == XDP_DROP
+    assert delta(lab, before)[S.RINGBUF_RESERVE_FAIL] >= 1
+    segs = segments(sessions["tls1.3-compat full"], 1448)
+    before = lab.prog.stats()
+    assert lab.run_all(segs) == [XDP_PASS] * len(segs)
+    d = delta(lab, before)
+    assert (d[S.EARLY_ARMED], d[S.EARLY_FULL], d[S.RINGBUF_RESERVE_FAIL]) == (1, 1, 1)
+    assert S.EARLY_FIRED not in d and len(lab.watch) == 0
+    with pytest.raises(KeyError):
+        lab.prog.flows[lab.key()]
+    assert {e.type for e in lab.drain()} == {EventType.TCP_FIN}
 
 
 def test_daemon_shunt_first_takes_precedence(lab: Lab, sessions: dict) -> None:
