@@ -367,3 +367,31 @@ def test_switch_follows_the_declaration_and_pushes_its_deadline(prog):
         assert prog.read_config().early_port == 0 and not off.on
     finally:
         prog.set_early(0)
+
+
+def test_sweep_takes_a_silent_unadopted_early_entry_once_its_lease_ran_out(rig_factory):
+    """No packet after its lease, so no LEASE_EXPIRED event: the process that reads the ring
+    looks at each early shunt again a lease (and a margin) after its EARLY event, and takes it
+    only if nobody renewed it."""
+    from shuntd.early import EarlySwitch
+
+    rig = rig_factory([])
+    _head, tail, start = session()
+    key = early_entry(rig, "ssl", start, lease_s=30)
+    assert rig.prog.test_run(tail[0]).retval == 1
+    sw = EarlySwitch(rig.prog, 443, 30.0)
+    sw.note([early_event(rig, key, rig.ts)])
+    assert sw.sweep(rig.manager.reap_early) == 0               # not due yet
+    sw.made[0] = (0.0, key)                                    # due; its lease still runs
+    assert sw.sweep(rig.manager.reap_early) == 0 and not sw.made
+    assert rig.table.lookup_key(key) is not None               # (as if a worker renewed it)
+    fkey = rig.prog.FlowKey.from_buffer_copy(key)
+    value = rig.prog.flows[fkey]
+    value.lease_expiry_ns = 1                                  # nobody renewed it
+    rig.prog.flows[fkey] = value
+    sw.note([early_event(rig, key, rig.ts)])
+    sw.made[0] = (0.0, key)
+    assert sw.sweep(rig.manager.reap_early) == 1
+    assert rig.table.lookup_key(key) is None
+    (srow,) = rig.shunt_rows
+    assert srow[11] == "orphaned" and srow[12] == 1
