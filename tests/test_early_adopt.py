@@ -47,14 +47,17 @@ def seg(up: bool, flags: str, seq: int, ack: int, data: bytes = b"") -> bytes:
 
     src, sport, dst, dport = (A, CLIENT, B, SERVER) if up else (B, SERVER, A, CLIENT)
     return bytes(Ether() / IP(src=src, dst=dst)
-                 / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / data)
+                 / TCP(sport=sport, dport=dport, flags=flags, seq=seq & 0xFFFFFFFF,
+                       ack=ack & 0xFFFFFFFF) / data)
 
 
-def session(first: bytes = P3) -> tuple[list[bytes], list[bytes], tuple[int, int, int, int]]:
+def session(first: bytes = P3, c0: int = C0
+            ) -> tuple[list[bytes], list[bytes], tuple[int, int, int, int]]:
     """(frames up to and including the handshake's last packet, the frames after it, XDP's
-    tcp[] at that packet: client next, client ack, server next, server ack)."""
-    c, s = C0 + 1, S0 + 1
-    head = [seg(True, "S", C0, 0), seg(False, "SA", S0, c), seg(True, "A", c, s)]
+    tcp[] at that packet: client next, client ack, server next, server ack). Sequence numbers
+    are 64-bit here; the frames carry them mod 2^32 (seg)."""
+    c, s = c0 + 1, S0 + 1
+    head = [seg(True, "S", c0, 0), seg(False, "SA", S0, c), seg(True, "A", c, s)]
     head.append(seg(True, "PA", c, s, first))
     c += len(first)
     head.append(seg(False, "PA", s, c, P4))
@@ -185,7 +188,8 @@ def early_entry(rig: Rig, trigger: str, start: tuple[int, int, int, int],
     assert side == 1
     value = rig.prog.new_value(lease_deadline_ns(lease_s), trigger_code(trigger))
     value.flags = F_EARLY
-    value.tcp[0].next, value.tcp[0].ack, value.tcp[1].next, value.tcp[1].ack = start
+    value.tcp[0].next, value.tcp[0].ack, value.tcp[1].next, value.tcp[1].ack = (
+        x & 0xFFFFFFFF for x in start)
     rig.prog.flows[key] = value
     return bytes(key)
 
@@ -229,6 +233,28 @@ def test_tls_policy_adopts_the_early_entry_and_merges_its_counters(rig_factory):
     assert srow[1] == row["uid"] and srow[8] == "ssl" and srow[11] == "fin"
     assert (srow[12], srow[14]) == (3, 2)
     assert rig.table.lookup_key(key) is None
+
+
+def test_adopted_entry_counts_wraps_from_xdps_own_start(rig_factory):
+    """XDP takes acks from payload packets only: its starting ack may be behind the daemon's,
+    here on the other side of 2^32 (the client's handshake bytes cross it). The server's ack
+    moves past 2^32 again while shunted (the entry counts a wrap from XDP's start), and the
+    client's size still comes out as the bytes it sent, not 4 GiB more."""
+    c0 = 2**32 - 100                               # the client's data crosses 2^32 in P5
+    rig = rig_factory(["tls"])
+    head, tail, start = session(c0=c0)
+    assert start[3] > 2**32 > c0 + 1 + len(P3)
+    xdp_start = (start[0], start[1], start[2], c0 + 1 + len(P3))  # server ack: only P4's seen
+    key = early_entry(rig, "ssl", xdp_start)
+    rig.analyse(head)
+    assert rig.inserts == [("ssl", "adopted")]
+    rig.drop(tail)
+    assert rig.table.lookup_key(key).tcp_wraps == (0, 0, 0, 1)
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert row["conn_state"] == "SF"
+    assert row["orig_bytes"] == len(P3) + len(P5) + UP_DATA
+    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
 
 
 def test_early_entry_of_another_trigger_is_not_adopted(rig_factory):
