@@ -421,3 +421,64 @@ def test_sweep_takes_a_silent_unadopted_early_entry_once_its_lease_ran_out(rig_f
     assert rig.table.lookup_key(key) is None
     (srow,) = rig.shunt_rows
     assert srow[11] == "orphaned" and srow[12] == 1
+
+
+def test_xdp_fires_and_the_daemon_adopts_end_to_end(rig_factory):
+    """The whole path on the real program: early shunts on (as the daemon sets them), every
+    frame of the session goes through XDP first and only what it passes reaches the engine.
+    XDP follows the handshake, passes the server's Finished and makes the entry (EARLY event);
+    the tls policy adopts it there; XDP drops the rest; conn.log and shunt.log as with a shunt
+    the daemon made itself, and no late packet."""
+    from shuntd.datapath.program import StatIndex
+
+    rig = rig_factory(["tls"])
+    prog = rig.prog
+    head, tail, start = session()
+    before = prog.stats()
+    prog.set_early(SERVER, 1, 30 * 10**9, prog.map_now_ns() + 30 * 10**9)
+    try:
+        verdicts = []
+        for f in head + tail:
+            verdicts.append(prog.test_run(f).retval)
+            if verdicts[-1] == 2:                   # XDP_PASS: the capture gets it
+                rig.analyse([f])
+            rig.apply_events()
+        stats = {k: v - before[k] for k, v in prog.stats().items()}
+    finally:
+        prog.set_early(0)
+    if stats[StatIndex.EARLY_ARMED] == 0:
+        pytest.skip("this XDP program does not follow TLS handshakes (bpf side not merged)")
+    assert stats[StatIndex.EARLY_FIRED] == 1
+    assert verdicts == [2] * len(head) + [1] * len(tail)
+    assert rig.inserts == [("ssl", "adopted")]
+    (conn,) = rig.manager.flows.values()
+    assert conn.ext["shunt"].anchor == start
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert row["conn_state"] == "SF" and row["service"] == "ssl"
+    assert (row["orig_pkts"], row["resp_pkts"]) == (4, 3)
+    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
+    assert row["orig_bytes"] == len(P3) + len(P5) + UP_DATA
+    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
+    (srow,) = rig.shunt_rows
+    assert srow[8] == "ssl" and srow[11] == "fin" and (srow[12], srow[14]) == (3, 2)
+
+
+def test_fin_of_an_unadopted_early_shunt_brings_its_counters_to_the_connection(rig_factory):
+    """The analyser never raised ssl_established (here it came in after the TCP handshake, as a
+    restarted daemon does: no stream start, no `ssl`), XDP did: the session's FINs, dropped by
+    XDP, reach the connection before the margin. The entry is settled first (`unconfirmed`),
+    so the connection's record holds what XDP dropped, not a separate orphan row later."""
+    rig = rig_factory(["tls"])
+    head, tail, start = session()
+    key = early_entry(rig, "ssl", start)
+    conn = rig.analyse(head[3:])                   # from the ClientHello on
+    assert rig.inserts == [] and "ssl" not in (conn.service or [])
+    rig.drop(tail)                                 # FINs within the margin
+    assert rig.table.lookup_key(key) is None
+    (srow,) = rig.shunt_rows
+    assert srow[11] == "unconfirmed" and (srow[12], srow[14]) == (3, 2)
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
+    assert (row["orig_pkts"], row["resp_pkts"]) == (2, 2)

@@ -881,9 +881,14 @@ class ShuntManager:
         if key in self.flows:
             return  # adopted (the usual case)
         conn = self._tracker_conn(key)
-        if conn is None or conn.removed or not isinstance(conn.analyzer, TCPAnalyzer):
-            return
-        if conn.ext and EXT_KEY in conn.ext:
+        if conn is not None and not conn.removed:
+            self._settle_early(conn, key)
+
+    def _settle_early(self, conn: Any, key: bytes) -> None:
+        """An early shunt of a connection of ours that its shunt() did not adopt (_early_due,
+        or a FIN/RST of it before that): adopt it if the connection is TLS to the analyser,
+        else end it (`unconfirmed`); either way its counters go to the connection."""
+        if not isinstance(conn.analyzer, TCPAnalyzer) or (conn.ext and EXT_KEY in conn.ext):
             return  # shunted already (adopted, and ended since: e.g. a short session)
         f = self.table.lookup_flags(key)
         if f is None or not f[1] & F_EARLY:
@@ -950,6 +955,11 @@ class ShuntManager:
             else:
                 tkey, side = (6, dst, dport, src, sport), 1
             conn = self.tracker.conns.get(tkey)
+            if conn is not None and not ev.via_pair and not (conn.ext and EXT_KEY in conn.ext):
+                # An early shunt its shunt() has not adopted (the analyser did not see the
+                # handshake complete): settled first, so what XDP dropped goes to this
+                # connection, whose end this is.
+                self._settle_early(conn, ev.key_bytes)
         if conn is None or not isinstance(conn.analyzer, TCPAnalyzer):
             return
         if side:
