@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -423,6 +424,12 @@ def test_sweep_takes_a_silent_unadopted_early_entry_once_its_lease_ran_out(rig_f
     assert srow[11] == "orphaned" and srow[12] == 1
 
 
+# Until the XDP side of early shunts is in bpf/shuntd.bpf.c (it uses the tls_watch map).
+XDP_FOLLOWS_TLS = "tls_watch.lookup(" in (
+    Path(__file__).resolve().parents[1] / "bpf" / "shuntd.bpf.c").read_text()
+
+
+@pytest.mark.skipif(not XDP_FOLLOWS_TLS, reason="the XDP program does not follow TLS handshakes")
 def test_xdp_fires_and_the_daemon_adopts_end_to_end(rig_factory):
     """The whole path on the real program: early shunts on (as the daemon sets them), every
     frame of the session goes through XDP first and only what it passes reaches the engine.
@@ -446,8 +453,7 @@ def test_xdp_fires_and_the_daemon_adopts_end_to_end(rig_factory):
         stats = {k: v - before[k] for k, v in prog.stats().items()}
     finally:
         prog.set_early(0)
-    if stats[StatIndex.EARLY_ARMED] == 0:
-        pytest.skip("this XDP program does not follow TLS handshakes (bpf side not merged)")
+    assert stats[StatIndex.EARLY_ARMED] == 1
     assert stats[StatIndex.EARLY_FIRED] == 1
     assert verdicts == [2] * len(head) + [1] * len(tail)
     assert rig.inserts == [("ssl", "adopted")]
