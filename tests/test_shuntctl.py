@@ -83,6 +83,16 @@ def test_list_shunt_unshunt_flush_detach(lab: Lab):
     assert status.returncode == 0, status.stderr
     st = json.loads(status.stdout)
     assert (st["flows"], st["pairs"], st["pass_all"]) == (1, 1, False)
+    assert st["early"]["port"] == 0
+    # Early shunts as a running shuntd sets them (docs/operations.md), then lapsed.
+    dp.prog.set_early(443, 1, 30 * 10**9, dp.prog.map_now_ns() + 20 * 10**9)
+    st = json.loads(ctl("status", pair.host, "--json").stdout)
+    assert st["early"]["port"] == 443 and st["early"]["trigger"] == "ssl"
+    assert 10 < st["early"]["seconds_left"] <= 20
+    assert "early      on: TLS handshakes on port 443" in ctl("status", pair.host).stdout
+    dp.prog.set_early(443, 1, 30 * 10**9, dp.prog.map_now_ns() - 1)
+    assert json.loads(ctl("status", pair.host, "--json").stdout)["early"]["port"] == 0
+    dp.prog.set_early(0)
     assert st["prog_id"] == xdp_prog_id(pair.host) and st["links"]
     assert st["stats"]["dropped_flow"] == 5 and st["stats"]["dropped_pair"] == 4
 

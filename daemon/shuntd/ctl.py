@@ -228,6 +228,7 @@ def cmd_status(args: argparse.Namespace, maps: PinnedMaps) -> int:
     from shuntd.datapath.iface import interface_info
     from shuntd.datapath.program import CFG_PASS_ALL
     from shuntd.datapath.stats import read_stats
+    from shuntd.shunting import trigger_name
 
     t = maps.table
     cfg = maps.prog.read_config()
@@ -239,6 +240,11 @@ def cmd_status(args: argparse.Namespace, maps: PinnedMaps) -> int:
                       links=[{"id": i, "prog_id": p} for i, p in xdp_links(info.index)])
     except InterfaceError:
         status.update(ifindex=None, mode="interface missing", prog_id=None, links=[])
+    # Early shunts (docs/operations.md): on while the port is set and shuntd's deadline runs.
+    left = (int(cfg.early_until_ns) - maps.prog.map_now_ns()) / 1e9 if cfg.early_port else 0.0
+    status["early"] = {"port": int(cfg.early_port) if left > 0 else 0,
+                       "trigger": trigger_name(int(cfg.early_trigger)) if left > 0 else None,
+                       "seconds_left": round(max(left, 0.0), 1)}
     status.update(pass_all=bool(cfg.flags & CFG_PASS_ALL), flows=t.occupancy,
                   flows_max=t.capacity, pairs=t.pair_occupancy, pairs_max=t.pair_capacity,
                   stats=read_stats(maps.prog))
@@ -249,6 +255,10 @@ def cmd_status(args: argparse.Namespace, maps: PinnedMaps) -> int:
     links = ", ".join(f"link {x['id']}" for x in status["links"]) or "no bpf_link"
     print(f"xdp        {status['mode']}, program id {status['prog_id']} ({links})")
     print(f"pass-all   {'ON (nothing is dropped)' if status['pass_all'] else 'off'}")
+    early = status["early"]
+    print("early      " + (f"on: TLS handshakes on port {early['port']} (trigger "
+                             f"{early['trigger']}), {early['seconds_left']} s left unless "
+                             "shuntd renews it" if early["port"] else "off"))
     print(f"flows      {t.occupancy} / {t.capacity}")
     print(f"ip pairs   {t.pair_occupancy} / {t.pair_capacity}")
     print(f"pins       {maps.pin_dir}")

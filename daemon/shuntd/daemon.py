@@ -682,8 +682,10 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
 
         def ring_events() -> list[Any]:
             evs = dp.ring.poll(0)
-            for ev in evs:
-                metrics.ring_event(_event_kind(ev))
+            if evs:
+                for ev in evs:
+                    metrics.ring_event(_event_kind(ev))
+                early.note(evs)
             return evs
 
         failed: str | None = None
@@ -701,6 +703,7 @@ def _serve_single(args: argparse.Namespace, settings: Any, dp: Any, out: LogOut,
                 engine.apply(ring_events())
             engine.tick(n)
             early.tick()
+            early.sweep(engine.shunts.reap_early)
             out.tick()
             drops.poll()
             failed = guard.check()

@@ -11,15 +11,23 @@ XDP does so only until `early_until_ns` (map time): the process that owns the co
 single process, or the parent of --workers) pushes it forward every lease/3, so a dead daemon
 stops new early shunts within one lease (the dead-man switch), and the entries XDP made lapse
 like any other. It is turned off (port 0) at shutdown and when a reload drops the declaration.
+
+The same process reads the ring buffer, so it also sees every EARLY event: an entry nobody
+adopted and no packet came for after its lease would stay in the map with no LEASE_EXPIRED
+event to tell of it, so each one is looked at again once its lease (and a margin) passed
+(`sweep`), and taken as orphaned if its lease ran out unrenewed (ShuntManager.reap_early).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from shuntd.shunting import trigger_code
+from shuntd.datapath.ring import EarlyEvent
+from shuntd.shunting import EARLY_REAP_MARGIN, trigger_code
 
 log = logging.getLogger("shuntd")
 
@@ -35,6 +43,9 @@ class EarlySwitch:
         self.trigger: str | None = None  # the declared trigger while on
         self.next_renew = 0.0
         self.written = False  # the config was set by us at least once
+        self.lease_seconds = lease_seconds
+        # (monotonic time to look again, key bytes) of each early shunt XDP reported, in order
+        self.made: collections.deque[tuple[float, bytes]] = collections.deque()
         self.told_port_off = False
 
     @property
@@ -67,6 +78,26 @@ class EarlySwitch:
         """Push the deadline forward when due (call from the loop)."""
         if self.trigger is not None and time.monotonic() >= self.next_renew:
             self._push()
+
+    def note(self, events: list[Any]) -> None:
+        """Ring events just read: remember the early shunts among them."""
+        again = time.monotonic() + self.lease_seconds + EARLY_REAP_MARGIN
+        made = self.made
+        for ev in events:
+            if type(ev) is EarlyEvent:
+                made.append((again, ev.key_bytes))
+
+    def sweep(self, reap: Callable[[bytes], bool]) -> int:
+        """Hand each early shunt whose lease has had time to run out to `reap` (which takes it
+        only if nobody renewed it); returns how many it took."""
+        made = self.made
+        if not made:
+            return 0
+        now = time.monotonic()
+        n = 0
+        while made and made[0][0] <= now:
+            n += reap(made.popleft()[1])
+        return n
 
     def _push(self) -> None:
         assert self.trigger is not None

@@ -269,6 +269,21 @@ def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, 
             ((a2 >> 32) + w2) << 32 | c.tcp_next2, ((a3 >> 32) + w3) << 32 | c.tcp_ack2)
 
 
+def _early_anchor(anchor: tuple[int, int, int, int],
+                  c: ShuntCounters) -> tuple[int, int, int, int]:
+    """The anchor of an early shunt XDP made: XDP counts wraps from its own starting values,
+    which may differ a little from the connection's (XDP takes acks from payload packets only,
+    and a racing packet may have moved it on), so each value's upper half is the one XDP's
+    start had: that of the entry's value nearest the connection's, less the entry's wraps."""
+    w0, w1, w2, w3 = c.tcp_wraps
+    out = []
+    for a, x, w in ((anchor[0], c.tcp_next1, w0), (anchor[1], c.tcp_ack1, w1),
+                    (anchor[2], c.tcp_next2, w2), (anchor[3], c.tcp_ack2, w3)):
+        hi = (_near(x, a + 0x7FFFFFFF) >> 32) - w
+        out.append(hi << 32 | (a & M32))
+    return out[0], out[1], out[2], out[3]
+
+
 def _letter_order(letters: int) -> tuple[tuple[int, int, str], ...]:
     """(tracker side, history mask, letter) of each letter present in a 12-bit letters
     value, in the order its ranks give (letter i: tracker side i >> 1, D then A)."""
@@ -456,9 +471,14 @@ class ShuntManager:
             # An early shunt XDP made for this connection with this trigger: ours from now
             # on. Any other entry is somebody else's (an earlier run's, another connection's
             # of ours on the same ports): leave it alone.
-            if key in self.flows or not self._is_early(key, code):
+            if key in self.flows:
+                return result.value
+            c = self.table.lookup_key(key)
+            if c is None or not c.flags & F_EARLY or c.trigger != code:
                 return result.value
             adopted = True
+            if anchor is not None:
+                anchor = _early_anchor(anchor, c)
         else:
             adopted = False
         if self._full_episode:
@@ -503,11 +523,6 @@ class ShuntManager:
                 _arm(conn, sides, tcp_start)  # type: ignore[arg-type]
         self.flows[key] = conn
         return "adopted" if adopted else "ok"
-
-    def _is_early(self, key: bytes, code: int) -> bool:
-        """The entry under `key` is an early shunt XDP made with trigger `code`."""
-        f = self.table.lookup_flags(key)
-        return f is not None and bool(f[1] & F_EARLY) and f[2] == code
 
     def shunt_ip_pair(self, addr1: str, addr2: str, trigger: str,
                       duration: float | None) -> str:
@@ -866,11 +881,15 @@ class ShuntManager:
         if key in self.flows:
             return  # adopted (the usual case)
         conn = self._tracker_conn(key)
-        if conn is None or conn.removed or not isinstance(conn.analyzer, TCPAnalyzer):
-            return
-        st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
-        if st is not None and st.key is not None:
-            return
+        if conn is not None and not conn.removed:
+            self._settle_early(conn, key)
+
+    def _settle_early(self, conn: Any, key: bytes) -> None:
+        """An early shunt of a connection of ours that its shunt() did not adopt (_early_due,
+        or a FIN/RST of it before that): adopt it if the connection is TLS to the analyser,
+        else end it (`unconfirmed`); either way its counters go to the connection."""
+        if not isinstance(conn.analyzer, TCPAnalyzer) or (conn.ext and EXT_KEY in conn.ext):
+            return  # shunted already (adopted, and ended since: e.g. a short session)
         f = self.table.lookup_flags(key)
         if f is None or not f[1] & F_EARLY:
             return  # gone (its lease ran out, or a FIN/RST ended it), or not XDP's
@@ -936,6 +955,11 @@ class ShuntManager:
             else:
                 tkey, side = (6, dst, dport, src, sport), 1
             conn = self.tracker.conns.get(tkey)
+            if conn is not None and not ev.via_pair and not (conn.ext and EXT_KEY in conn.ext):
+                # An early shunt its shunt() has not adopted (the analyser did not see the
+                # handshake complete): settled first, so what XDP dropped goes to this
+                # connection, whose end this is.
+                self._settle_early(conn, ev.key_bytes)
         if conn is None or not isinstance(conn.analyzer, TCPAnalyzer):
             return
         if side:

@@ -437,6 +437,9 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
     from shuntd.shunting import ShuntManager
 
     buf = bytearray(RECV_BUFFER)
+    # Only for the early shunts nobody adopted (no connection of its own: an adopted entry is
+    # renewed by its worker, so never taken here).
+    reaper = ShuntManager(dp.table, None, None, out.shunt)
     failed: str | None = None
     worker_died = False
     announced = False
@@ -446,7 +449,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
         if stop_deadline is None and (flags.stop or failed is not None):
             _sd_notify("STOPPING=1")
             early.off()  # XDP makes no more: each one it made is adopted or logged at the end
-            _broadcast_events(dp, metrics, workers)  # what XDP reported before the stop
+            _broadcast_events(dp, metrics, workers, early)  # what XDP reported before the stop
             for w in workers:
                 w.post(("stop",))
             stop_deadline = time.monotonic() + STOP_TIMEOUT
@@ -476,7 +479,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
             if closed:
                 w.closed = True
             w.flush()
-        _broadcast_events(dp, metrics, workers)
+        _broadcast_events(dp, metrics, workers, early)
         out.tick()  # disk full: retry held records
         drops.poll()
         for w in workers:
@@ -502,6 +505,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
             next_cal = now + CALIBRATE_EVERY
         if stop_deadline is None:
             early.tick()
+            early.sweep(reaper.reap_early)
         if flags.reload:
             flags.reload = False
             log.info("reloading the policies of %d workers", len(workers))
@@ -525,7 +529,7 @@ def _supervise(dp: Any, out: LogOut, metrics: Any, flags: _Flags, workers: list[
                 return EXIT_FAILED, True
     # Every worker logged its connections (their adopted early shunts with them): the early
     # shunts still in the map were nobody's.
-    n = ShuntManager(dp.table, None, None, out.shunt).reap_all_early()
+    n = reaper.reap_all_early()
     if n:
         log.info("%d early shunts nobody adopted logged as orphaned", n)
     dropped = sum(w.dropped for w in workers)
@@ -564,12 +568,13 @@ def _handle(w: _Worker, msg: Any, out: LogOut) -> str | None:
     return None
 
 
-def _broadcast_events(dp: Any, metrics: Any, workers: list[_Worker]) -> None:
+def _broadcast_events(dp: Any, metrics: Any, workers: list[_Worker], early: Any) -> None:
     evs = dp.ring.poll(0)
     if not evs:
         return
     for ev in evs:
         metrics.ring_event(_event_kind(ev))
+    early.note(evs)
     plain = [dataclasses.replace(ev, key=None) for ev in evs]  # ctypes keys do not pickle
     for i in range(0, len(plain), EVENT_CHUNK):
         msg = ("events", plain[i:i + EVENT_CHUNK])
