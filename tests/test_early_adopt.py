@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -425,11 +424,6 @@ def test_sweep_takes_a_silent_unadopted_early_entry_once_its_lease_ran_out(rig_f
 
 
 # Until the XDP side of early shunts is in bpf/shuntd.bpf.c (it uses the tls_watch map).
-XDP_FOLLOWS_TLS = "tls_watch.lookup(" in (
-    Path(__file__).resolve().parents[1] / "bpf" / "shuntd.bpf.c").read_text()
-
-
-@pytest.mark.skipif(not XDP_FOLLOWS_TLS, reason="the XDP program does not follow TLS handshakes")
 def test_xdp_fires_and_the_daemon_adopts_end_to_end(rig_factory):
     """The whole path on the real program: early shunts on (as the daemon sets them), every
     frame of the session goes through XDP first and only what it passes reaches the engine.

@@ -17,13 +17,13 @@ import re
 import shutil
 import signal
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from lab import Lab, VethPair, is_root, lab_fixture  # noqa: F401
-from test_live_daemon import Daemon, frame, sent_totals
+from test_live_daemon import Daemon, frame, pinned_stat, sent_totals
+from tls_sessions import contexts, engine_reference, flights, make_cert
 
 pytestmark = pytest.mark.skipif(not is_root() or not shutil.which("openssl"),
                                 reason="needs root and openssl")
@@ -31,64 +31,6 @@ pytestmark = pytest.mark.skipif(not is_root() or not shutil.which("openssl"),
 LAB_PREFIX = "l1e"
 A, B = "10.78.0.1", "10.78.0.2"
 MSS = 1448
-
-
-def _contexts(tmp_path: Path, tls12: bool) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    if not cert.exists():
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "1", "-subj", "/CN=test.local"],
-                       check=True, capture_output=True)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    if tls12:
-        client.maximum_version = ssl.TLSVersion.TLSv1_2
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(str(cert), str(key))
-    return client, server
-
-
-def tls_flights(tmp_path: Path, tls12: bool) -> list[tuple[int, bytes]]:
-    """A whole TLS session as (0 client / 1 server, bytes) flights, made in memory: handshake,
-    a request, a 40 kB response."""
-    cctx, sctx = _contexts(tmp_path, tls12)
-    ci, co, si, so = (ssl.MemoryBIO() for _ in range(4))
-    c = cctx.wrap_bio(ci, co, server_side=False, server_hostname="test.local")
-    s = sctx.wrap_bio(si, so, server_side=True)
-    out: list[tuple[int, bytes]] = []
-    cdone = sdone = False
-    for _ in range(20):
-        if not cdone:
-            try:
-                c.do_handshake()
-                cdone = True
-            except ssl.SSLWantReadError:
-                pass
-        if b := co.read():
-            out.append((0, b))
-            si.write(b)
-        if not sdone:
-            try:
-                s.do_handshake()
-                sdone = True
-            except ssl.SSLWantReadError:
-                pass
-        if b := so.read():
-            out.append((1, b))
-            ci.write(b)
-        if cdone and sdone and not co.pending and not so.pending:
-            break
-    assert cdone and sdone
-    assert c.version() == ("TLSv1.2" if tls12 else "TLSv1.3")
-    c.write(b"GET / HTTP/1.1\r\nHost: test.local\r\n\r\n")
-    out.append((0, co.read()))
-    si.write(out[-1][1])
-    s.read(100)
-    s.write(b"x" * 40_000)
-    out.append((1, so.read()))
-    return out
 
 
 def session_frames(pair: VethPair, flights: list[tuple[int, bytes]],
@@ -116,32 +58,6 @@ def session_frames(pair: VethPair, flights: list[tuple[int, bytes]],
     return frames
 
 
-def offline_reference(frames: list[bytes]) -> tuple[int, dict]:
-    """Feed the frames to the connection engine: the index of the frame on which it raised
-    ssl_established, and its conn.log row."""
-    from shuntd.conn.record import CONN_FIELDS
-    from shuntd.conn.settings import EngineSettings
-    from shuntd.conn.tracker import ConnTracker
-    from shuntd.events import EventDispatcher
-    from shuntd.packet import decode
-
-    names = [f[0] if isinstance(f, tuple) else f for f in CONN_FIELDS]
-    at: list[int] = []
-    current = [0]
-    d = EventDispatcher()
-    d.add_handler("ssl_established", lambda _conn: at.append(current[0]))
-    rows: list[tuple] = []
-    tracker = ConnTracker(EngineSettings(), hooks=d, sink=lambda _c, row: rows.append(row))
-    for i, f in enumerate(frames):
-        current[0] = i
-        pkt = decode(f, 1, 1000.0 + i * 0.001, len(f), False)
-        assert pkt is not None
-        tracker.process(pkt)
-    tracker.finish()
-    assert len(at) == 1 and len(rows) == 1, (at, rows)
-    return at[0], dict(zip(names, rows[0], strict=False))
-
-
 def _late_packets(stderr: str) -> int:
     m = re.search(r"(\d+) taken as late packets", stderr)
     assert m, stderr
@@ -152,16 +68,24 @@ def _late_packets(stderr: str) -> int:
 def test_xdp_shunts_a_tls_session_itself_while_the_daemon_is_stopped(lab: Lab, tmp_path: Path,
                                                                      tls12: bool):
     pair = lab.veth_to_netns()
-    lab.pin_dir(pair.host)
     sport = 47000 + tls12
-    frames = session_frames(pair, tls_flights(tmp_path, tls12), sport)
-    k, ref = offline_reference(frames)
+    cctx, sctx = contexts(make_cert(tmp_path), ssl.TLSVersion.TLSv1_2 if tls12 else None)
+    fl, _session, version = flights(cctx, sctx, response=40_000)
+    assert version == ("TLSv1.2" if tls12 else "TLSv1.3")
+    frames = session_frames(pair, fl, sport)
+    k, ref = engine_reference(frames)
+    assert k is not None and ref is not None
     assert k < len(frames) - 10          # the response comes after the handshake
+    pin = lab.pin_dir(pair.host)
     d = Daemon(lab, pair, tmp_path / "early")   # the default policies: tls and bulk
     os.kill(d.proc.pid, signal.SIGSTOP)
     try:
         lab.send_frames(pair, frames[:-3])
-        time.sleep(0.3)
+        # XDP itself dropped every packet after the handshake's last one (read from the pins
+        # with bpftool, not through the stopped daemon).
+        assert pinned_stat(pin, "EARLY_ARMED") == 1
+        assert pinned_stat(pin, "EARLY_FIRED") == 1
+        assert pinned_stat(pin, "DROPPED_FLOW") == len(frames) - 3 - (k + 1)
     finally:
         os.kill(d.proc.pid, signal.SIGCONT)
     time.sleep(1.0)

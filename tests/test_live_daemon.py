@@ -235,7 +235,6 @@ def test_prometheus_scrapes_shunted_packets_of_a_live_daemon(lab: Lab, tmp_path:
     """A real Prometheus server scrapes a running shuntd; its query API returns the number of
     packets XDP shunted: every frame sent after the handshake (the policy shunts at
     connection_established, and the test waits before sending the rest)."""
-    import pytest
     from prom import PrometheusServer, free_port, have_prometheus, promtool_check_metrics
 
     if not have_prometheus():
@@ -370,75 +369,3 @@ def pinned_stat(pin: Path, name: str) -> int:
         return sum(int(v["value"]) for v in doc["formatted"]["values"])
     return sum(int.from_bytes(bytes(int(x, 16) for x in v["value"]), "little")
                for v in doc["values"])
-
-
-# Until the XDP side of early shunts is in bpf/shuntd.bpf.c (it uses the tls_watch map).
-XDP_FOLLOWS_TLS = "tls_watch.lookup(" in (ROOT / "bpf" / "shuntd.bpf.c").read_text()
-
-
-@pytest.mark.skipif(not XDP_FOLLOWS_TLS, reason="the XDP program does not follow TLS handshakes")
-def test_early_shunt_of_a_stalled_daemon_leaves_no_late_packet(lab: Lab, tmp_path: Path):
-    """The daemon is stopped (SIGSTOP) while a whole TLS session crosses the interface: XDP
-    follows the handshake itself, passes the server's Finished (where the analyser raises
-    ssl_established) and drops everything after it. Resumed, the daemon analyses exactly the
-    handshake, its tls policy adopts XDP's entry, and conn.log holds every packet sent: the
-    handshake analysed, the rest shunted, none of it a late packet."""
-    from e3_payloads import (
-        CCS,
-        appdata,
-        client_hello,
-        encrypted_handshake,
-        server_hello,
-        tls_record,
-    )
-    from e3_payloads import handshake as hs
-
-    pair = lab.veth_to_netns()
-    pin = lab.pin_dir(pair.host)
-    d = Daemon(lab, pair, tmp_path / "run", "--policy", "tls")
-    sport = 44300
-    c, s = 1001, 5001
-    up = lambda flags, data=b"": frame(pair, A, sport, B, 443, flags, c, s, data)  # noqa: E731
-    down = lambda flags, data=b"": frame(pair, B, 443, A, sport, flags, s, c, data)  # noqa: E731
-    frames = [frame(pair, A, sport, B, 443, "S", 1000, 0), frame(pair, B, 443, A, sport, "SA",
-                                                                 5000, 1001), up("A")]
-    for who, data in ((up, tls_record(22, client_hello(), 0x0301)),
-                      (down, tls_record(22, server_hello() + hs(14, b""))),
-                      (up, tls_record(22, hs(16, b"\x01" * 33)) + CCS + encrypted_handshake()),
-                      (down, CCS + encrypted_handshake())):
-        frames.append(who("PA", data))
-        if who is up:
-            c += len(data)
-        else:
-            s += len(data)
-    analysed = len(frames)
-    for _ in range(10):
-        frames.append(up("PA", appdata(300)))
-        c += 305
-        frames.append(down("PA", appdata(1300)))
-        s += 1305
-    frames += [up("FA"), frame(pair, B, 443, A, sport, "FA", s, c + 1),
-               frame(pair, A, sport, B, 443, "A", c + 1, s + 1)]
-    d.proc.send_signal(signal.SIGSTOP)
-    try:
-        lab.send_frames(pair, frames)
-    finally:
-        d.proc.send_signal(signal.SIGCONT)
-    assert pinned_stat(pin, "EARLY_ARMED") == 1
-    # XDP itself dropped every packet after the handshake (a late packet would have passed).
-    assert pinned_stat(pin, "EARLY_FIRED") == 1
-    assert pinned_stat(pin, "DROPPED_FLOW") == len(frames) - analysed
-    time.sleep(1.0)
-    assert d.stop() == 0, d.stderr()
-    sent = sent_totals(frames)
-    head = sent_totals(frames[:analysed])
-    (r,) = [x for x in d.log("conn") if x["id.orig_p"] == str(sport)]
-    assert (r["service"], r["conn_state"], r["shunt_trigger"]) == ("ssl", "SF", "ssl")
-    assert (int(r["orig_pkts"]), int(r["orig_ip_bytes"])) == head[A]  # no late packet
-    assert (int(r["resp_pkts"]), int(r["resp_ip_bytes"])) == head[B]
-    assert (int(r["orig_pkts"]) + int(r["orig_shunted_pkts"]),
-            int(r["orig_ip_bytes"]) + int(r["orig_shunted_bytes"])) == sent[A]
-    assert (int(r["resp_pkts"]) + int(r["resp_shunted_pkts"]),
-            int(r["resp_ip_bytes"]) + int(r["resp_shunted_bytes"])) == sent[B]
-    (sh,) = d.log("shunt")
-    assert (sh["uid"], sh["trigger"], sh["end_reason"]) == (r["uid"], "ssl", "fin")

@@ -13,12 +13,9 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,7 +32,6 @@ from scapy.layers.inet import IP, TCP  # noqa: E402
 from scapy.layers.inet6 import IPv6  # noqa: E402
 from scapy.layers.l2 import Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
-from shuntd.conn.tracker import ConnTracker  # noqa: E402
 from shuntd.datapath.program import (  # noqa: E402
     F_EARLY,
     XDP_DROP,
@@ -44,8 +40,7 @@ from shuntd.datapath.program import (  # noqa: E402
     StatIndex,
     XdpProgram,
 )
-from shuntd.events import EventDispatcher  # noqa: E402
-from shuntd.packet import LINKTYPE_ETHERNET, decode  # noqa: E402
+from tls_sessions import KINDS, contexts, engine_reference, flights, make_cert  # noqa: E402
 
 S = StatIndex
 C_ADDR, S_ADDR = "10.0.0.1", "10.0.0.2"   # the client is side 1 (smaller address)
@@ -59,92 +54,6 @@ MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 
 # ---------------------------------------------------------------------------------------------
 # TLS sessions in memory
-
-
-def flights(cctx: ssl.SSLContext, sctx: ssl.SSLContext,
-            session: Any = None) -> tuple[list[tuple[int, bytes]], Any, str | None]:
-    """Handshake and one request/reply; returns [(direction 0 client / 1 server, bytes)] in
-    the order written, the client's session (for resumption) and the version."""
-    ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = cctx.wrap_bio(ci, co, server_side=False, server_hostname="test.local", session=session)
-    s = sctx.wrap_bio(si, so, server_side=True)
-    out: list[tuple[int, bytes]] = []
-    cdone = sdone = False
-    for _ in range(20):
-        if not cdone:
-            try:
-                c.do_handshake()
-                cdone = True
-            except ssl.SSLWantReadError:
-                pass
-        b = co.read()
-        if b:
-            out.append((0, b))
-            si.write(b)
-        if not sdone:
-            try:
-                s.do_handshake()
-                sdone = True
-            except ssl.SSLWantReadError:
-                pass
-        b = so.read()
-        if b:
-            out.append((1, b))
-            ci.write(b)
-        if cdone and sdone and not co.pending and not so.pending:
-            break
-    c.write(b"GET / HTTP/1.1\r\n\r\n")
-    b = co.read()
-    out.append((0, b))
-    si.write(b)
-    s.read(100)
-    s.write(b"x" * 3000)
-    b = so.read()
-    out.append((1, b))
-    ci.write(b)
-    c.read(4000)
-    try:
-        c.read(1)          # takes TLS 1.3 session tickets in
-    except ssl.SSLWantReadError:
-        pass
-    return out, c.session, c.version()
-
-
-def contexts(certdir: Path, maxv: ssl.TLSVersion | None = None, compat: bool = True,
-             hrr: bool = False) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    cc = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    cc.check_hostname = False
-    cc.verify_mode = ssl.CERT_NONE
-    sc = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    sc.load_cert_chain(certdir / "cert.pem", certdir / "key.pem")
-    if maxv is not None:
-        cc.maximum_version = maxv
-    if not compat:
-        cc.options &= ~ssl.OP_ENABLE_MIDDLEBOX_COMPAT
-        sc.options &= ~ssl.OP_ENABLE_MIDDLEBOX_COMPAT
-    if hrr:
-        sc.set_ecdh_curve("prime256v1")   # the client's first key share (X25519) is refused
-    return cc, sc
-
-
-KINDS = {
-    "tls1.2": dict(maxv=ssl.TLSVersion.TLSv1_2),
-    "tls1.3-compat": {},
-    "tls1.3-nocompat": dict(compat=False),
-    "tls1.3-hrr-compat": dict(hrr=True),
-    "tls1.3-hrr-nocompat": dict(hrr=True, compat=False),
-}
-
-
-def make_cert(d: Path, names: int = 0) -> Path:
-    """Self-signed P-256 certificate and key in d; `names` extra DNS names make it big."""
-    extra = ["-addext", "subjectAltName=" + ",".join(
-        f"DNS:host{i}.padding.example.test" for i in range(names))] if names else []
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(d / "key.pem"),
-                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=test.local",
-                    *extra], check=True, capture_output=True)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -208,20 +117,7 @@ def segments(fl: list[tuple[int, bytes]], mss: int, v6: bool = False,
 
 def established_at(segs: list[Seg]) -> int | None:
     """Index of the segment during which the connection engine raises ssl_established."""
-    seen: list[int] = []
-    current = [0]
-    dispatcher = EventDispatcher()
-    dispatcher.add_handler("ssl_established", lambda conn: seen.append(current[0]))
-    tracker = ConnTracker(hooks=dispatcher)
-    for i, s in enumerate(segs):
-        current[0] = i
-        raw = s.frame()
-        pkt = decode(raw, LINKTYPE_ETHERNET, 1_000_000.0 + i * 0.001, len(raw))
-        assert pkt is not None
-        tracker.process(pkt)
-    tracker.finish()
-    assert len(seen) <= 1
-    return seen[0] if seen else None
+    return engine_reference([s.frame() for s in segs])[0]
 
 
 def sides_at(segs: list[Seg]) -> list[tuple[int, int]]:
