@@ -437,6 +437,29 @@ static __always_inline void tcp_track(struct flow_value *v, __u8 side,
     }
 }
 
+/* Every field of a reserved ring record (shuntd.h, struct shunt_event). */
+static __always_inline void fill_event(struct shunt_event *e, struct xdp_md *ctx, __u8 type,
+                                       __u8 entry, __u8 side, __u16 letters, __u32 seq,
+                                       const struct flow_key *key, const struct pkt_info *p)
+{
+    e->ts_ns = bpf_ktime_get_ns();
+    e->version = SHUNTD_LAYOUT_VERSION;
+    e->type = type;
+    e->side = side;
+    e->tcp_flags = p->tcp_flags;
+    e->entry = entry;
+    e->pad0 = 0;
+    e->tcp_letters = letters;
+    e->ip_len = p->ip_len;
+    e->payload_len = tcp_payload(p);
+    e->seq = p->seq;
+    e->ack = p->ack;
+    e->ifindex = ctx->ingress_ifindex;
+    e->event_seq = seq;
+    __builtin_memcpy(&e->key, key, sizeof(struct flow_key));
+    e->pad2 = 0;
+}
+
 static __always_inline void emit_event(struct xdp_md *ctx, struct flow_value *v, __u8 type,
                                        __u8 entry, __u8 side, const struct flow_key *key,
                                        const struct pkt_info *p)
@@ -447,22 +470,8 @@ static __always_inline void emit_event(struct xdp_md *ctx, struct flow_value *v,
         stat_add(STAT_RINGBUF_RESERVE_FAIL, 1);
         return;
     }
-    e->ts_ns = bpf_ktime_get_ns();
-    e->version = SHUNTD_LAYOUT_VERSION;
-    e->type = type;
-    e->side = side;
-    e->tcp_flags = p->tcp_flags;
-    e->entry = entry;
-    e->pad0 = 0;
-    e->tcp_letters = (__u16)(v->flags >> SHUNT_F_TCP_LETTERS_SHIFT) & 0xfff;
-    e->ip_len = p->ip_len;
-    e->payload_len = tcp_payload(p);
-    e->seq = p->seq;
-    e->ack = p->ack;
-    e->ifindex = ctx->ingress_ifindex;
-    e->event_seq = seq;
-    __builtin_memcpy(&e->key, key, sizeof(struct flow_key));
-    e->pad2 = 0;
+    fill_event(e, ctx, type, entry, side,
+               (__u16)(v->flags >> SHUNT_F_TCP_LETTERS_SHIFT) & 0xfff, seq, key, p);
     events.ringbuf_submit(e, 0);
     stat_add(STAT_EVENTS, 1);
 }
@@ -731,22 +740,7 @@ static __always_inline int early_fire(struct xdp_md *ctx, const struct shunt_con
         stat_add(err == -ERR_EXIST ? STAT_EARLY_GAVE_UP : STAT_EARLY_FULL, 1);
         return -1;
     }
-    e->ts_ns = bpf_ktime_get_ns();
-    e->version = SHUNTD_LAYOUT_VERSION;
-    e->type = SHUNT_EVENT_EARLY;
-    e->side = side;
-    e->tcp_flags = p->tcp_flags;
-    e->entry = SHUNT_ENTRY_FLOW;
-    e->pad0 = 0;
-    e->tcp_letters = 0;
-    e->ip_len = p->ip_len;
-    e->payload_len = tcp_payload(p);
-    e->seq = p->seq;
-    e->ack = p->ack;
-    e->ifindex = ctx->ingress_ifindex;
-    e->event_seq = 1;
-    __builtin_memcpy(&e->key, fk, sizeof(struct flow_key));
-    e->pad2 = 0;
+    fill_event(e, ctx, SHUNT_EVENT_EARLY, SHUNT_ENTRY_FLOW, side, 0, 1, fk, p);
     events.ringbuf_submit(e, 0);
     stat_add(STAT_EVENTS, 1);
     stat_add(STAT_EARLY_FIRED, 1);

@@ -209,6 +209,21 @@ def early_event(rig: Rig, key: bytes, ts: float) -> Any:
     return out
 
 
+def check_session_logged(rig: Rig) -> None:
+    """session()'s connection, its handshake analysed and the rest shunted by the tls
+    policy's `ssl` shunt, ended by its FINs: one conn.log row and one shunt.log row."""
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert row["conn_state"] == "SF" and row["service"] == "ssl"
+    assert (row["orig_pkts"], row["resp_pkts"]) == (4, 3)
+    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
+    assert row["orig_bytes"] == len(P3) + len(P5) + UP_DATA
+    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
+    (srow,) = rig.shunt_rows
+    assert srow[1] == row["uid"] and srow[8] == "ssl" and srow[11] == "fin"
+    assert (srow[12], srow[14]) == (3, 2)
+
+
 def test_tls_policy_adopts_the_early_entry_and_merges_its_counters(rig_factory):
     rig = rig_factory(["tls"])
     head, tail, start = session()
@@ -222,16 +237,7 @@ def test_tls_policy_adopts_the_early_entry_and_merges_its_counters(rig_factory):
     assert rig.table.results[ShuntResult.EXISTS] == 1
     assert rig.table.renew_keys([key]) == 1        # renewals cover it (ShuntManager.renew)
     rig.drop(tail)                                 # XDP drops the rest; FIN events applied
-    rig.tracker.finish()
-    (row,) = rig.rows
-    assert row["conn_state"] == "SF" and row["service"] == "ssl"
-    assert (row["orig_pkts"], row["resp_pkts"]) == (4, 3)
-    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
-    assert row["orig_bytes"] == len(P3) + len(P5) + UP_DATA
-    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
-    (srow,) = rig.shunt_rows
-    assert srow[1] == row["uid"] and srow[8] == "ssl" and srow[11] == "fin"
-    assert (srow[12], srow[14]) == (3, 2)
+    check_session_logged(rig)
     assert rig.table.lookup_key(key) is None
 
 
@@ -453,15 +459,7 @@ def test_xdp_fires_and_the_daemon_adopts_end_to_end(rig_factory):
     assert rig.inserts == [("ssl", "adopted")]
     (conn,) = rig.manager.flows.values()
     assert conn.ext["shunt"].anchor == start
-    rig.tracker.finish()
-    (row,) = rig.rows
-    assert row["conn_state"] == "SF" and row["service"] == "ssl"
-    assert (row["orig_pkts"], row["resp_pkts"]) == (4, 3)
-    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
-    assert row["orig_bytes"] == len(P3) + len(P5) + UP_DATA
-    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
-    (srow,) = rig.shunt_rows
-    assert srow[8] == "ssl" and srow[11] == "fin" and (srow[12], srow[14]) == (3, 2)
+    check_session_logged(rig)
 
 
 def test_fin_of_an_unadopted_early_shunt_brings_its_counters_to_the_connection(rig_factory):
