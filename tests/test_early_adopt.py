@@ -482,3 +482,33 @@ def test_fin_of_an_unadopted_early_shunt_brings_its_counters_to_the_connection(r
     (row,) = rig.rows
     assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
     assert (row["orig_pkts"], row["resp_pkts"]) == (2, 2)
+
+
+def test_a_second_early_shunt_of_a_connection_not_tls_is_ended_too(rig_factory):
+    """A connection whose first early entry was ended (`unconfirmed`) gets another one (a
+    ClientHello-shaped payload later in the stream and a colluding peer): it is ended at its
+    margin as well, not left to drop the connection's packets for a whole lease and end up in
+    an orphan row instead of the connection's record."""
+    from shuntd.shunting import EARLY_ADOPT_MARGIN
+
+    rig = rig_factory([])
+    head, tail, start = session(first=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 400)
+    key = early_entry(rig, "ssl", start)
+    rig.analyse(head)
+    rig.drop(tail[:1])
+    rig.manager.apply(early_event(rig, key, rig.ts))
+    rig.fire(rig.ts + EARLY_ADOPT_MARGIN + 0.01)
+    assert rig.table.lookup_key(key) is None
+    # XDP makes a second one later on
+    c, s = start[0] + UP_DATA, start[2]
+    assert early_entry(rig, "ssl", (c, s, s, c)) == key
+    ts2 = rig.ts + EARLY_ADOPT_MARGIN + 0.02
+    rig.drop(tail[1:2])
+    rig.manager.apply(early_event(rig, key, ts2))
+    rig.fire(ts2 + EARLY_ADOPT_MARGIN + 0.01)
+    assert rig.table.lookup_key(key) is None and rig.manager.flows == {}
+    assert [(r[11], r[12], r[14]) for r in rig.shunt_rows] == [("unconfirmed", 1, 0),
+                                                               ("unconfirmed", 0, 1)]
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (1, 1)

@@ -284,6 +284,13 @@ def _early_anchor(anchor: tuple[int, int, int, int],
     return out[0], out[1], out[2], out[3]
 
 
+def _shunted(conn: Any) -> bool:
+    """The connection has an entry of its own now (a ConnShunt whose shunt has ended does not
+    count: a later early shunt of it is still to be settled)."""
+    st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
+    return st is not None and st.key is not None
+
+
 def _letter_order(letters: int) -> tuple[tuple[int, int, str], ...]:
     """(tracker side, history mask, letter) of each letter present in a 12-bit letters
     value, in the order its ranks give (letter i: tracker side i >> 1, D then A)."""
@@ -888,8 +895,8 @@ class ShuntManager:
         """An early shunt of a connection of ours that its shunt() did not adopt (_early_due,
         or a FIN/RST of it before that): adopt it if the connection is TLS to the analyser,
         else end it (`unconfirmed`); either way its counters go to the connection."""
-        if not isinstance(conn.analyzer, TCPAnalyzer) or (conn.ext and EXT_KEY in conn.ext):
-            return  # shunted already (adopted, and ended since: e.g. a short session)
+        if not isinstance(conn.analyzer, TCPAnalyzer) or _shunted(conn):
+            return  # shunted now (its own entry, or this one adopted)
         f = self.table.lookup_flags(key)
         if f is None or not f[1] & F_EARLY:
             return  # gone (its lease ran out, or a FIN/RST ended it), or not XDP's
@@ -955,7 +962,7 @@ class ShuntManager:
             else:
                 tkey, side = (6, dst, dport, src, sport), 1
             conn = self.tracker.conns.get(tkey)
-            if conn is not None and not ev.via_pair and not (conn.ext and EXT_KEY in conn.ext):
+            if conn is not None and not ev.via_pair and not _shunted(conn):
                 # An early shunt its shunt() has not adopted (the analyser did not see the
                 # handshake complete): settled first, so what XDP dropped goes to this
                 # connection, whose end this is.
