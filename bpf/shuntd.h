@@ -216,7 +216,7 @@ struct shunt_config {
                            * shunts within one lease */
     __u64 early_lease_ns; /* lease of an entry XDP makes: lease_expiry_ns = now + this */
     __u32 early_trigger;  /* flow_value.trigger of those entries (the daemon's trigger code) */
-    __u16 early_port;     /* TCP port watched for TLS handshakes (either side), 0 = off */
+    __u16 early_port;     /* TCP port of the TLS servers whose handshakes are followed, 0 = off */
     __u16 pad1;
 };
 
@@ -224,7 +224,7 @@ struct shunt_config {
  * A policy that shunts every TLS session at ssl_established (policies/tls.py) makes every
  * late packet of a daemon that lags behind cost it CPU. With early shunts XDP starts dropping
  * at the same packet without waiting for the daemon:
- *  - arm: a TCP packet with ACK and payload, to or from early_port, that misses `flows`,
+ *  - arm: a TCP packet with ACK and payload, to early_port, that misses `flows`,
  *    whose payload starts a TLS handshake record holding a ClientHello (16 03 0x .. .. 01),
  *    while early shunts are on: a `tls_watch` entry (LRU) under the flow's key;
  *  - follow: each later in-order TCP payload packet of a watched flow walks the TLS record

@@ -363,6 +363,16 @@ def test_server_first_record_not_a_server_hello_gives_up(lab: Lab, sessions: dic
     check_gives_up(lab, segs + [reply])
 
 
+def test_client_hello_from_the_port_side_arms_nothing(lab: Lab, sessions: dict) -> None:
+    # Roles swapped: the side on the watched port (the responder) sends the ClientHello, the
+    # originator answers as a TLS server. The analyser never raises ssl_established (it needs
+    # the ClientHello from the originator: one that connects TO the port); XDP must not fire.
+    segs = segments([(1 - d, data) for d, data in sessions["tls1.3-compat full"]], 1448)
+    assert segs[3].d == 1 and segs[3].payload[5] == 1
+    assert established_at(segs) is None
+    check_gives_up(lab, segs, armed=0, gave_up=0)
+
+
 def test_http_and_random_bytes_on_the_port_arm_nothing(lab: Lab) -> None:
     nxt = [ISN[0] + 1, ISN[1] + 1]
     segs = [Seg(0, "S", ISN[0], 0), Seg(1, "SA", ISN[1], nxt[0]), Seg(0, "A", nxt[0], nxt[1]),
