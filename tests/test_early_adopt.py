@@ -512,3 +512,38 @@ def test_a_second_early_shunt_of_a_connection_not_tls_is_ended_too(rig_factory):
     rig.tracker.finish()
     (row,) = rig.rows
     assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (1, 1)
+
+
+def test_adoption_after_more_than_2gib_dropped_keeps_the_sizes(rig_factory):
+    """The daemon runs behind: by the time its analyser reaches the handshake's last packet,
+    XDP has already dropped 3 GiB of the client's data under its early entry (more than half
+    of 2^32 ahead of the connection's values, across 2^32 once). The sizes must still count
+    those 3 GiB, not 1 GiB less than nothing."""
+    g = 3 << 30
+    c0 = 1 << 31
+    rig = rig_factory(["tls"])
+    head, _tail, start = session(c0=c0)
+    key = early_entry(rig, "ssl", start)
+    fkey = rig.prog.FlowKey.from_buffer_copy(key)
+    v = rig.prog.flows[fkey]                    # what XDP's counting left in it
+    n = g // 1448
+    v.pkts1, v.bytes1, v.pkts2, v.bytes2 = n, g + 52 * n, n // 2, 52 * (n // 2)
+    c = start[0] + g
+    assert c >> 32 == 1 and start[0] >> 32 == 0
+    v.tcp[0].next = v.tcp[1].ack = c & 0xFFFFFFFF
+    v.tcp[0].next_wraps = v.tcp[1].ack_wraps = 1
+    rig.prog.flows[fkey] = v
+    rig.analyse(head)
+    assert rig.inserts == [("ssl", "adopted")]
+    s = start[2]
+    rig.drop([seg(True, "PA", c, s, appdata(UP_DATA - 5)),
+              seg(False, "PA", s, c + UP_DATA, appdata(DOWN_DATA - 5)),
+              seg(True, "FA", c + UP_DATA, s + DOWN_DATA),
+              seg(False, "FA", s + DOWN_DATA, c + UP_DATA + 1),
+              seg(True, "A", c + UP_DATA + 1, s + DOWN_DATA + 1)])
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert row["conn_state"] == "SF"
+    assert row["orig_bytes"] == len(P3) + len(P5) + g + UP_DATA
+    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
+    assert row["orig_shunted_pkts"] == n + 3

@@ -269,16 +269,27 @@ def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, 
             ((a2 >> 32) + w2) << 32 | c.tcp_next2, ((a3 >> 32) + w3) << 32 | c.tcp_ack2)
 
 
+# How far XDP's starting values of an early shunt can be from the connection's at adoption
+# (acks of pure ACK packets XDP does not look at, a racing packet): far less than this.
+_EARLY_SLACK = 1 << 28
+
+
 def _early_anchor(anchor: tuple[int, int, int, int],
                   c: ShuntCounters) -> tuple[int, int, int, int]:
     """The anchor of an early shunt XDP made: XDP counts wraps from its own starting values,
     which may differ a little from the connection's (XDP takes acks from payload packets only,
     and a racing packet may have moved it on), so each value's upper half is the one XDP's
-    start had: that of the entry's value nearest the connection's, less the entry's wraps."""
+    start had. That is the connection's own unless its value is within _EARLY_SLACK of a 2^32
+    boundary (however much XDP dropped before the adoption: a daemon running behind); only
+    there it is taken from the entry's value nearest the connection's, less the entry's wraps
+    (right while less than 2^31 was dropped before the adoption)."""
     w0, w1, w2, w3 = c.tcp_wraps
     out = []
     for a, x, w in ((anchor[0], c.tcp_next1, w0), (anchor[1], c.tcp_ack1, w1),
                     (anchor[2], c.tcp_next2, w2), (anchor[3], c.tcp_ack2, w3)):
+        if _EARLY_SLACK <= a & M32 <= M32 - _EARLY_SLACK:
+            out.append(a)
+            continue
         hi = (_near(x, a + 0x7FFFFFFF) >> 32) - w
         out.append(hi << 32 | (a & M32))
     return out[0], out[1], out[2], out[3]
