@@ -94,7 +94,8 @@ struct pair_key {
 #define SHUNT_F_LEASE_EVENT_SENT 1
 /* The entry was made by XDP itself (early shunt, see "Early shunts" below), not by the
  * daemon: its trigger is shunt_config.early_trigger. The daemon adopts it when its own
- * analyser reaches ssl_established; the bit stays set. */
+ * analyser reaches ssl_established; its first lease renewal clears the bit (an entry being
+ * renewed is somebody's: never taken as an early shunt nobody adopted). */
 #define SHUNT_F_EARLY 2
 /* TCP history letters of dropped packets (flow entries only), as Zeek's analyser would have
  * recorded them: a packet without SYN/FIN/RST is a "data" packet (D) if it has payload, else

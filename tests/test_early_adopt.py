@@ -547,3 +547,35 @@ def test_adoption_after_more_than_2gib_dropped_keeps_the_sizes(rig_factory):
     assert row["orig_bytes"] == len(P3) + len(P5) + g + UP_DATA
     assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
     assert row["orig_shunted_pkts"] == n + 3
+
+
+def test_another_worker_never_reaps_an_early_entry_adopted_and_renewed(rig_factory):
+    """--workers: worker A adopts XDP's entry and renews it; then A falls a lease behind (its
+    loop held up) and the lease lapses, so XDP reports LEASE_EXPIRED to every worker. Worker B
+    (no such connection) must not take the entry as an unadopted early shunt: A ends it and
+    the counters go to A's connection, not to an orphan row."""
+    from shuntd.datapath.program import F_EARLY
+    from shuntd.shunting import EARLY_REAP_MARGIN
+
+    a = rig_factory(["tls"])
+    b = rig_factory(["tls"])
+    head, tail, start = session()
+    key = early_entry(a, "ssl", start)
+    a.analyse(head)
+    assert a.inserts == [("ssl", "adopted")]
+    a.manager.renew()
+    assert a.prog.test_run(tail[0]).retval == 1               # dropped, counted
+    fkey = a.prog.FlowKey.from_buffer_copy(key)
+    v = a.prog.flows[fkey]
+    assert not v.flags & F_EARLY                               # renewed: somebody's own
+    v.lease_expiry_ns = 1                                      # A missed its renewals
+    a.prog.flows[fkey] = v
+    assert a.prog.test_run(tail[1]).retval == 2                # lapsed: passed, reported
+    (ev,) = a.ring.poll(0)
+    b.manager.apply(ev)
+    b.fire(ev.ts + EARLY_REAP_MARGIN + 0.01)
+    assert b.shunt_rows == [] and a.table.lookup_key(key) is not None
+    a.manager.apply(ev)
+    a.fire(ev.ts + 0.01)
+    (srow,) = a.shunt_rows
+    assert srow[11] == "lease" and (srow[12], srow[14]) == (1, 0)
