@@ -245,7 +245,11 @@ struct shunt_config {
  *    that is not TLS, a version other than SSL 3.0 to TLS 1.3, an unexpected record type
  *    before the version is known, FIN or RST, a full `flows` map or ring buffer at fire
  *    time (counted in STAT_EARLY_FULL). A retransmission (only old bytes) is passed, state
- *    unchanged. Never fires before Zeek would raise ssl_established. */
+ *    unchanged. Never fires before Zeek would raise ssl_established;
+ *  - never again: a `tls_watch` value with client 0 (all zero) is the daemon's mark on a flow
+ *    whose early shunt it ended as not TLS to its analyser: XDP arms no watch on it (so a
+ *    ClientHello-shaped exchange repeated mid-stream gets no second shunt), until the LRU
+ *    evicts the mark. */
 struct watch_side {
     __u32 next;       /* next expected sequence number (seq + payload of the last in-order
                        * packet), host order */
@@ -262,7 +266,7 @@ struct tls_watch {
     struct watch_side side[2];  /* [0] side 1, [1] side 2 (flow key order) */
     __u64 armed_ns;   /* map time of the ClientHello (a watch older than the lease is stale) */
     __u16 version;    /* negotiated version from the ServerHello, 0 = not seen yet */
-    __u8  client;     /* side (1 or 2) that sent the ClientHello */
+    __u8  client;     /* side (1 or 2) that sent the ClientHello; 0: never again (above) */
     __u8  pad0;
     __u32 pad1;
 };

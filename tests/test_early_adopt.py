@@ -175,6 +175,7 @@ def rig_factory(dp: tuple[Any, Any]) -> Iterator[Any]:
         rig.close()
     for k in list(prog.flows.keys()):  # nothing of one test left for the next
         del prog.flows[k]
+    prog.bpf[b"tls_watch"].clear()
 
 
 def early_entry(rig: Rig, trigger: str, start: tuple[int, int, int, int],
@@ -579,3 +580,61 @@ def test_another_worker_never_reaps_an_early_entry_adopted_and_renewed(rig_facto
     a.fire(ev.ts + 0.01)
     (srow,) = a.shunt_rows
     assert srow[11] == "lease" and (srow[12], srow[14]) == (1, 0)
+
+
+def test_xdp_follows_no_handshake_again_on_a_connection_ended_as_not_tls(rig_factory):
+    """A ClientHello-shaped exchange in the middle of another protocol on the port (both peers
+    colluding, or packets only the sensor sees): XDP fires, the daemon ends the entry at its
+    margin (`unconfirmed`). The same connection must not get another early shunt by repeating
+    the exchange every couple of seconds: XDP follows no handshake on it again."""
+    from shuntd.datapath.program import StatIndex
+    from shuntd.shunting import EARLY_ADOPT_MARGIN
+
+    rig = rig_factory([])
+    rig.manager.early_trigger = "ssl"
+    rig.ts = time.time()                    # the frames' time = XDP's (its events' ts)
+    prog = rig.prog
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    nxt = [C0 + 1, S0 + 1]
+    frames = [seg(True, "S", C0, 0), seg(False, "SA", S0, nxt[0]),
+              seg(True, "A", nxt[0], nxt[1])]
+
+    def send(up: bool, data: bytes) -> bytes:
+        i = 0 if up else 1
+        f = seg(up, "PA", nxt[i], nxt[1 - i], data)
+        nxt[i] += len(data)
+        return f
+
+    def run(fs: list[bytes]) -> tuple[list[int], list[Any]]:
+        verdicts, events = [], []
+        for f in fs:
+            verdicts.append(prog.test_run(f).retval)
+            if verdicts[-1] == 2:                   # XDP_PASS: the capture gets it
+                rig.analyse([f])
+            events += rig.apply_events()
+        return verdicts, events
+
+    def fake_handshake() -> list[bytes]:
+        return [send(True, P3), send(False, P4), send(True, P5), send(False, P6)]
+
+    frames += [send(True, req), send(False, resp)]
+    prog.set_early(SERVER, 1, 30 * 10**9, prog.map_now_ns() + 30 * 10**9)
+    try:
+        before = prog.stats()
+        verdicts, events = run(frames + fake_handshake())
+        assert verdicts == [2] * 9                  # the last one completed it: passed
+        assert [type(e).__name__ for e in events] == ["EarlyEvent"]
+        assert prog.stats()[StatIndex.EARLY_FIRED] - before[StatIndex.EARLY_FIRED] == 1
+        rig.fire(events[0].ts + EARLY_ADOPT_MARGIN + 0.01)
+        assert [r[11] for r in rig.shunt_rows] == ["unconfirmed"]
+        rig.ts = max(rig.ts, events[0].ts + EARLY_ADOPT_MARGIN + 0.02)
+        before = prog.stats()
+        verdicts, events = run(fake_handshake())
+        after = prog.stats()
+    finally:
+        prog.set_early(0)
+    assert verdicts == [2] * 4 and events == []
+    assert after[StatIndex.EARLY_ARMED] == before[StatIndex.EARLY_ARMED]
+    assert after[StatIndex.EARLY_FIRED] == before[StatIndex.EARLY_FIRED]
+    assert rig.manager.flows == {} and len(rig.shunt_rows) == 1

@@ -915,13 +915,26 @@ class ShuntManager:
         trigger = early if early and trigger_code(early) == f[2] else trigger_name(f[2])
         result = self._shunt(conn, trigger)
         if result != "adopted" and result != "ok":  # ("ok": the entry went meanwhile)
+            self._no_early(key)
             self.reap_early(key, "unconfirmed", lapsed_only=False)  # refused, e.g. a tunnel
             return
         service = conn.service
         if not service or "ssl" not in service:
+            self._no_early(key)  # before the entry goes: no window for another handshake
             self._end_flow(conn, "unconfirmed")
         elif self.on_insert is not None:
             self.on_insert(trigger, "adopted_late" if result == "adopted" else result)
+
+    def _no_early(self, key: bytes) -> None:
+        """XDP makes no early shunt of this flow again (a connection that is not TLS to the
+        analyser would otherwise get one per ClientHello-shaped exchange it repeats)."""
+        mark = getattr(getattr(self.table, "prog", None), "no_early", None)
+        if mark is None:
+            return
+        try:
+            mark(key)
+        except Exception as exc:  # (bcc raises Exception) only the mark is lost: fail open
+            log.warning("could not mark %s against early shunts: %s", key.hex(), exc)
 
     def _tracker_conn(self, key: bytes) -> Any:
         """The tracker's TCP connection of a flow key's bytes (None: not tracked)."""
