@@ -788,8 +788,12 @@ static __always_inline void early_step(struct xdp_md *ctx, const struct shunt_co
         return;
     struct tls_watch *w = tls_watch.lookup(fk);
     __u64 now;
+    if (w && !w->client)
+        return;     /* the daemon ended an early shunt of it as not TLS: never again */
     if (!w) {
-        if (!n || !(p->tcp_flags & TCP_FLAG_ACK_BIT) ||
+        /* A ClientHello is sent TO the port: the analyser needs it from the originator (a
+         * ClientHello from the port's side is never followed to an ssl_established). */
+        if (!n || p->dport != port || !(p->tcp_flags & TCP_FLAG_ACK_BIT) ||
             !starts_client_hello(ctx, base, n))
             return;
         now = map_now(cfg);

@@ -94,7 +94,8 @@ struct pair_key {
 #define SHUNT_F_LEASE_EVENT_SENT 1
 /* The entry was made by XDP itself (early shunt, see "Early shunts" below), not by the
  * daemon: its trigger is shunt_config.early_trigger. The daemon adopts it when its own
- * analyser reaches ssl_established; the bit stays set. */
+ * analyser reaches ssl_established; its first lease renewal clears the bit (an entry being
+ * renewed is somebody's: never taken as an early shunt nobody adopted). */
 #define SHUNT_F_EARLY 2
 /* TCP history letters of dropped packets (flow entries only), as Zeek's analyser would have
  * recorded them: a packet without SYN/FIN/RST is a "data" packet (D) if it has payload, else
@@ -216,7 +217,7 @@ struct shunt_config {
                            * shunts within one lease */
     __u64 early_lease_ns; /* lease of an entry XDP makes: lease_expiry_ns = now + this */
     __u32 early_trigger;  /* flow_value.trigger of those entries (the daemon's trigger code) */
-    __u16 early_port;     /* TCP port watched for TLS handshakes (either side), 0 = off */
+    __u16 early_port;     /* TCP port of the TLS servers whose handshakes are followed, 0 = off */
     __u16 pad1;
 };
 
@@ -224,7 +225,7 @@ struct shunt_config {
  * A policy that shunts every TLS session at ssl_established (policies/tls.py) makes every
  * late packet of a daemon that lags behind cost it CPU. With early shunts XDP starts dropping
  * at the same packet without waiting for the daemon:
- *  - arm: a TCP packet with ACK and payload, to or from early_port, that misses `flows`,
+ *  - arm: a TCP packet with ACK and payload, to early_port, that misses `flows`,
  *    whose payload starts a TLS handshake record holding a ClientHello (16 03 0x .. .. 01),
  *    while early shunts are on: a `tls_watch` entry (LRU) under the flow's key;
  *  - follow: each later in-order TCP payload packet of a watched flow walks the TLS record
@@ -244,7 +245,11 @@ struct shunt_config {
  *    that is not TLS, a version other than SSL 3.0 to TLS 1.3, an unexpected record type
  *    before the version is known, FIN or RST, a full `flows` map or ring buffer at fire
  *    time (counted in STAT_EARLY_FULL). A retransmission (only old bytes) is passed, state
- *    unchanged. Never fires before Zeek would raise ssl_established. */
+ *    unchanged. Never fires before Zeek would raise ssl_established;
+ *  - never again: a `tls_watch` value with client 0 (all zero) is the daemon's mark on a flow
+ *    whose early shunt it ended as not TLS to its analyser: XDP arms no watch on it (so a
+ *    ClientHello-shaped exchange repeated mid-stream gets no second shunt), until the LRU
+ *    evicts the mark. */
 struct watch_side {
     __u32 next;       /* next expected sequence number (seq + payload of the last in-order
                        * packet), host order */
@@ -261,7 +266,7 @@ struct tls_watch {
     struct watch_side side[2];  /* [0] side 1, [1] side 2 (flow key order) */
     __u64 armed_ns;   /* map time of the ClientHello (a watch older than the lease is stale) */
     __u16 version;    /* negotiated version from the ServerHello, 0 = not seen yet */
-    __u8  client;     /* side (1 or 2) that sent the ClientHello */
+    __u8  client;     /* side (1 or 2) that sent the ClientHello; 0: never again (above) */
     __u8  pad0;
     __u32 pad1;
 };

@@ -175,6 +175,7 @@ def rig_factory(dp: tuple[Any, Any]) -> Iterator[Any]:
         rig.close()
     for k in list(prog.flows.keys()):  # nothing of one test left for the next
         del prog.flows[k]
+    prog.bpf[b"tls_watch"].clear()
 
 
 def early_entry(rig: Rig, trigger: str, start: tuple[int, int, int, int],
@@ -480,3 +481,158 @@ def test_fin_of_an_unadopted_early_shunt_brings_its_counters_to_the_connection(r
     (row,) = rig.rows
     assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (3, 2)
     assert (row["orig_pkts"], row["resp_pkts"]) == (2, 2)
+
+
+def test_a_second_early_shunt_of_a_connection_not_tls_is_ended_too(rig_factory):
+    """A connection whose first early entry was ended (`unconfirmed`) gets another one (a
+    ClientHello-shaped payload later in the stream and a colluding peer): it is ended at its
+    margin as well, not left to drop the connection's packets for a whole lease and end up in
+    an orphan row instead of the connection's record."""
+    from shuntd.shunting import EARLY_ADOPT_MARGIN
+
+    rig = rig_factory([])
+    head, tail, start = session(first=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 400)
+    key = early_entry(rig, "ssl", start)
+    rig.analyse(head)
+    rig.drop(tail[:1])
+    rig.manager.apply(early_event(rig, key, rig.ts))
+    rig.fire(rig.ts + EARLY_ADOPT_MARGIN + 0.01)
+    assert rig.table.lookup_key(key) is None
+    # XDP makes a second one later on
+    c, s = start[0] + UP_DATA, start[2]
+    assert early_entry(rig, "ssl", (c, s, s, c)) == key
+    ts2 = rig.ts + EARLY_ADOPT_MARGIN + 0.02
+    rig.drop(tail[1:2])
+    rig.manager.apply(early_event(rig, key, ts2))
+    rig.fire(ts2 + EARLY_ADOPT_MARGIN + 0.01)
+    assert rig.table.lookup_key(key) is None and rig.manager.flows == {}
+    assert [(r[11], r[12], r[14]) for r in rig.shunt_rows] == [("unconfirmed", 1, 0),
+                                                               ("unconfirmed", 0, 1)]
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert (row["orig_shunted_pkts"], row["resp_shunted_pkts"]) == (1, 1)
+
+
+def test_adoption_after_more_than_2gib_dropped_keeps_the_sizes(rig_factory):
+    """The daemon runs behind: by the time its analyser reaches the handshake's last packet,
+    XDP has already dropped 3 GiB of the client's data under its early entry (more than half
+    of 2^32 ahead of the connection's values, across 2^32 once). The sizes must still count
+    those 3 GiB, not 1 GiB less than nothing."""
+    g = 3 << 30
+    c0 = 1 << 31
+    rig = rig_factory(["tls"])
+    head, _tail, start = session(c0=c0)
+    key = early_entry(rig, "ssl", start)
+    fkey = rig.prog.FlowKey.from_buffer_copy(key)
+    v = rig.prog.flows[fkey]                    # what XDP's counting left in it
+    n = g // 1448
+    v.pkts1, v.bytes1, v.pkts2, v.bytes2 = n, g + 52 * n, n // 2, 52 * (n // 2)
+    c = start[0] + g
+    assert c >> 32 == 1 and start[0] >> 32 == 0
+    v.tcp[0].next = v.tcp[1].ack = c & 0xFFFFFFFF
+    v.tcp[0].next_wraps = v.tcp[1].ack_wraps = 1
+    rig.prog.flows[fkey] = v
+    rig.analyse(head)
+    assert rig.inserts == [("ssl", "adopted")]
+    s = start[2]
+    rig.drop([seg(True, "PA", c, s, appdata(UP_DATA - 5)),
+              seg(False, "PA", s, c + UP_DATA, appdata(DOWN_DATA - 5)),
+              seg(True, "FA", c + UP_DATA, s + DOWN_DATA),
+              seg(False, "FA", s + DOWN_DATA, c + UP_DATA + 1),
+              seg(True, "A", c + UP_DATA + 1, s + DOWN_DATA + 1)])
+    rig.tracker.finish()
+    (row,) = rig.rows
+    assert row["conn_state"] == "SF"
+    assert row["orig_bytes"] == len(P3) + len(P5) + g + UP_DATA
+    assert row["resp_bytes"] == len(P4) + len(P6) + DOWN_DATA
+    assert row["orig_shunted_pkts"] == n + 3
+
+
+def test_another_worker_never_reaps_an_early_entry_adopted_and_renewed(rig_factory):
+    """--workers: worker A adopts XDP's entry and renews it; then A falls a lease behind (its
+    loop held up) and the lease lapses, so XDP reports LEASE_EXPIRED to every worker. Worker B
+    (no such connection) must not take the entry as an unadopted early shunt: A ends it and
+    the counters go to A's connection, not to an orphan row."""
+    from shuntd.datapath.program import F_EARLY
+    from shuntd.shunting import EARLY_REAP_MARGIN
+
+    a = rig_factory(["tls"])
+    b = rig_factory(["tls"])
+    head, tail, start = session()
+    key = early_entry(a, "ssl", start)
+    a.analyse(head)
+    assert a.inserts == [("ssl", "adopted")]
+    a.manager.renew()
+    assert a.prog.test_run(tail[0]).retval == 1               # dropped, counted
+    fkey = a.prog.FlowKey.from_buffer_copy(key)
+    v = a.prog.flows[fkey]
+    assert not v.flags & F_EARLY                               # renewed: somebody's own
+    v.lease_expiry_ns = 1                                      # A missed its renewals
+    a.prog.flows[fkey] = v
+    assert a.prog.test_run(tail[1]).retval == 2                # lapsed: passed, reported
+    (ev,) = a.ring.poll(0)
+    b.manager.apply(ev)
+    b.fire(ev.ts + EARLY_REAP_MARGIN + 0.01)
+    assert b.shunt_rows == [] and a.table.lookup_key(key) is not None
+    a.manager.apply(ev)
+    a.fire(ev.ts + 0.01)
+    (srow,) = a.shunt_rows
+    assert srow[11] == "lease" and (srow[12], srow[14]) == (1, 0)
+
+
+def test_xdp_follows_no_handshake_again_on_a_connection_ended_as_not_tls(rig_factory):
+    """A ClientHello-shaped exchange in the middle of another protocol on the port (both peers
+    colluding, or packets only the sensor sees): XDP fires, the daemon ends the entry at its
+    margin (`unconfirmed`). The same connection must not get another early shunt by repeating
+    the exchange every couple of seconds: XDP follows no handshake on it again."""
+    from shuntd.datapath.program import StatIndex
+    from shuntd.shunting import EARLY_ADOPT_MARGIN
+
+    rig = rig_factory([])
+    rig.manager.early_trigger = "ssl"
+    rig.ts = time.time()                    # the frames' time = XDP's (its events' ts)
+    prog = rig.prog
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    nxt = [C0 + 1, S0 + 1]
+    frames = [seg(True, "S", C0, 0), seg(False, "SA", S0, nxt[0]),
+              seg(True, "A", nxt[0], nxt[1])]
+
+    def send(up: bool, data: bytes) -> bytes:
+        i = 0 if up else 1
+        f = seg(up, "PA", nxt[i], nxt[1 - i], data)
+        nxt[i] += len(data)
+        return f
+
+    def run(fs: list[bytes]) -> tuple[list[int], list[Any]]:
+        verdicts, events = [], []
+        for f in fs:
+            verdicts.append(prog.test_run(f).retval)
+            if verdicts[-1] == 2:                   # XDP_PASS: the capture gets it
+                rig.analyse([f])
+            events += rig.apply_events()
+        return verdicts, events
+
+    def fake_handshake() -> list[bytes]:
+        return [send(True, P3), send(False, P4), send(True, P5), send(False, P6)]
+
+    frames += [send(True, req), send(False, resp)]
+    prog.set_early(SERVER, 1, 30 * 10**9, prog.map_now_ns() + 30 * 10**9)
+    try:
+        before = prog.stats()
+        verdicts, events = run(frames + fake_handshake())
+        assert verdicts == [2] * 9                  # the last one completed it: passed
+        assert [type(e).__name__ for e in events] == ["EarlyEvent"]
+        assert prog.stats()[StatIndex.EARLY_FIRED] - before[StatIndex.EARLY_FIRED] == 1
+        rig.fire(events[0].ts + EARLY_ADOPT_MARGIN + 0.01)
+        assert [r[11] for r in rig.shunt_rows] == ["unconfirmed"]
+        rig.ts = max(rig.ts, events[0].ts + EARLY_ADOPT_MARGIN + 0.02)
+        before = prog.stats()
+        verdicts, events = run(fake_handshake())
+        after = prog.stats()
+    finally:
+        prog.set_early(0)
+    assert verdicts == [2] * 4 and events == []
+    assert after[StatIndex.EARLY_ARMED] == before[StatIndex.EARLY_ARMED]
+    assert after[StatIndex.EARLY_FIRED] == before[StatIndex.EARLY_FIRED]
+    assert rig.manager.flows == {} and len(rig.shunt_rows) == 1

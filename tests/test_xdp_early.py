@@ -47,6 +47,7 @@ C_ADDR, S_ADDR = "10.0.0.1", "10.0.0.2"   # the client is side 1 (smaller addres
 C_ADDR6, S_ADDR6 = "2001:db8::1", "2001:db8::2"
 C_PORT, S_PORT = 40000, 443
 ISN = (1000, 900000)                      # client, server
+M32 = 0xFFFFFFFF
 TRIGGER = 7
 FLOWS_MAX = 64
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
@@ -95,16 +96,17 @@ class Seg:
         if self.vlan:
             pkt = pkt / Dot1Q(vlan=self.vlan)
         pkt = (pkt / (IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst))
-               / TCP(sport=sport, dport=dport, flags=self.flags, seq=self.seq, ack=self.ack))
+               / TCP(sport=sport, dport=dport, flags=self.flags, seq=self.seq & M32,
+                     ack=self.ack & M32))
         return bytes(pkt / Raw(self.payload) if self.payload else pkt)
 
 
 def segments(fl: list[tuple[int, bytes]], mss: int, v6: bool = False,
-             vlan: int = 0) -> list[Seg]:
+             vlan: int = 0, isn: tuple[int, int] = ISN) -> list[Seg]:
     """Three-way handshake, then every flight cut at `mss`, each segment acking all the peer
-    sent so far."""
-    nxt = [ISN[0] + 1, ISN[1] + 1]
-    out = [Seg(0, "S", ISN[0], 0), Seg(1, "SA", ISN[1], nxt[0]), Seg(0, "A", nxt[0], nxt[1])]
+    sent so far (sequence numbers 64-bit here, mod 2^32 in the frames)."""
+    nxt = [isn[0] + 1, isn[1] + 1]
+    out = [Seg(0, "S", isn[0], 0), Seg(1, "SA", isn[1], nxt[0]), Seg(0, "A", nxt[0], nxt[1])]
     for d, data in fl:
         for o in range(0, len(data), mss):
             chunk = data[o:o + mss]
@@ -123,13 +125,13 @@ def established_at(segs: list[Seg]) -> int | None:
 def sides_at(segs: list[Seg]) -> list[tuple[int, int]]:
     """(next seq, highest ack) of client and server over the payload segments in `segs`
     (what the new entry's tcp[] must start from; the client is side 1)."""
-    nxt = [ISN[0] + 1, ISN[1] + 1]
+    nxt = [segs[0].seq + 1, segs[1].seq + 1]
     ack = [0, 0]
     for s in segs:
         if s.payload:
-            nxt[s.d] = max(nxt[s.d], s.seq + len(s.payload))   # no wrap in these tests
+            nxt[s.d] = max(nxt[s.d], s.seq + len(s.payload))   # 64-bit: no wrap here
             ack[s.d] = max(ack[s.d], s.ack)
-    return [(nxt[0], ack[0]), (nxt[1], ack[1])]
+    return [(nxt[0] & M32, ack[0] & M32), (nxt[1] & M32, ack[1] & M32)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def check_fires_at(lab: Lab, segs: list[Seg], fire: int, frags: bool = False) ->
     e = ev[0]
     last = segs[fire]
     assert (e.type, e.entry, e.event_seq, e.side) == (EventType.EARLY, 1, 1, last.d + 1)
-    assert (e.seq, e.ack, e.payload_len, e.tcp_flags) == (last.seq, last.ack,
+    assert (e.seq, e.ack, e.payload_len, e.tcp_flags) == (last.seq & M32, last.ack & M32,
                                                           len(last.payload), 0x18)
     assert bytes(e.key) == bytes(key)
     rest = segs[fire + 1:]
@@ -317,6 +319,17 @@ def test_tls12_over_ipv4_pair_filter_path_still_fires(lab: Lab, sessions: dict) 
         lab.prog.pair_removed(k)
 
 
+@pytest.mark.parametrize("case", ["tls1.2 full", "tls1.3-compat full"])
+def test_fires_on_time_across_sequence_number_wrap(lab: Lab, sessions: dict, case: str) -> None:
+    # Both sides' handshake bytes cross 2^32 (the client's within its ClientHello, the
+    # server's within its first flight): record positions and next seq wrap with them.
+    segs = segments(sessions[case], 536, isn=(2**32 - 200, 2**32 - 1000))
+    assert segs[3].seq < 2**32 < segs[3].seq + len(segs[3].payload)
+    est = established_at(segs)
+    assert est is not None
+    check_fires_at(lab, segs, est)
+
+
 # ---------------------------------------------------------------------------------------------
 # gives up (the flow stays on the daemon's path)
 
@@ -361,6 +374,16 @@ def test_server_first_record_not_a_server_hello_gives_up(lab: Lab, sessions: dic
     ch = segs[3]
     reply = Seg(1, "PA", segs[2].ack, ch.seq + len(ch.payload), b"HTTP/1.1 400 Bad\r\n\r\n")
     check_gives_up(lab, segs + [reply])
+
+
+def test_client_hello_from_the_port_side_arms_nothing(lab: Lab, sessions: dict) -> None:
+    # Roles swapped: the side on the watched port (the responder) sends the ClientHello, the
+    # originator answers as a TLS server. The analyser never raises ssl_established (it needs
+    # the ClientHello from the originator: one that connects TO the port); XDP must not fire.
+    segs = segments([(1 - d, data) for d, data in sessions["tls1.3-compat full"]], 1448)
+    assert segs[3].d == 1 and segs[3].payload[5] == 1
+    assert established_at(segs) is None
+    check_gives_up(lab, segs, armed=0, gave_up=0)
 
 
 def test_http_and_random_bytes_on_the_port_arm_nothing(lab: Lab) -> None:

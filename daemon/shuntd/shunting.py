@@ -269,19 +269,37 @@ def _map_tcp(anchor: tuple[int, int, int, int], c: ShuntCounters) -> tuple[int, 
             ((a2 >> 32) + w2) << 32 | c.tcp_next2, ((a3 >> 32) + w3) << 32 | c.tcp_ack2)
 
 
+# How far XDP's starting values of an early shunt can be from the connection's at adoption
+# (acks of pure ACK packets XDP does not look at, a racing packet): far less than this.
+_EARLY_SLACK = 1 << 28
+
+
 def _early_anchor(anchor: tuple[int, int, int, int],
                   c: ShuntCounters) -> tuple[int, int, int, int]:
     """The anchor of an early shunt XDP made: XDP counts wraps from its own starting values,
     which may differ a little from the connection's (XDP takes acks from payload packets only,
     and a racing packet may have moved it on), so each value's upper half is the one XDP's
-    start had: that of the entry's value nearest the connection's, less the entry's wraps."""
+    start had. That is the connection's own unless its value is within _EARLY_SLACK of a 2^32
+    boundary (however much XDP dropped before the adoption: a daemon running behind); only
+    there it is taken from the entry's value nearest the connection's, less the entry's wraps
+    (right while less than 2^31 was dropped before the adoption)."""
     w0, w1, w2, w3 = c.tcp_wraps
     out = []
     for a, x, w in ((anchor[0], c.tcp_next1, w0), (anchor[1], c.tcp_ack1, w1),
                     (anchor[2], c.tcp_next2, w2), (anchor[3], c.tcp_ack2, w3)):
+        if _EARLY_SLACK <= a & M32 <= M32 - _EARLY_SLACK:
+            out.append(a)
+            continue
         hi = (_near(x, a + 0x7FFFFFFF) >> 32) - w
         out.append(hi << 32 | (a & M32))
     return out[0], out[1], out[2], out[3]
+
+
+def _shunted(conn: Any) -> bool:
+    """The connection has an entry of its own now (a ConnShunt whose shunt has ended does not
+    count: a later early shunt of it is still to be settled)."""
+    st: ConnShunt | None = conn.ext.get(EXT_KEY) if conn.ext else None
+    return st is not None and st.key is not None
 
 
 def _letter_order(letters: int) -> tuple[tuple[int, int, str], ...]:
@@ -888,8 +906,8 @@ class ShuntManager:
         """An early shunt of a connection of ours that its shunt() did not adopt (_early_due,
         or a FIN/RST of it before that): adopt it if the connection is TLS to the analyser,
         else end it (`unconfirmed`); either way its counters go to the connection."""
-        if not isinstance(conn.analyzer, TCPAnalyzer) or (conn.ext and EXT_KEY in conn.ext):
-            return  # shunted already (adopted, and ended since: e.g. a short session)
+        if not isinstance(conn.analyzer, TCPAnalyzer) or _shunted(conn):
+            return  # shunted now (its own entry, or this one adopted)
         f = self.table.lookup_flags(key)
         if f is None or not f[1] & F_EARLY:
             return  # gone (its lease ran out, or a FIN/RST ended it), or not XDP's
@@ -897,13 +915,26 @@ class ShuntManager:
         trigger = early if early and trigger_code(early) == f[2] else trigger_name(f[2])
         result = self._shunt(conn, trigger)
         if result != "adopted" and result != "ok":  # ("ok": the entry went meanwhile)
+            self._no_early(key)
             self.reap_early(key, "unconfirmed", lapsed_only=False)  # refused, e.g. a tunnel
             return
         service = conn.service
         if not service or "ssl" not in service:
+            self._no_early(key)  # before the entry goes: no window for another handshake
             self._end_flow(conn, "unconfirmed")
         elif self.on_insert is not None:
             self.on_insert(trigger, "adopted_late" if result == "adopted" else result)
+
+    def _no_early(self, key: bytes) -> None:
+        """XDP makes no early shunt of this flow again (a connection that is not TLS to the
+        analyser would otherwise get one per ClientHello-shaped exchange it repeats)."""
+        mark = getattr(getattr(self.table, "prog", None), "no_early", None)
+        if mark is None:
+            return
+        try:
+            mark(key)
+        except Exception as exc:  # (bcc raises Exception) only the mark is lost: fail open
+            log.warning("could not mark %s against early shunts: %s", key.hex(), exc)
 
     def _tracker_conn(self, key: bytes) -> Any:
         """The tracker's TCP connection of a flow key's bytes (None: not tracked)."""
@@ -955,7 +986,7 @@ class ShuntManager:
             else:
                 tkey, side = (6, dst, dport, src, sport), 1
             conn = self.tracker.conns.get(tkey)
-            if conn is not None and not ev.via_pair and not (conn.ext and EXT_KEY in conn.ext):
+            if conn is not None and not ev.via_pair and not _shunted(conn):
                 # An early shunt its shunt() has not adopted (the analyser did not see the
                 # handshake complete): settled first, so what XDP dropped goes to this
                 # connection, whose end this is.

@@ -4,7 +4,8 @@ Why: userspace can only replace a whole hash-map value. A lookup + update renewa
 every packet XDP counts between the two syscalls, and conn.log byte counts must be exact.
 So a 20-instruction XDP program, run on demand with BPF_PROG_TEST_RUN, looks the key up and
 writes ``lease_expiry_ns`` (one aligned 8-byte store) and clears SHUNT_F_LEASE_EVENT_SENT
-(an atomic AND) in the live entry. The "packet" it runs on is ``key || deadline``.
+and SHUNT_F_EARLY (an atomic AND: an entry being renewed is somebody's own, never an early
+shunt nobody adopted) in the live entry. The "packet" it runs on is ``key || deadline``.
 It is never attached to any interface.
 """
 
@@ -17,7 +18,7 @@ import struct
 from typing import Any
 
 from shuntd.datapath import libbpf
-from shuntd.datapath.program import F_LEASE_EVENT_SENT
+from shuntd.datapath.program import F_EARLY, F_LEASE_EVENT_SENT
 
 BPF_PROG_TYPE_XDP = 6
 _FOUND, _MISSING = 2, 1  # return codes of the renew program
@@ -29,7 +30,8 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 
 def renew_program(map_fd: int, key_size: int, lease_off: int, flags_off: int,
                   flags_size: int) -> bytes:
-    """Bytecode: if key found, value.lease = deadline; value.flags &= ~LEASE_EVENT_SENT."""
+    """Bytecode: if key found, value.lease = deadline; value.flags &= ~(LEASE_EVENT_SENT |
+    EARLY)."""
     atomic = {8: 0xDB, 4: 0xC3}[flags_size]  # BPF_STX | BPF_ATOMIC | BPF_DW / BPF_W
     return b"".join([
         _insn(0x61, 6, 1, 0),  # 0: r6 = ctx->data
@@ -44,7 +46,7 @@ def renew_program(map_fd: int, key_size: int, lease_off: int, flags_off: int,
         _insn(0x15, 0, off=6),  # 9: if r0 == 0 goto 16
         _insn(0x79, 1, 6, key_size),  # 10: r1 = deadline
         _insn(0x7B, 0, 1, lease_off),  # 11: value->lease_expiry_ns = r1
-        _insn(0xB7, 1, imm=~F_LEASE_EVENT_SENT),  # 12: r1 = ~flag
+        _insn(0xB7, 1, imm=~(F_LEASE_EVENT_SENT | F_EARLY)),  # 12: r1 = ~flags
         _insn(atomic, 0, 1, flags_off, imm=0x50),  # 13: lock value->flags &= r1
         _insn(0xB7, 0, imm=_FOUND),  # 14
         _insn(0x95),  # 15: exit

@@ -610,6 +610,12 @@ class XdpProgram:
         rec.early_lease_ns, rec.early_until_ns = lease_ns, until_ns
         self._config_op_frame(rec)
 
+    def no_early(self, key: bytes) -> None:
+        """XDP follows no TLS handshake of this flow again (shuntd.h, `tls_watch` client 0):
+        the daemon ended an early shunt of it as not TLS."""
+        watch = self.bpf[b"tls_watch"]
+        watch[watch.Key.from_buffer_copy(key)] = watch.Leaf()
+
     def pair_added(self, key: Any) -> None:
         """Account a new ip_pairs entry (call after a successful insert)."""
         self._adjust_pairs(key, +1)

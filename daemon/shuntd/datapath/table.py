@@ -22,6 +22,7 @@ from shuntd.datapath import batch, libbpf
 from shuntd.datapath.lease import LeaseWriter
 from shuntd.datapath.program import (
     CFG_PASS_ALL,
+    F_EARLY,
     F_LEASE_EVENT_SENT,
     Address,
     XdpProgram,
@@ -345,7 +346,7 @@ class ShuntTable:
             value = m.value_type()
             if libbpf.map_lookup(m.fd, key, value):
                 value.lease_expiry_ns = deadline
-                value.flags &= ~F_LEASE_EVENT_SENT
+                value.flags &= ~(F_LEASE_EVENT_SENT | F_EARLY)
                 items.append((key, value))
         if not items:
             return 0
