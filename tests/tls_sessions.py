@@ -55,29 +55,22 @@ def flights(cctx: ssl.SSLContext, sctx: ssl.SSLContext, session: Any = None,
     c = cctx.wrap_bio(ci, co, server_side=False, server_hostname="test.local", session=session)
     s = sctx.wrap_bio(si, so, server_side=True)
     out: list[tuple[int, bytes]] = []
-    cdone = sdone = False
+    # (endpoint, what it writes, its peer's input, direction), the client first each round
+    ends = ((c, co, si, 0), (s, so, ci, 1))
+    done = [False, False]
     for _ in range(20):
-        if not cdone:
-            try:
-                c.do_handshake()
-                cdone = True
-            except ssl.SSLWantReadError:
-                pass
-        b = co.read()
-        if b:
-            out.append((0, b))
-            si.write(b)
-        if not sdone:
-            try:
-                s.do_handshake()
-                sdone = True
-            except ssl.SSLWantReadError:
-                pass
-        b = so.read()
-        if b:
-            out.append((1, b))
-            ci.write(b)
-        if cdone and sdone and not co.pending and not so.pending:
+        for obj, written, peer_in, d in ends:
+            if not done[d]:
+                try:
+                    obj.do_handshake()
+                    done[d] = True
+                except ssl.SSLWantReadError:
+                    pass
+            b = written.read()
+            if b:
+                out.append((d, b))
+                peer_in.write(b)
+        if all(done) and not co.pending and not so.pending:
             break
     c.write(b"GET / HTTP/1.1\r\n\r\n")
     b = co.read()
